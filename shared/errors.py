@@ -1,0 +1,62 @@
+"""Typed domain errors.
+
+Engines and handlers raise these; one interceptor per server maps them to gRPC status codes
+(see `grpc_code`), so no handler chooses a status by hand and a client's mistake never turns
+into INTERNAL.
+"""
+
+from __future__ import annotations
+
+
+class VlsplitError(Exception):
+    """Base class. `grpc_code` names a `grpc.StatusCode` member (kept as text: no grpc import here)."""
+
+    grpc_code = "INTERNAL"
+
+
+class InvalidRequest(VlsplitError):
+    """The request itself is malformed: empty question, bad sampling value, unknown option."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class BadImage(InvalidRequest):
+    """The bytes are not an image we can decode (empty, truncated, not an image, unsupported mode)."""
+
+
+class TooLarge(InvalidRequest):
+    """Something exceeds a configured limit; the message always names the limit."""
+
+
+class NotFound(VlsplitError):
+    """An id the server does not (or no longer) know, e.g. an image_id whose bytes expired."""
+
+    grpc_code = "NOT_FOUND"
+
+
+class Overloaded(VlsplitError):
+    """A bounded queue is full; the client may retry later."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceeded(VlsplitError):
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class ModelMismatch(VlsplitError):
+    """A payload or request was made for another model (fingerprint differs)."""
+
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class CorruptPayload(VlsplitError):
+    """An embedding payload failed its checksum, version or shape checks."""
+
+    grpc_code = "DATA_LOSS"
+
+
+class CheckpointError(VlsplitError):
+    """A checkpoint directory is missing files, has unexpected tensors or an unsupported family."""
+
+    grpc_code = "FAILED_PRECONDITION"

@@ -1,0 +1,40 @@
+"""The embedding payload: what the vision encoder produces for one image and the decoder consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class EmbeddingPayload:
+    """Vision-tower output for ONE image, ready to be scattered into a prompt.
+
+    embeddings: [n_tokens, hidden]   merged patch embeddings, n_tokens = t*h*w / merge**2
+    grid_thw:   (t, h, w)            patch grid BEFORE the spatial merge (what M-RoPE needs)
+    deepstack:  L x [n_tokens, hidden] Qwen3-VL deepstack features, empty for Qwen2/2.5-VL
+    fingerprint: the producing model's fingerprint (see shared/fingerprint.py)
+    """
+
+    embeddings: torch.Tensor
+    grid_thw: tuple[int, int, int]
+    fingerprint: str
+    deepstack: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.dtype
+
+    def to(self, dtype: torch.dtype) -> "EmbeddingPayload":
+        """Same payload with every tensor cast to `dtype`."""
+        return EmbeddingPayload(
+            embeddings=self.embeddings.to(dtype),
+            grid_thw=self.grid_thw,
+            fingerprint=self.fingerprint,
+            deepstack=tuple(t.to(dtype) for t in self.deepstack),
+        )

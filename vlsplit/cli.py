@@ -1,0 +1,3 @@
+def main():
+    from vlsplit.shared import errors
+    print("ok", errors)
