@@ -1,3 +1,117 @@
-def main():
-    from vlsplit.shared import errors
-    print("ok", errors)
+"""The `vlsplit` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+# No hub, ever: every model is a local directory. Set before transformers is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+RANDOM_WEIGHTS_WARNING = (
+    "NOTE: {model} has RANDOM weights (built by `vlsplit make-model`): its answers are meaningless text.\n"
+    "      Point --model at a real Qwen2-VL / Qwen2.5-VL / Qwen3-VL directory for real answers."
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("VLSPLIT_LOG_LEVEL", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one clear line for the user, not a traceback
+        from vlsplit.shared.errors import VlsplitError
+
+        if not isinstance(exc, (VlsplitError, OSError, ValueError)):
+            raise
+        print(f"vlsplit: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlsplit", description=__doc__)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = sub.add_parser("make-model", help="write a random-weight Qwen-VL checkpoint (offline)")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--family", required=True, choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+    p.add_argument("--size", default="tiny", choices=["tiny", "bench"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", default="hub", choices=["hub", "nested"],
+                   help="tensor names as the published checkpoints (hub) or as transformers 5 saves (nested)")
+    p.add_argument("--max-shard-size", type=int, default=None, metavar="BYTES", help="write a sharded checkpoint")
+    p.set_defaults(func=_make_model)
+
+    p = sub.add_parser("local-ask", help="answer questions about an image in one process (no services)")
+    p.add_argument("image", type=Path)
+    p.add_argument("questions", nargs="+", metavar="QUESTION")
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
+    _add_sampling_args(p)
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--json", action="store_true", help="one JSON object per question")
+    p.set_defaults(func=_local_ask)
+    return parser
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _sampling(args):
+    from vlsplit.services.llm_decoder.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+
+
+def _make_model(args) -> int:
+    from vlsplit.make_model import make_model
+
+    logging.getLogger("vlsplit").setLevel(logging.INFO)
+    path = make_model(args.dir, args.family, args.size, args.seed, args.layout, args.max_shard_size)
+    print(f"wrote {args.size} {args.family} checkpoint to {path}")
+    print(RANDOM_WEIGHTS_WARNING.format(model=path))
+    return 0
+
+
+def _local_ask(args) -> int:
+    import torch
+
+    from vlsplit.local import LocalPipeline
+
+    if is_random_checkpoint(args.model):
+        print(RANDOM_WEIGHTS_WARNING.format(model=args.model), file=sys.stderr)
+    pipeline = LocalPipeline(args.model, dtype=getattr(torch, args.dtype))
+    image = args.image.read_bytes()
+    for answer in pipeline.ask(image, args.questions, _sampling(args).validate(pipeline.decoder.max_new_tokens_limit)):
+        if args.json:
+            print(json.dumps(answer.to_json()), flush=True)
+        else:
+            print(f"Q: {answer.question}\nA: {answer.text}\n   ({len(answer.token_ids)} tokens, "
+                  f"encode {answer.encode_ms:.0f} ms, ttft {answer.ttft_ms:.0f} ms, total {answer.total_ms:.0f} ms)",
+                  flush=True)
+    return 0
+
+
+def is_random_checkpoint(model: Path) -> bool:
+    from vlsplit.make_model import RANDOM_MARKER
+
+    return (model / RANDOM_MARKER).is_file()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Decoder engine: loads ONLY the language weights and generates from precomputed image embeddings.
+
+The generation loop is ours (prefill, then one decode step per token over the text model's
+forward), with the KV cache held in a `KVState` value per sequence: nothing request-specific lives
+on the shared model, so concurrent generations are safe, and later features (prefix-KV reuse,
+batched questions) build on the same steps. `model.generate` stays the reference in the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers import DynamicCache, GenerationConfig
+from transformers.initialization import no_init_weights
+
+from vlsplit.shared.checkpoint import Checkpoint, load_strict
+from vlsplit.shared.errors import CheckpointError, CorruptPayload, ModelMismatch
+from vlsplit.shared.families.base import LM_HEAD
+from vlsplit.shared.fingerprint import compute_fingerprint
+from vlsplit.shared.payload import EmbeddingPayload
+from vlsplit.shared.processor import Message, PromptBuilder, PromptInputs
+
+from .detokenizer import Detokenizer
+from .positions import mrope_positions
+from .sampling import Sampler, SamplingParams
+
+log = logging.getLogger("vlsplit.decoder")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    messages: list[Message]
+    payloads: list[EmbeddingPayload]  # one per image part of `messages`, in order
+    sampling: SamplingParams = SamplingParams()
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of a streamed generation. The last event has `finish_reason` set."""
+
+    token_id: int | None  # None on a final event that adds no token (EOS)
+    text: str  # text delta, "" while held back
+    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length"
+
+
+@dataclass
+class KVState:
+    """A sequence's decoding state: its KV cache and where the next token goes."""
+
+    cache: DynamicCache
+    next_positions: torch.Tensor  # [4]: text position, then the 3 M-RoPE axes, of the next token
+
+    @property
+    def length(self) -> int:
+        return self.cache.get_seq_length()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: torch.Tensor  # [L]
+    embeds: torch.Tensor  # [1, L, hidden], image embeddings scattered in
+    positions: torch.Tensor  # [4, 1, L]
+    visual_mask: torch.Tensor  # [1, L] bool
+    deepstack: list[torch.Tensor]  # per level [n_image_tokens, hidden]; empty if not Qwen3-VL
+
+
+class DecoderEngine:
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        attn_implementation: str = "sdpa",
+        max_new_tokens_limit: int = 4096,
+    ):
+        start = time.perf_counter()
+        self.checkpoint = Checkpoint(checkpoint)
+        self.family = self.checkpoint.family
+        self.config = self.checkpoint.config
+        self.dtype, self.device = dtype, torch.device(device)
+        self.max_new_tokens_limit = max_new_tokens_limit
+        self.text_model, self.lm_head = self._load(attn_implementation)
+        self.merge_size: int = self.config.vision_config.spatial_merge_size
+        self.prompts = PromptBuilder.from_pretrained(self.checkpoint.path, self.merge_size)
+        self.eos_ids = _eos_ids(self.checkpoint.path, self.prompts.tokenizer)
+        self.fingerprint = compute_fingerprint(self.checkpoint.path)
+        self.deepstack_levels = len(getattr(self.config.vision_config, "deepstack_visual_indexes", None) or [])
+        log.info("decoder %s loaded in %.2fs (%s, %s, fingerprint %s)", self.family.model_type,
+                 time.perf_counter() - start, dtype, device, self.fingerprint)
+
+    def _load(self, attn_implementation: str) -> tuple[nn.Module, nn.Linear]:
+        text_config = self.config.text_config
+        text_config._attn_implementation = attn_implementation
+        names = self.checkpoint.language_names()
+        head_names = {n: n for n in names if n == LM_HEAD}
+        body_names = {n: m for n, m in names.items() if n != LM_HEAD}
+        with no_init_weights():
+            text_model = self.family.text_class._from_config(text_config, dtype=torch.float32)
+        load_strict(text_model, self.checkpoint.read(body_names, self.dtype))
+        lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
+        if self.config.tie_word_embeddings:
+            lm_head.weight = text_model.embed_tokens.weight
+        else:
+            lm_head.weight = nn.Parameter(self.checkpoint.read(head_names, self.dtype)[LM_HEAD], requires_grad=False)
+        return text_model.eval().to(self.device), lm_head.eval().to(self.device)
+
+    # ---- prompt --------------------------------------------------------------------------------
+
+    def check_payload(self, payload: EmbeddingPayload) -> None:
+        if payload.fingerprint != self.fingerprint:
+            raise ModelMismatch(
+                f"embeddings were made by model {payload.fingerprint}, this decoder serves {self.fingerprint}"
+            )
+        hidden = self.config.text_config.hidden_size
+        expected = self.prompts.tokens_per_image(payload.grid_thw)
+        if tuple(payload.embeddings.shape) != (expected, hidden):
+            raise CorruptPayload(
+                f"embeddings have shape {tuple(payload.embeddings.shape)}, grid {payload.grid_thw} needs ({expected}, {hidden})"
+            )
+        if len(payload.deepstack) != self.deepstack_levels:
+            raise CorruptPayload(f"payload has {len(payload.deepstack)} deepstack levels, model needs {self.deepstack_levels}")
+
+    @torch.inference_mode()
+    def build_prompt(self, messages: list[Message], payloads: list[EmbeddingPayload]) -> Prompt:
+        for payload in payloads:
+            self.check_payload(payload)
+        grids = [p.grid_thw for p in payloads]
+        inputs: PromptInputs = self.prompts(messages, grids)
+        ids = inputs.input_ids.to(self.device)
+        mask = inputs.mm_token_type_ids.bool().to(self.device)
+        embeds = self.text_model.embed_tokens(ids)[None]  # [1, L, hidden]
+        if payloads:
+            embeds[0, mask] = torch.cat([p.embeddings for p in payloads]).to(self.device, embeds.dtype)
+        deepstack = [
+            torch.cat([p.deepstack[level] for p in payloads]).to(self.device, embeds.dtype)
+            for level in range(self.deepstack_levels if payloads else 0)
+        ]
+        rope, _ = mrope_positions(inputs.mm_token_type_ids, grids, self.merge_size)
+        positions = torch.cat([torch.arange(len(ids))[None], rope])[:, None].to(self.device)  # [4, 1, L]
+        return Prompt(ids, embeds, positions, mask[None], deepstack)
+
+    # ---- steps ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, prompt: Prompt) -> tuple[KVState, torch.Tensor]:
+        """Run the whole prompt; return its state and the logits [vocab] of the next token."""
+        cache = DynamicCache(config=self.config.text_config)
+        extra = {}
+        if prompt.deepstack:
+            extra = {"visual_pos_masks": prompt.visual_mask, "deepstack_visual_embeds": prompt.deepstack}
+        logits = self._forward(prompt.embeds, prompt.positions, cache, **extra)
+        return KVState(cache, prompt.positions[:, 0, -1] + 1), logits
+
+    @torch.inference_mode()
+    def decode_step(self, state: KVState, token_id: int) -> torch.Tensor:
+        """Append one token to the sequence; return the logits [vocab] of the one after it."""
+        embeds = self.text_model.embed_tokens(torch.tensor([[token_id]], device=self.device))
+        logits = self._forward(embeds, state.next_positions.view(4, 1, 1), state.cache)
+        state.next_positions = state.next_positions + 1
+        return logits
+
+    def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, **extra) -> torch.Tensor:
+        # embeds [1, n, hidden], positions [4, 1, n]
+        total = cache.get_seq_length() + embeds.shape[1]
+        attention_mask = torch.ones(1, total, dtype=torch.long, device=self.device)
+        out = self.text_model(
+            inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
+            attention_mask=attention_mask, use_cache=True, **extra,
+        )
+        return self.lm_head(out.last_hidden_state[0, -1]).float()
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    def generate(self, request: GenerationRequest) -> Iterator[TokenEvent]:
+        """Stream tokens for one request. Greedy unless a temperature is given."""
+        params = request.sampling.validate(self.max_new_tokens_limit)
+        prompt = self.build_prompt(request.messages, request.payloads)
+        sampler = Sampler(params)
+        detok = Detokenizer(self.prompts.decode, params.stop)
+        state, logits = self.prefill(prompt)
+        for step in range(params.max_new_tokens):
+            token = sampler(logits)
+            if token in self.eos_ids:
+                yield TokenEvent(None, detok.flush(), "stop")
+                return
+            delta = detok.add(token)
+            if detok.stopped:
+                yield TokenEvent(token, delta, "stop")
+                return
+            if step == params.max_new_tokens - 1:
+                yield TokenEvent(token, delta + detok.flush(), "length")
+                return
+            yield TokenEvent(token, delta)
+            logits = self.decode_step(state, token)
+
+
+def _eos_ids(path: Path, tokenizer) -> frozenset[int]:
+    try:
+        eos = GenerationConfig.from_pretrained(path, local_files_only=True).eos_token_id
+    except OSError:
+        eos = None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        raise CheckpointError(f"{path}: no eos_token_id in generation_config.json or the tokenizer")
+    return frozenset([eos] if isinstance(eos, int) else eos)

@@ -1,0 +1,64 @@
+"""What the rest of the code needs to know about one Qwen-VL model family.
+
+One small module per family fills in a `Family`; `shared.families.get_family(model_type)` looks it
+up. Nothing else in the code branches on `model_type`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+# Prefixes under which checkpoints store tensors. Hub Qwen2/2.5-VL checkpoints use the legacy
+# layout (`visual.*`, `model.*`); Qwen3-VL and transformers-5 saves use the nested one.
+VISUAL_PREFIXES = ("model.visual.", "visual.")
+LANGUAGE_PREFIXES = ("model.language_model.", "model.")
+LM_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class Widths:
+    """The sizes `make-model` needs for one family at one size (tiny or bench)."""
+
+    text: dict[str, Any]
+    vision: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    config_class: type
+    model_class: type  # monolithic *ForConditionalGeneration: the equivalence reference
+    vision_class: type  # vision tower alone: takes (pixel_values, grid_thw)
+    text_class: type  # language model alone (no lm_head)
+    has_deepstack: bool
+    # Published image-processor values of the family's checkpoints (preprocessor_config.json).
+    preprocessor: dict[str, Any]
+    # Builds a hub-style config.json dict from widths and the tokenizer's special-token ids.
+    hub_config: Callable[[Widths, dict[str, int], int], dict[str, Any]]
+    sizes: dict[str, Widths] = field(default_factory=dict)
+
+    def vision_config(self, config) -> Any:
+        return config.vision_config
+
+    def text_config(self, config) -> Any:
+        return config.text_config
+
+    def build_vision(self, config) -> nn.Module:
+        return self.vision_class._from_config(config.vision_config)
+
+    def build_text(self, config) -> nn.Module:
+        return self.text_class._from_config(config.text_config)
+
+
+def token_fields(ids: dict[str, int]) -> dict[str, int]:
+    """The special-token ids every Qwen-VL config.json carries."""
+    return {
+        "vision_start_token_id": ids["<|vision_start|>"],
+        "vision_end_token_id": ids["<|vision_end|>"],
+        "vision_token_id": ids["<|vision_pad|>"],
+        "image_token_id": ids["<|image_pad|>"],
+        "video_token_id": ids["<|video_pad|>"],
+    }

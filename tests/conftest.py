@@ -1,0 +1,41 @@
+"""Session fixtures: tiny checkpoints are built once per test session, offline."""
+
+from __future__ import annotations
+
+import io
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+from PIL import Image
+
+from vlsplit.make_model import make_model
+
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("models")
+    return {family: str(make_model(root / family, family, "tiny", seed=0)) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def tiny_model(request, tiny_models) -> str:
+    return tiny_models[request.param]
+
+
+def make_image(width: int, height: int, seed: int = 0, fmt: str = "PNG") -> bytes:
+    """A deterministic, non-uniform test image (gradients plus a seeded pattern), encoded."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], -1)
+    noise = rng.integers(0, 64, size=(height, width, 3))
+    pixels = ((base + noise) % 256).astype("uint8")
+    buf = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buf, format=fmt)
+    return buf.getvalue()

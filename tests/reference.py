@@ -1,0 +1,72 @@
+"""The equivalence oracle: the monolithic transformers model, built as independently of our code as
+possible (its own from_pretrained, the image processor, string-level `<|image_pad|>` expansion)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from vlsplit.shared.families import get_family
+
+IMAGE_PAD = "<|image_pad|>"
+
+
+@lru_cache(maxsize=4)
+def reference_model(path: str):
+    from transformers import AutoConfig
+
+    family = get_family(AutoConfig.from_pretrained(path).model_type)
+    model = family.model_class.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval()
+
+
+def reference_inputs(path: str, images: list[Image.Image], question: str) -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    vision = image_processor(images=images, return_tensors="pt")
+    merge = image_processor.merge_size ** 2
+    for grid in vision["image_grid_thw"]:  # as Qwen2VLProcessor does: one placeholder per merged patch
+        text = text.replace(IMAGE_PAD, "<|placeholder|>" * int(grid.prod() // merge), 1)
+    text = text.replace("<|placeholder|>", IMAGE_PAD)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "mm_token_type_ids": (ids == image_id).long(),
+        "pixel_values": vision["pixel_values"],
+        "image_grid_thw": vision["image_grid_thw"],
+    }
+
+
+@torch.inference_mode()
+def reference_tokens(path: str, images: list[Image.Image], question: str, max_new_tokens: int = 20,
+                     encoder_outputs: list | None = None) -> list[int]:
+    """Greedy token ids of the monolithic model: generated only, final EOS removed.
+
+    encoder_outputs: optional list of our payloads to feed as `mm_encoder_outputs` instead of
+    pixel values (to compare against embeddings that went through a lossy dtype).
+    """
+    model = reference_model(path)
+    inputs = reference_inputs(path, images, question)
+    if encoder_outputs is not None:
+        inputs.pop("pixel_values")
+        out = BaseModelOutputWithPooling(pooler_output=tuple(p.embeddings.float() for p in encoder_outputs))
+        if encoder_outputs[0].deepstack:
+            levels = len(encoder_outputs[0].deepstack)
+            out["deepstack_features"] = [tuple(p.deepstack[i].float() for p in encoder_outputs) for i in range(levels)]
+        inputs["mm_encoder_outputs"] = {"image": out}
+    generated = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+    tokens = generated[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    if tokens and tokens[-1] in eos:
+        tokens = tokens[:-1]
+    return tokens
