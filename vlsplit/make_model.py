@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from transformers.initialization import no_init_weights
 
 from vlsplit.shared.families import get_family
 from vlsplit.shared.families.base import Family
@@ -27,6 +28,7 @@ VOCAB = {"tiny": "tiny", "bench": "qwen"}
 BENCH_VOCAB_SIZE = 151936  # the padded embedding size of every real Qwen2/2.5/3-VL checkpoint
 SAVE_DTYPE = {"tiny": torch.float32, "bench": torch.bfloat16}
 LAYOUTS = ("hub", "nested")
+ATTENTION_SHARPNESS = 3.0
 RANDOM_MARKER = "vlsplit_random_weights.json"  # tells the CLI to warn that answers are meaningless
 
 
@@ -55,7 +57,7 @@ def make_model(
 
     tokenizer = build_tokenizer(family, VOCAB[size])
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS[family]}
-    vocab_size = BENCH_VOCAB_SIZE if size == "bench" else _round_up(len(tokenizer), 64)
+    vocab_size = BENCH_VOCAB_SIZE if size == "bench" else len(tokenizer)
     config_dict = fam.hub_config(fam.sizes[size], ids, vocab_size)
     config_dict["torch_dtype"] = str(SAVE_DTYPE[size]).removeprefix("torch.")
 
@@ -76,12 +78,34 @@ def make_model(
 def _random_state(fam: Family, config_dict: dict, seed: int) -> dict[str, torch.Tensor]:
     """Deterministic random weights of the monolithic model, in transformers-5 (nested) names."""
     config = fam.config_class(**config_dict)
-    torch.manual_seed(seed)
-    model = fam.model_class._from_config(config, dtype=torch.float32)
-    state = model.state_dict()
+    with no_init_weights():
+        model = fam.model_class._from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    state = {name: _random_like(name, p, generator) for name, p in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied checkpoints do not store the head
     return state
+
+
+def _random_like(name: str, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random weights that keep a random model's answer sensitive to its inputs.
+
+    transformers' own init (std 0.02) gives random models whose greedy output is one token repeated
+    whatever the image, which would make the equivalence oracle blind. Here: fan-in-scaled
+    matrices (unit-scale activations), small token embeddings (so tied logits are not dominated by
+    the input token), and queries/keys scaled up by ATTENTION_SHARPNESS (through q/k_norm where
+    the family normalises them) so attention picks tokens instead of averaging them all.
+    """
+    sharp = any(part in name for part in ("q_proj", "k_proj", "q_norm", "k_norm"))
+    scale = ATTENTION_SHARPNESS if sharp else 1.0
+    noise = torch.randn(param.shape, generator=generator)
+    if param.ndim == 1:  # norm weights near their scale, biases near 0
+        return (scale if name.endswith("weight") else 0.0) + 0.1 * noise
+    if "embed_tokens" in name:
+        return 0.1 * noise
+    if "pos_embed" in name:
+        return noise
+    return scale * noise / param[0].numel() ** 0.5
 
 
 def _rename(name: str, fam: Family, layout: str) -> str:
@@ -140,7 +164,3 @@ def _generation_config(ids: dict[str, int]) -> dict:
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
