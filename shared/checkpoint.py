@@ -39,6 +39,12 @@ class Checkpoint:
 
     @cached_property
     def config(self) -> PretrainedConfig:
+        # Check the family first: transformers raises a bare ValueError for a model_type it lacks.
+        try:
+            model_type = json.loads((self.path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{self.path}/config.json cannot be read: {exc}") from exc
+        get_family(model_type)
         return AutoConfig.from_pretrained(self.path, local_files_only=True)
 
     @cached_property

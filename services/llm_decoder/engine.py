@@ -20,6 +20,7 @@ from transformers import DynamicCache, GenerationConfig
 from transformers.initialization import no_init_weights
 
 from vlsplit.shared.checkpoint import Checkpoint, load_strict
+from vlsplit.shared.codec import validate_payload
 from vlsplit.shared.errors import CheckpointError, CorruptPayload, ModelMismatch
 from vlsplit.shared.families.base import LM_HEAD
 from vlsplit.shared.fingerprint import compute_fingerprint
@@ -103,11 +104,15 @@ class DecoderEngine:
         with no_init_weights():
             text_model = self.family.text_class._from_config(text_config, dtype=torch.float32)
         load_strict(text_model, self.checkpoint.read(body_names, self.dtype))
-        lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False)
-        if self.config.tie_word_embeddings:
+        # On the meta device: its weight is replaced just below, so never allocate or init it.
+        lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False, device="meta")
+        # A stored head wins even under a tied config, as in transformers' from_pretrained.
+        if head_names:
+            lm_head.weight = nn.Parameter(self.checkpoint.read(head_names, self.dtype)[LM_HEAD], requires_grad=False)
+        elif self.config.tie_word_embeddings:
             lm_head.weight = text_model.embed_tokens.weight
         else:
-            lm_head.weight = nn.Parameter(self.checkpoint.read(head_names, self.dtype)[LM_HEAD], requires_grad=False)
+            raise CheckpointError(f"{self.checkpoint.path}: tie_word_embeddings is false but {LM_HEAD} is missing")
         return text_model.eval().to(self.device), lm_head.eval().to(self.device)
 
     # ---- prompt --------------------------------------------------------------------------------
@@ -117,12 +122,8 @@ class DecoderEngine:
             raise ModelMismatch(
                 f"embeddings were made by model {payload.fingerprint}, this decoder serves {self.fingerprint}"
             )
-        hidden = self.config.text_config.hidden_size
-        expected = self.prompts.tokens_per_image(payload.grid_thw)
-        if tuple(payload.embeddings.shape) != (expected, hidden):
-            raise CorruptPayload(
-                f"embeddings have shape {tuple(payload.embeddings.shape)}, grid {payload.grid_thw} needs ({expected}, {hidden})"
-            )
+        # grid divisible by the merge size, n_tokens matching it, hidden size, deepstack shapes
+        validate_payload(payload, self.merge_size, self.config.text_config.hidden_size)
         if len(payload.deepstack) != self.deepstack_levels:
             raise CorruptPayload(f"payload has {len(payload.deepstack)} deepstack levels, model needs {self.deepstack_levels}")
 

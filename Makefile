@@ -1,0 +1,52 @@
+# The two commands a user needs on a fresh clone: `make demo` and `make test`.
+# Both create .venv if it is missing: the CPU build of torch first (so pip never pulls a
+# multi-GB CUDA build as a dependency), then vlsplit with its test and bench extras.
+
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.vlsplit-installed
+MODELS := .cache/models
+DEMO_MODEL := $(MODELS)/tiny-qwen2_vl
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: all setup test test-slow demo bench-load protos clean
+
+all: test
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Opt-in tests that build bench-size checkpoints (hundreds of MB) or run long.
+test-slow: setup
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+$(DEMO_MODEL): | setup
+	$(BIN)/vlsplit make-model $(DEMO_MODEL) --family qwen2_vl --size tiny
+
+demo: setup $(DEMO_MODEL)
+	@echo "== vlsplit demo: three questions about vlsplit/assets/sample.png, image encoded once =="
+	$(BIN)/vlsplit local-ask --model $(DEMO_MODEL) vlsplit/assets/sample.png \
+		"What is in this picture?" "What colour is the roof?" "Is it day or night?" --max-new-tokens 24
+	@echo
+	@echo "The model above has RANDOM weights, so its text is meaningless; the timings are real."
+	@echo "For real answers: $(BIN)/vlsplit local-ask --model /path/to/Qwen2-VL-2B-Instruct IMAGE QUESTION..."
+
+bench-load: setup
+	$(BIN)/python bench/load.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache
