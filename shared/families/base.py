@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from torch import nn
-
 # Prefixes under which checkpoints store tensors. Hub Qwen2/2.5-VL checkpoints use the legacy
 # layout (`visual.*`, `model.*`); Qwen3-VL and transformers-5 saves use the nested one.
 VISUAL_PREFIXES = ("model.visual.", "visual.")
@@ -39,18 +37,6 @@ class Family:
     # Builds a hub-style config.json dict from widths and the tokenizer's special-token ids.
     hub_config: Callable[[Widths, dict[str, int], int], dict[str, Any]]
     sizes: dict[str, Widths] = field(default_factory=dict)
-
-    def vision_config(self, config) -> Any:
-        return config.vision_config
-
-    def text_config(self, config) -> Any:
-        return config.text_config
-
-    def build_vision(self, config) -> nn.Module:
-        return self.vision_class._from_config(config.vision_config)
-
-    def build_text(self, config) -> nn.Module:
-        return self.text_class._from_config(config.text_config)
 
 
 def token_fields(ids: dict[str, int]) -> dict[str, int]:
