@@ -60,3 +60,9 @@ class CheckpointError(VlsplitError):
     """A checkpoint directory is missing files, has unexpected tensors or an unsupported family."""
 
     grpc_code = "FAILED_PRECONDITION"
+
+
+class Unavailable(VlsplitError):
+    """A dependency (encoder, decoder) cannot be reached, or this server is still loading."""
+
+    grpc_code = "UNAVAILABLE"

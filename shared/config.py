@@ -1,0 +1,104 @@
+"""Service configuration: one frozen dataclass per service, read from `VLSPLIT_*` environment
+variables and overridden by CLI flags. This is the only module that reads `os.environ`.
+
+Every field's environment variable is `VLSPLIT_<FIELD NAME IN UPPER CASE>`, e.g.
+`VLSPLIT_MODEL=/models/qwen2-vl`, `VLSPLIT_REDIS_URL=redis://cache:6379/0`, `VLSPLIT_PORT=50052`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+PREFIX = "VLSPLIT_"
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What every server has."""
+
+    host: str = "127.0.0.1"  # listen address; 0.0.0.0 in containers
+    port: int = 0  # gRPC port; 0 = pick a free one (printed at start)
+    metrics_port: int = 0  # Prometheus HTTP port; 0 = pick a free one, -1 = off
+    grace_s: float = 10.0  # SIGTERM: seconds in-flight calls get to finish
+    log_level: str = "INFO"
+    log_json: bool = True  # one JSON object per log line
+    port_file: str = ""  # if set, write {"port": .., "metrics_port": ..} here once serving
+
+
+@dataclass(frozen=True)
+class EncoderConfig(ServerConfig):
+    model: str = ""  # checkpoint directory (required)
+    dtype: str = "float32"
+    device: str = "cpu"
+    redis_url: str = "memory"  # redis://host:port/db, or "memory" for an in-process cache
+    cache_ttl_s: int = 24 * 3600  # embedding cache entries
+    image_ttl_s: int = 3600  # uploaded image bytes kept for Ask(image_id)
+    payload_dtype: str = "bfloat16"  # dtype of cached/sent payloads ("float32" for exactness)
+    memory_cache_bytes: int = 512 * MiB  # bound of the in-process cache / image store
+    max_image_bytes: int = 32 * MiB
+    max_image_pixels: int = 8192 * 8192
+    redis_timeout_s: float = 0.5
+
+
+@dataclass(frozen=True)
+class DecoderConfig(ServerConfig):
+    model: str = ""
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_new_tokens_limit: int = 4096
+    default_max_new_tokens: int = 64
+    max_concurrent: int = 4  # generations running at once
+    max_queue: int = 64  # waiting generations beyond that; more -> RESOURCE_EXHAUSTED
+    max_payload_bytes: int = 512 * MiB  # all images of one request together
+    max_images: int = 16
+
+
+@dataclass(frozen=True)
+class GatewayConfig(ServerConfig):
+    encoder: str = "127.0.0.1:50052"  # encoder address
+    decoder: str = "127.0.0.1:50053"  # decoder address
+    redis_url: str = "memory"
+    redis_timeout_s: float = 0.5
+    memory_cache_bytes: int = 512 * MiB
+    max_image_bytes: int = 32 * MiB
+    max_question_chars: int = 8192
+    max_questions: int = 64
+    default_max_new_tokens: int = 64
+    deadline_s: float = 120.0  # default deadline when the client sets none
+    retry_attempts: int = 5  # per hop, for UNAVAILABLE
+
+
+def load(cls: type, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None):
+    """Build `cls` from defaults <- VLSPLIT_* environment <- non-None `overrides`."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        raw = environ.get(PREFIX + f.name.upper())
+        if raw is not None:
+            values[f.name] = _parse(f, raw)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return cls(**values)
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+    if kind is bool:
+        if raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise ValueError(f"{PREFIX}{f.name.upper()}={raw!r}: expected true/false")
+        return raw.lower() in ("1", "true", "yes")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{PREFIX}{f.name.upper()}={raw!r}: expected {kind.__name__}") from None
+
+
+def env_get(name: str, default: str | None = None) -> str | None:
+    """For the few non-service settings (e.g. the CLI's log level): `VLSPLIT_<name>`."""
+    return os.environ.get(PREFIX + name, default)
+
+
+__all__ = ["DecoderConfig", "EncoderConfig", "GatewayConfig", "ServerConfig", "env_get", "load"]

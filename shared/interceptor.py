@@ -1,0 +1,95 @@
+"""The one place that turns exceptions into gRPC status codes, and counts every RPC.
+
+Handlers raise typed `VlsplitError`s; this maps them with their `grpc_code`. Anything else is a
+bug of ours: logged with its traceback and answered INTERNAL, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+
+from . import metrics
+from .errors import VlsplitError
+
+log = logging.getLogger("vlsplit.rpc")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _unary(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _streaming(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _streaming(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer)
+        return handler  # stream_unary: none of our services has one
+
+
+def _unary(behavior, method: str):
+    async def wrapped(request, context):
+        with _Track(method) as track:
+            try:
+                return await behavior(request, context)
+            except BaseException as exc:  # noqa: BLE001 - classified and re-raised by _fail
+                await track.fail(exc, context)
+    return wrapped
+
+
+def _streaming(behavior, method: str):
+    async def wrapped(request, context):
+        with _Track(method) as track:
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except BaseException as exc:  # noqa: BLE001
+                await track.fail(exc, context)
+    return wrapped
+
+
+class _Track:
+    """Counts one RPC: in-flight gauge, latency, and its final status code."""
+
+    def __init__(self, method: str):
+        self.method = method
+        self.code = "OK"
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        metrics.IN_FLIGHT.labels(self.method).inc()
+        return self
+
+    def __exit__(self, *exc):
+        metrics.IN_FLIGHT.labels(self.method).dec()
+        metrics.LATENCY.labels(self.method).observe(time.perf_counter() - self.start)
+        metrics.REQUESTS.labels(self.method, self.code).inc()
+
+    async def fail(self, exc: BaseException, context) -> None:
+        if isinstance(exc, VlsplitError):
+            self.code = exc.grpc_code
+            log.info("%s -> %s: %s", self.method, exc.grpc_code, exc)
+            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc))
+        if isinstance(exc, grpc.aio.AbortError):  # a handler aborted with its own status
+            self.code = context.code().name if context.code() else "UNKNOWN"
+            raise exc
+        if isinstance(exc, (GeneratorExit, KeyboardInterrupt, SystemExit)) or _cancelled(exc):
+            self.code = "CANCELLED"
+            raise exc
+        self.code = "INTERNAL"
+        log.exception("%s failed with an unexpected error", self.method)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see server logs")
+
+
+def _cancelled(exc: BaseException) -> bool:
+    import asyncio
+
+    return isinstance(exc, asyncio.CancelledError)

@@ -1,0 +1,27 @@
+"""Prometheus metrics common to every server (per-service ones live beside their service)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+REQUESTS = Counter("vlsplit_requests_total", "RPCs handled, by method and final status code", ["method", "code"])
+LATENCY = Histogram("vlsplit_request_seconds", "RPC wall time", ["method"],
+                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+IN_FLIGHT = Gauge("vlsplit_in_flight_requests", "RPCs being handled now", ["method"])
+CACHE = Counter("vlsplit_cache_requests_total", "Embedding-cache look-ups by result", ["result"])  # hit|miss|error
+CACHE_ERRORS = Counter("vlsplit_cache_errors_total", "Cache backend failures (Redis down or slow)", ["op"])
+ENCODE_SECONDS = Histogram("vlsplit_encode_seconds", "Time to get an image's embeddings",
+                           buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+TTFT_SECONDS = Histogram("vlsplit_ttft_seconds", "Time to first token",
+                         buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+TOKENS = Counter("vlsplit_generated_tokens_total", "Tokens generated")
+TOKENS_PER_S = Histogram("vlsplit_tokens_per_second", "Decode speed of finished generations",
+                         buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+
+
+def serve_metrics(host: str, port: int) -> int:
+    """Start the /metrics HTTP endpoint; return its port (port 0 picks a free one; -1 = off)."""
+    if port < 0:
+        return -1
+    server, _thread = start_http_server(port, addr=host)
+    return server.server_port

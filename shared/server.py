@@ -1,0 +1,90 @@
+"""The server skeleton the three services share.
+
+Start-up order: gRPC port open with health NOT_SERVING -> weights loaded and a warm-up forward pass
+run (in a thread, so health checks are answered meanwhile) -> SERVING. On SIGTERM/SIGINT: health
+NOT_SERVING at once (load balancers stop sending), in-flight calls get `grace_s` to finish, then
+the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .config import ServerConfig
+from .interceptor import ErrorInterceptor
+from .metrics import serve_metrics
+
+log = logging.getLogger("vlsplit.server")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class Service:
+    """What a service plugs into the skeleton."""
+
+    names: list[str]  # full gRPC service names, e.g. "vlsplit.v1.VisionEncoder"
+    register: Callable[[grpc.aio.Server], None]  # adds the servicer(s)
+    start: Callable[[], Awaitable[None]]  # load weights / connect, then warm up; raises on failure
+    stop: Callable[[], Awaitable[None]] | None = None  # release resources after the server stopped
+    max_message_bytes: int = 4 << 20  # largest single request message accepted
+
+
+async def run(config: ServerConfig, service: Service) -> None:
+    options = [("grpc.max_receive_message_length", service.max_message_bytes),
+               ("grpc.max_send_message_length", service.max_message_bytes)]
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service.register(server)
+    reflection.enable_server_reflection(
+        service.names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server)
+    for name in ["", *service.names]:
+        await health_servicer.set(name, NOT_SERVING)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+    metrics_port = serve_metrics(config.host, config.metrics_port)
+    log.info("listening", extra={"port": port, "metrics_port": metrics_port})
+    stopping = _stop_event()
+
+    start = time.perf_counter()
+    await service.start()
+    for name in ["", *service.names]:
+        await health_servicer.set(name, SERVING)
+    log.info("serving", extra={"port": port, "startup_s": round(time.perf_counter() - start, 2)})
+    if config.port_file:
+        _write_port_file(config.port_file, port, metrics_port)
+
+    await stopping.wait()
+    log.info("stopping: health NOT_SERVING, %.1fs grace for in-flight calls", config.grace_s)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(config.grace_s)
+    if service.stop:
+        await service.stop()
+    log.info("stopped")
+
+
+def _stop_event() -> asyncio.Event:
+    event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, event.set)
+    return event
+
+
+def _write_port_file(path: str, port: int, metrics_port: int) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port}))
+    tmp.replace(path)  # atomic: a reader never sees a half-written file

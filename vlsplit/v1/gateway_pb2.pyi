@@ -1,0 +1,106 @@
+from vlsplit.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class CacheStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CACHE_STATUS_UNSPECIFIED: _ClassVar[CacheStatus]
+    CACHE_STATUS_HIT: _ClassVar[CacheStatus]
+    CACHE_STATUS_MISS: _ClassVar[CacheStatus]
+CACHE_STATUS_UNSPECIFIED: CacheStatus
+CACHE_STATUS_HIT: CacheStatus
+CACHE_STATUS_MISS: CacheStatus
+
+class ImageRef(_message.Message):
+    __slots__ = ("data", "image_id")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    image_id: str
+    def __init__(self, data: _Optional[bytes] = ..., image_id: _Optional[str] = ...) -> None: ...
+
+class UploadImageRequest(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
+class UploadImageResponse(_message.Message):
+    __slots__ = ("image_id", "ttl_seconds")
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    image_id: str
+    ttl_seconds: int
+    def __init__(self, image_id: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class AskRequest(_message.Message):
+    __slots__ = ("image", "question", "sampling")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    image: ImageRef
+    question: str
+    sampling: _common_pb2.SamplingParams
+    def __init__(self, image: _Optional[_Union[ImageRef, _Mapping]] = ..., question: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+
+class AskManyRequest(_message.Message):
+    __slots__ = ("image", "questions", "sampling")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    QUESTIONS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    image: ImageRef
+    questions: _containers.RepeatedScalarFieldContainer[str]
+    sampling: _common_pb2.SamplingParams
+    def __init__(self, image: _Optional[_Union[ImageRef, _Mapping]] = ..., questions: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("encode_ms", "ttft_ms", "total_ms")
+    ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    encode_ms: float
+    ttft_ms: float
+    total_ms: float
+    def __init__(self, encode_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class Answer(_message.Message):
+    __slots__ = ("question", "text", "token_ids", "image_id", "cache", "timings", "finish_reason", "usage")
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    question: str
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    image_id: str
+    cache: CacheStatus
+    timings: Timings
+    finish_reason: _common_pb2.FinishReason
+    usage: _common_pb2.Usage
+    def __init__(self, question: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., image_id: _Optional[str] = ..., cache: _Optional[_Union[CacheStatus, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
+
+class AskStreamResponse(_message.Message):
+    __slots__ = ("text", "token_ids", "final")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    final: Answer
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., final: _Optional[_Union[Answer, _Mapping]] = ...) -> None: ...
+
+class AskManyResponse(_message.Message):
+    __slots__ = ("answers",)
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    answers: _containers.RepeatedCompositeFieldContainer[Answer]
+    def __init__(self, answers: _Optional[_Iterable[_Union[Answer, _Mapping]]] = ...) -> None: ...
