@@ -45,6 +45,10 @@ demo: setup $(DEMO_MODEL)
 	@echo "The model above has RANDOM weights, so its text is meaningless; the timings are real."
 	@echo "For real answers: $(BIN)/vlsplit local-ask --model /path/to/Qwen2-VL-2B-Instruct IMAGE QUESTION..."
 
+# Regenerate the gRPC stubs in vlsplit/v1 from protos/ (tests/test_protos.py fails when stale).
+protos: setup
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/vlsplit/v1/*.proto
+
 bench-load: setup
 	$(BIN)/python bench/load.py
 

@@ -22,7 +22,9 @@ RANDOM_WEIGHTS_WARNING = (
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("VLSPLIT_LOG_LEVEL", "WARNING"),
+    from vlsplit.shared.config import env_get
+
+    logging.basicConfig(level=env_get("LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
@@ -59,7 +61,47 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--json", action="store_true", help="one JSON object per question")
     p.set_defaults(func=_local_ask)
+
+    p = sub.add_parser("serve", help="run one service (flags override VLSPLIT_* environment variables)")
+    p.add_argument("service", choices=sorted(SERVICES))
+    p.add_argument("--model", help="checkpoint directory (encoder, decoder)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--metrics-port", type=int)
+    p.add_argument("--port-file", help="write the bound ports here as JSON once serving")
+    p.add_argument("--dtype", choices=sorted(DTYPES))
+    p.add_argument("--redis", dest="redis_url", help="redis://host:port/db or 'memory' (encoder, gateway)")
+    p.add_argument("--encoder", help="encoder address host:port (gateway)")
+    p.add_argument("--decoder", help="decoder address host:port (gateway)")
+    p.add_argument("--payload-dtype", choices=sorted(DTYPES), help="dtype of cached embeddings (encoder)")
+    p.add_argument("--log-json", type=lambda v: v.lower() in ("1", "true", "yes"), help="true|false")
+    p.set_defaults(func=_serve)
     return parser
+
+
+SERVICES = {
+    "encoder": ("vlsplit.services.vision_encoder.server", "EncoderConfig"),
+    "decoder": ("vlsplit.services.llm_decoder.server", "DecoderConfig"),
+    "gateway": ("vlsplit.services.gateway.server", "GatewayConfig"),
+}
+
+
+def _serve(args) -> int:
+    import dataclasses
+    import importlib
+
+    from vlsplit.shared import config
+
+    module_name, config_name = SERVICES[args.service]
+    config_cls = getattr(config, config_name)
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    overrides = {k: v for k, v in vars(args).items() if k in known}
+    unsupported = [k for k, v in vars(args).items() if v is not None and k not in known
+                   and k not in ("service", "func")]
+    if unsupported:
+        raise ValueError(f"{args.service} does not take --{unsupported[0].replace('_', '-')}")
+    importlib.import_module(module_name).main(config.load(config_cls, overrides))
+    return 0
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -8,11 +8,12 @@ batched questions) build on the same steps. `model.generate` stays the reference
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -42,12 +43,20 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int  # image tokens included
+    image_tokens: int
+    completion_tokens: int  # generated, the final EOS not counted
+
+
+@dataclass(frozen=True)
 class TokenEvent:
-    """One step of a streamed generation. The last event has `finish_reason` set."""
+    """One step of a streamed generation. The last event has `finish_reason` and `usage` set."""
 
     token_id: int | None  # None on a final event that adds no token (EOS)
     text: str  # text delta, "" while held back
     finish_reason: str | None = None  # "stop" (EOS or stop string) | "length"
+    usage: Usage | None = None
 
 
 @dataclass
@@ -178,24 +187,33 @@ class DecoderEngine:
 
     # ---- generation ----------------------------------------------------------------------------
 
-    def generate(self, request: GenerationRequest) -> Iterator[TokenEvent]:
-        """Stream tokens for one request. Greedy unless a temperature is given."""
+    def generate(self, request: GenerationRequest, cancelled: Callable[[], bool] = lambda: False,
+                 ) -> Iterator[TokenEvent]:
+        """Stream tokens for one request. Greedy unless a temperature is given.
+
+        `cancelled` is polled between tokens (the client went away): generation then simply stops.
+        The final event carries `usage`.
+        """
         params = request.sampling.validate(self.max_new_tokens_limit)
         prompt = self.build_prompt(request.messages, request.payloads)
         sampler = Sampler(params)
         detok = Detokenizer(self.prompts.decode, params.stop)
         state, logits = self.prefill(prompt)
+        usage = Usage(len(prompt.ids), int(prompt.visual_mask.sum()), 0)
         for step in range(params.max_new_tokens):
+            if cancelled():
+                return
             token = sampler(logits)
             if token in self.eos_ids:
-                yield TokenEvent(None, detok.flush(), "stop")
+                yield TokenEvent(None, detok.flush(), "stop", usage)
                 return
+            usage = dataclasses.replace(usage, completion_tokens=step + 1)
             delta = detok.add(token)
             if detok.stopped:
-                yield TokenEvent(token, delta, "stop")
+                yield TokenEvent(token, delta, "stop", usage)
                 return
             if step == params.max_new_tokens - 1:
-                yield TokenEvent(token, delta + detok.flush(), "length")
+                yield TokenEvent(token, delta + detok.flush(), "length", usage)
                 return
             yield TokenEvent(token, delta)
             logits = self.decode_step(state, token)

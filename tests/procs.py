@@ -1,0 +1,135 @@
+"""Real processes for service tests: redis-server and `vlsplit serve ...`, on free ports.
+
+Readiness is awaited through events, never sleeps: redis-server's "Ready to accept connections"
+log line, and the gRPC health service's Watch stream reaching SERVING.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+READY_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Redis:
+    def __init__(self, port: int | None = None):
+        if shutil.which("redis-server") is None:
+            raise RuntimeError("redis-server is not on PATH: install it (Debian: apt-get install redis-server)")
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Redis":
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in self.proc.stdout:  # blocks until redis says it is ready (or exits)
+            if "Ready to accept connections" in line:
+                threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep draining
+                return self
+        raise RuntimeError(f"redis-server on port {self.port} exited with {self.proc.wait()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+class Service:
+    """`python -m vlsplit.cli serve KIND ...` in its own process, waited on until SERVING."""
+
+    def __init__(self, kind: str, *args: str, port: int | None = None, env: dict | None = None,
+                 log_dir: Path | None = None):
+        self.kind, self.args = kind, list(args)
+        self.port = port or free_port()
+        self.metrics_port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**os.environ, "VLSPLIT_LOG_JSON": "false", **(env or {})}
+        self.log_path = (log_dir or Path("/tmp")) / f"vlsplit-{kind}-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> "Service":
+        cmd = [sys.executable, "-m", "vlsplit.cli", "serve", self.kind, "--port", str(self.port),
+               "--metrics-port", str(self.metrics_port), *self.args]
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_serving()
+        return self
+
+    def wait_serving(self, timeout: float = READY_TIMEOUT_S) -> None:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                for reply in stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout,
+                                        wait_for_ready=True):
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.RpcError as exc:
+                raise RuntimeError(f"{self.kind} never became SERVING ({exc.code()}); log:\n{self.tail()}") from exc
+
+    def health(self) -> int:
+        with grpc.insecure_channel(self.address) as channel:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a Prometheus sample `name` matching `labels`, scraped from /metrics."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
+        return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+@contextmanager
+def running(*services):
+    """Start services in order; kill whatever is still running at the end."""
+    try:
+        for service in services:
+            service.start()
+        yield services
+    finally:
+        for service in reversed(services):
+            if isinstance(service, Redis):
+                service.stop()
+            else:
+                service.kill()
+
+
+def port_file_ports(path: Path) -> dict:
+    return json.loads(path.read_text())
