@@ -20,13 +20,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from . import metrics
-from .codec import FORMAT_VERSION
+from .version import PAYLOAD_FORMAT
 
 log = logging.getLogger("vlsplit.cache")
 
 
 def embedding_key(fingerprint: str, image_id: str) -> str:
-    return f"vlsplit:emb:v{FORMAT_VERSION}:{fingerprint}:{image_id}"
+    return f"vlsplit:emb:v{PAYLOAD_FORMAT}:{fingerprint}:{image_id}"
 
 
 def image_key(image_id: str) -> str:

@@ -26,8 +26,9 @@ import torch
 
 from .errors import CorruptPayload
 from .payload import EmbeddingPayload
+from .version import PAYLOAD_FORMAT
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = PAYLOAD_FORMAT
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

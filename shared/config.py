@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Mapping
 
 PREFIX = "VLSPLIT_"
@@ -37,7 +38,7 @@ class EncoderConfig(ServerConfig):
     redis_url: str = "memory"  # redis://host:port/db, or "memory" for an in-process cache
     cache_ttl_s: int = 24 * 3600  # embedding cache entries
     image_ttl_s: int = 3600  # uploaded image bytes kept for Ask(image_id)
-    payload_dtype: str = "bfloat16"  # dtype of cached/sent payloads ("float32" for exactness)
+    payload_dtype: str = ""  # dtype of cached/sent payloads; "" = the serving dtype (exact)
     memory_cache_bytes: int = 512 * MiB  # bound of the in-process cache / image store
     max_image_bytes: int = 32 * MiB
     max_image_pixels: int = 8192 * 8192
@@ -64,10 +65,12 @@ class GatewayConfig(ServerConfig):
     redis_url: str = "memory"
     redis_timeout_s: float = 0.5
     memory_cache_bytes: int = 512 * MiB
+    cache_ttl_s: int = 24 * 3600  # "memory" backend only: entries the gateway keeps itself
     max_image_bytes: int = 32 * MiB
     max_question_chars: int = 8192
     max_questions: int = 64
     default_max_new_tokens: int = 64
+    max_new_tokens_limit: int = 4096  # checked here too, before any image is encoded
     deadline_s: float = 120.0  # default deadline when the client sets none
     retry_attempts: int = 5  # per hop, for UNAVAILABLE
 
@@ -96,9 +99,15 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
         raise ValueError(f"{PREFIX}{f.name.upper()}={raw!r}: expected {kind.__name__}") from None
 
 
+def cache_dir() -> Path:
+    """Where `vlsplit up` keeps the embedded default checkpoint: $XDG_CACHE_HOME/vlsplit or ~/.cache/vlsplit."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "vlsplit"
+
+
 def env_get(name: str, default: str | None = None) -> str | None:
     """For the few non-service settings (e.g. the CLI's log level): `VLSPLIT_<name>`."""
     return os.environ.get(PREFIX + name, default)
 
 
-__all__ = ["DecoderConfig", "EncoderConfig", "GatewayConfig", "ServerConfig", "env_get", "load"]
+__all__ = ["DecoderConfig", "EncoderConfig", "GatewayConfig", "ServerConfig", "cache_dir", "env_get", "load"]

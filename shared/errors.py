@@ -66,3 +66,11 @@ class Unavailable(VlsplitError):
     """A dependency (encoder, decoder) cannot be reached, or this server is still loading."""
 
     grpc_code = "UNAVAILABLE"
+
+
+class Upstream(VlsplitError):
+    """A downstream service answered with an error; its status code is passed on to the client."""
+
+    def __init__(self, grpc_code: str, message: str):
+        super().__init__(message)
+        self.grpc_code = grpc_code

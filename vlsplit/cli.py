@@ -76,6 +76,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--payload-dtype", choices=sorted(DTYPES), help="dtype of cached embeddings (encoder)")
     p.add_argument("--log-json", type=lambda v: v.lower() in ("1", "true", "yes"), help="true|false")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("up", help="run encoder, decoder, gateway (and a private Redis) on this machine")
+    p.add_argument("--model", type=Path, help="checkpoint directory (default: a tiny random-weight model)")
+    p.add_argument("--redis", help="redis://host:port/db, or 'memory' (default: private redis-server if on PATH)")
+    p.add_argument("--gateway-port", type=int, default=50051)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.set_defaults(func=_up)
+
+    p = sub.add_parser("ask", help="ask the gateway questions about an image")
+    p.add_argument("image", nargs="?", type=Path, help="image file (or --image-id)")
+    p.add_argument("questions", nargs="*", metavar="QUESTION")
+    p.add_argument("--image-id", help="sha256 of an image sent before, instead of IMAGE")
+    p.add_argument("--gateway", default="localhost:50051")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    p.add_argument("--json", action="store_true", help="one JSON object per question")
+    p.add_argument("--timeout", type=float, default=120.0, help="deadline per question, seconds")
+    _add_sampling_args(p)
+    p.set_defaults(func=_ask)
     return parser
 
 
@@ -147,6 +166,37 @@ def _local_ask(args) -> int:
                   f"encode {answer.encode_ms:.0f} ms, ttft {answer.ttft_ms:.0f} ms, total {answer.total_ms:.0f} ms)",
                   flush=True)
     return 0
+
+
+def _up(args) -> int:
+    from vlsplit.launcher import Stack, default_model
+
+    model = args.model or default_model()
+    if is_random_checkpoint(model):
+        print(RANDOM_WEIGHTS_WARNING.format(model=model), file=sys.stderr)
+    stack = Stack(model=model, redis=args.redis, gateway_port=args.gateway_port, host=args.host, dtype=args.dtype)
+    try:
+        address = stack.start()
+        print(f"vlsplit is up: gateway on {address}  (Ctrl-C to stop)", flush=True)
+        stack.wait()
+    finally:
+        stack.stop()
+    return 0
+
+
+def _ask(args) -> int:
+    from vlsplit.client import ask_questions
+
+    if args.image_id:  # with --image-id every positional argument is a question
+        questions = ([str(args.image)] if args.image else []) + args.questions
+        image = None
+    else:
+        if args.image is None:
+            raise ValueError("give an IMAGE file or --image-id")
+        questions, image = args.questions, args.image.read_bytes()
+    if not questions:
+        raise ValueError("give at least one QUESTION")
+    return ask_questions(args.gateway, image, args.image_id, questions, args, _sampling(args))
 
 
 def is_random_checkpoint(model: Path) -> bool:

@@ -1,0 +1,122 @@
+"""gRPC clients of the gateway's two hops, with retries declared once, in the channel's service
+config: UNAVAILABLE is retried with exponential backoff (within the call's deadline), and the
+channel reconnects quickly after a peer restarts, so no gateway restart is ever needed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import grpc
+
+from vlsplit.shared.errors import Unavailable, Upstream
+from vlsplit.shared.transfer import chunks
+from vlsplit.v1 import common_pb2, llm_decoder_pb2, llm_decoder_pb2_grpc, vision_encoder_pb2, vision_encoder_pb2_grpc
+
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+def channel_options(service: str, attempts: int) -> list[tuple[str, object]]:
+    retry = {
+        "maxAttempts": attempts,
+        "initialBackoff": "0.1s",
+        "maxBackoff": "1s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    config = {"methodConfig": [{"name": [{"service": service}], "retryPolicy": retry}]}
+    return [
+        ("grpc.service_config", json.dumps(config)),
+        ("grpc.enable_retries", 1),
+        # Streams are retried only while their requests fit the retry buffer: make payloads fit.
+        ("grpc.per_rpc_retry_buffer_size", MAX_MESSAGE_BYTES),
+        ("grpc.retry_buffer_size", MAX_MESSAGE_BYTES),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+def upstream_error(peer: str, address: str, exc: grpc.aio.AioRpcError) -> Exception:
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(f"{peer} at {address} is unavailable after retries: {exc.details()}")
+    return Upstream(code.name, f"{peer}: {exc.details()}")
+
+
+@dataclass
+class Encoded:
+    payload: bytes
+    info: common_pb2.EmbeddingInfo
+    cache_hit: bool
+    encode_ms: float
+
+
+class _Client:
+    peer = ""
+    service = ""
+    stub_class: type = object
+
+    def __init__(self, address: str, attempts: int):
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options(self.service, attempts))
+        self.stub = self.stub_class(self.channel)
+
+    async def model_info(self, timeout: float) -> common_pb2.ModelInfo:
+        return await self._unary(self.stub.GetModelInfo, common_pb2.ModelInfoRequest(), timeout)
+
+    async def _unary(self, method, request, timeout: float):
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise upstream_error(self.peer, self.address, exc) from None
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class EncoderClient(_Client):
+    peer, service, stub_class = "encoder", "vlsplit.v1.VisionEncoder", vision_encoder_pb2_grpc.VisionEncoderStub
+
+    async def encode(self, request: vision_encoder_pb2.EncodeRequest, timeout: float) -> Encoded:
+        parts, first = [], None
+        try:
+            async for reply in self.stub.Encode(request, timeout=timeout):
+                if reply.WhichOneof("part") == "info":
+                    first = reply
+                else:
+                    parts.append(reply.chunk)
+        except grpc.aio.AioRpcError as exc:
+            raise upstream_error(self.peer, self.address, exc) from None
+        if first is None:
+            raise Unavailable(f"encoder at {self.address} sent no payload")
+        return Encoded(b"".join(parts), first.info, first.cache_hit, first.encode_ms)
+
+    async def put_image(self, data: bytes, timeout: float) -> vision_encoder_pb2.PutImageResponse:
+        return await self._unary(self.stub.PutImage, vision_encoder_pb2.PutImageRequest(image=data), timeout)
+
+
+class DecoderClient(_Client):
+    peer, service, stub_class = "decoder", "vlsplit.v1.LLMDecoder", llm_decoder_pb2_grpc.LLMDecoderStub
+
+    async def generate(self, header: llm_decoder_pb2.GenerateHeader, payloads: list[bytes], timeout: float,
+                       ) -> AsyncIterator[llm_decoder_pb2.GenerateResponse]:
+        header.payload_bytes[:] = [len(p) for p in payloads]
+        call = self.stub.Generate(_requests(header, payloads), timeout=timeout)
+        try:
+            async for reply in call:
+                yield reply
+        except grpc.aio.AioRpcError as exc:
+            raise upstream_error("decoder", self.address, exc) from None
+        finally:
+            call.cancel()  # no-op when finished; stops the decoder when our client went away
+
+
+def _requests(header, payloads: list[bytes]):
+    yield llm_decoder_pb2.GenerateRequest(header=header)
+    for payload in payloads:
+        for chunk in chunks(payload):
+            yield llm_decoder_pb2.GenerateRequest(payload_chunk=chunk)

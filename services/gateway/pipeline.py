@@ -1,0 +1,121 @@
+"""What the gateway does for one question: embeddings from the cache or an encoder, then tokens
+from a decoder. Plain async code over the two clients and the cache; no proto parsing here."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from vlsplit.shared import metrics
+from vlsplit.shared.cache import SafeStore, embedding_key
+from vlsplit.shared.errors import InvalidRequest, TooLarge, Unavailable, Upstream
+from vlsplit.shared.images import image_id as sha256_id
+from vlsplit.v1 import common_pb2, llm_decoder_pb2, vision_encoder_pb2
+
+from .clients import DecoderClient, EncoderClient
+
+log = logging.getLogger("vlsplit.gateway")
+IMAGE_ID = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    data: bytes | None = None
+    image_id: str | None = None
+
+    def validated(self, max_bytes: int) -> "ImageSource":
+        if self.data is not None:
+            if not self.data:
+                raise InvalidRequest("image bytes are empty")
+            if len(self.data) > max_bytes:
+                raise TooLarge(f"image is {len(self.data)} bytes; the limit is {max_bytes} bytes")
+            return ImageSource(self.data, sha256_id(self.data))
+        if self.image_id is None:
+            raise InvalidRequest("an image is required: set image.data or image.image_id")
+        if not IMAGE_ID.fullmatch(self.image_id):
+            raise InvalidRequest("image_id must be 64 lowercase hex characters (sha256 of the image bytes)")
+        return self
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    payload: bytes
+    image_id: str
+    cache_hit: bool
+    encode_ms: float
+
+
+class Pipeline:
+    def __init__(self, encoder: EncoderClient, decoder: DecoderClient, cache: SafeStore, cache_ttl_s: int,
+                 write_back: bool):
+        self.encoder, self.decoder, self.cache = encoder, decoder, cache
+        self.cache_ttl_s = cache_ttl_s
+        self.write_back = write_back  # "memory" backend: the gateway keeps what it fetched
+        self._fingerprint: str | None = None
+
+    async def fingerprint(self, timeout: float) -> str:
+        """The served model's fingerprint, from the encoder or (if it is down) the decoder."""
+        if self._fingerprint is None:
+            try:
+                info = await self.encoder.model_info(timeout)
+            except Unavailable:
+                info = await self.decoder.model_info(timeout)
+            self._fingerprint = info.fingerprint
+        return self._fingerprint
+
+    async def embeddings(self, source: ImageSource, timeout: float) -> Embeddings:
+        start = time.perf_counter()
+        key = embedding_key(await self.fingerprint(timeout), source.image_id)
+        cached = await self.cache.get(key)
+        metrics.CACHE.labels("hit" if cached else "miss").inc()
+        if cached:
+            return Embeddings(cached, source.image_id, True, _ms(start))
+        return await self.encode(source, timeout, start)
+
+    async def encode(self, source: ImageSource, timeout: float, start: float | None = None) -> Embeddings:
+        start = start or time.perf_counter()
+        request = (vision_encoder_pb2.EncodeRequest(image=source.data) if source.data is not None
+                   else vision_encoder_pb2.EncodeRequest(image_id=source.image_id))
+        encoded = await self.encoder.encode(request, timeout)
+        if self.write_back:
+            await self.cache.set(embedding_key(encoded.info.fingerprint, source.image_id), encoded.payload,
+                                 self.cache_ttl_s)
+        metrics.ENCODE_SECONDS.observe(time.perf_counter() - start)
+        return Embeddings(encoded.payload, source.image_id, encoded.cache_hit, _ms(start))
+
+    async def generate(self, question: str, emb: Embeddings, sampling: common_pb2.SamplingParams,
+                       source: ImageSource, timeout: float) -> AsyncIterator[llm_decoder_pb2.GenerateResponse]:
+        """Tokens for `question`. A payload the decoder finds corrupt (DATA_LOSS) that came from the
+        cache is dropped from it and fetched again from the encoder, once, before any token is sent."""
+        header = llm_decoder_pb2.GenerateHeader(messages=[question_message(question)], sampling=sampling)
+        try:
+            async for reply in self.decoder.generate(header, [emb.payload], timeout):
+                yield reply
+        except Upstream as exc:
+            if exc.grpc_code != "DATA_LOSS" or not emb.cache_hit:
+                raise
+            log.warning("cached payload of %s is corrupt (%s); dropping it and re-encoding", emb.image_id, exc)
+            await self.cache.delete(embedding_key(await self.fingerprint(timeout), emb.image_id))
+            fresh = await self.encode(source, timeout)
+            async for reply in self.decoder.generate(header, [fresh.payload], timeout):
+                yield reply
+
+    async def close(self) -> None:
+        await self.encoder.close()
+        await self.decoder.close()
+        await self.cache.close()
+
+
+def question_message(question: str) -> llm_decoder_pb2.ChatMessage:
+    """The one-turn prompt of ARCHITECTURE.md: the image, then the question."""
+    return llm_decoder_pb2.ChatMessage(role="user", content=[
+        llm_decoder_pb2.ContentPart(image=llm_decoder_pb2.ImagePlaceholder()),
+        llm_decoder_pb2.ContentPart(text=question),
+    ])
+
+
+def _ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000

@@ -1,0 +1,46 @@
+"""Gateway process: the public gRPC API in front of an encoder, a decoder and the embedding cache.
+
+Imports no torch: it only moves bytes, so it starts in about a second and stays small.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from vlsplit.shared.cache import SafeStore, open_store
+from vlsplit.shared.config import GatewayConfig
+from vlsplit.shared.logs import setup_logging
+from vlsplit.shared.server import Service, run
+from vlsplit.v1 import gateway_pb2_grpc
+
+from .clients import DecoderClient, EncoderClient
+from .pipeline import Pipeline
+from .servicer import GatewayServicer
+
+log = logging.getLogger("vlsplit.gateway")
+
+
+def build(config: GatewayConfig) -> Service:
+    store = SafeStore(open_store(config.redis_url, config.redis_timeout_s, config.memory_cache_bytes))
+    pipeline = Pipeline(EncoderClient(config.encoder, config.retry_attempts),
+                        DecoderClient(config.decoder, config.retry_attempts),
+                        store, config.cache_ttl_s, write_back=config.redis_url == "memory")
+
+    async def start() -> None:
+        log.info("gateway ready", extra={"encoder": config.encoder, "decoder": config.decoder,
+                                          "cache": "memory" if config.redis_url == "memory" else "redis"})
+
+    return Service(
+        names=["vlsplit.v1.Gateway"],
+        register=lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(config, pipeline),
+                                                                              server),
+        start=start,
+        stop=pipeline.close,
+        max_message_bytes=config.max_image_bytes + (1 << 20),
+    )
+
+
+def main(config: GatewayConfig) -> None:
+    setup_logging("gateway", config.log_level, config.log_json)
+    asyncio.run(run(config, build(config)))

@@ -1,0 +1,57 @@
+"""A whole vlsplit stack in real processes: redis-server, encoder, decoder, gateway."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from procs import Redis, Service
+from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+
+@dataclass
+class Stack:
+    model: str
+    log_dir: Path
+    decoder_model: str | None = None
+    encoder_env: dict = field(default_factory=dict)
+    gateway_env: dict = field(default_factory=dict)
+
+    def start(self) -> "Stack":
+        self.redis = Redis().start()
+        self.encoder = Service("encoder", "--model", self.model, "--redis", self.redis.url,
+                               env=self.encoder_env, log_dir=self.log_dir).start()
+        self.decoder = Service("decoder", "--model", self.decoder_model or self.model, log_dir=self.log_dir).start()
+        self.gateway = Service("gateway", "--encoder", self.encoder.address, "--decoder", self.decoder.address,
+                               "--redis", self.redis.url, env=self.gateway_env, log_dir=self.log_dir).start()
+        self.channel = grpc.insecure_channel(self.gateway.address,
+                                             options=[("grpc.max_send_message_length", 64 << 20)])
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+        return self
+
+    def stop(self) -> None:
+        self.channel.close()
+        for service in (self.gateway, self.decoder, self.encoder):
+            service.kill()
+        self.redis.stop()
+
+    def ask(self, image: bytes | str, question: str, timeout: float = 120, **sampling) -> gateway_pb2.Answer:
+        return self.stub.Ask(ask_request(image, question, **sampling), timeout=timeout)
+
+    def encodes(self) -> float:
+        return self.encoder.metric("vlsplit_encoder_encodes_total")
+
+    def encode_requests(self) -> float:
+        return self.encoder.metric("vlsplit_requests_total", method="Encode")
+
+
+def image_ref(image: bytes | str) -> gateway_pb2.ImageRef:
+    return gateway_pb2.ImageRef(image_id=image) if isinstance(image, str) else gateway_pb2.ImageRef(data=image)
+
+
+def ask_request(image: bytes | str, question: str, **sampling) -> gateway_pb2.AskRequest:
+    sampling.setdefault("max_new_tokens", 12)
+    return gateway_pb2.AskRequest(image=image_ref(image), question=question,
+                                  sampling=common_pb2.SamplingParams(**sampling))

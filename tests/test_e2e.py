@@ -1,0 +1,220 @@
+"""The mission end to end: real redis-server, encoder, decoder and gateway processes over gRPC."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from conftest import FAMILIES, make_image
+from reference import reference_tokens
+from stack import Stack, ask_request
+from vlsplit.shared.images import load_image
+from vlsplit.v1 import gateway_pb2
+
+QUESTIONS = ["What is in this picture?", "What colour is the roof?", "Is it day or night?"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def stack(request, tiny_models, tmp_path_factory):
+    s = Stack(tiny_models[request.param], tmp_path_factory.mktemp("logs")).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def fresh_stack(tiny_models, tmp_path):
+    """A private qwen2_vl stack for tests that stop or break parts of it."""
+    stacks = []
+
+    def make(**kwargs) -> Stack:
+        stacks.append(Stack(tiny_models["qwen2_vl"], tmp_path, **kwargs).start())
+        return stacks[-1]
+
+    yield make
+    for s in stacks:
+        s.stop()
+
+
+def test_whole_stack_equals_monolithic_model(stack):
+    data = make_image(320, 240, seed=11)
+    for question in QUESTIONS[:2]:
+        answer = stack.ask(data, question, max_new_tokens=20)
+        assert list(answer.token_ids) == reference_tokens(stack.model, [load_image(data)], question, 20)
+
+
+def test_second_question_hits_cache_without_encoder_request(stack):
+    data = make_image(300, 200, seed=12)
+    first = stack.ask(data, QUESTIONS[0])
+    assert first.cache == gateway_pb2.CACHE_STATUS_MISS
+    encodes, requests = stack.encodes(), stack.encode_requests()
+    for question in QUESTIONS[1:]:
+        answer = stack.ask(first.image_id, question)
+        assert answer.cache == gateway_pb2.CACHE_STATUS_HIT
+    assert stack.encode_requests() == requests and stack.encodes() == encodes
+
+
+def test_upload_then_ask_by_id_and_unknown_id_is_not_found(stack):
+    data = make_image(200, 200, seed=13)
+    uploaded = stack.stub.UploadImage(gateway_pb2.UploadImageRequest(data=data), timeout=60)
+    assert uploaded.ttl_seconds > 0
+    answer = stack.ask(uploaded.image_id, QUESTIONS[0])
+    assert answer.image_id == uploaded.image_id and len(answer.token_ids) > 0
+    with pytest.raises(grpc.RpcError) as err:
+        stack.ask("0" * 64, QUESTIONS[0])
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "send the image bytes again" in err.value.details()
+
+
+def test_eight_concurrent_first_questions_encode_once(fresh_stack):
+    s = fresh_stack()
+    data = make_image(400, 300, seed=14)
+    before = s.encodes()
+    barrier = threading.Barrier(8)
+
+    def ask(i):
+        barrier.wait()
+        return s.ask(data, f"Question number {i}?")
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert all(a.image_id == answers[0].image_id for a in answers)
+    assert s.encodes() - before == 1
+
+
+def test_decoder_of_another_checkpoint_refuses_payload(fresh_stack, tmp_path):
+    from vlsplit.make_model import make_model
+
+    other = make_model(tmp_path / "other", "qwen2_vl", "tiny", seed=1)
+    s = fresh_stack(decoder_model=str(other))
+    with pytest.raises(grpc.RpcError) as err:
+        s.ask(make_image(100, 100, seed=15), QUESTIONS[0])
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "decoder" in err.value.details() and "model" in err.value.details()
+
+
+def test_redis_down_still_answers_and_caching_resumes(fresh_stack):
+    s = fresh_stack()
+    s.redis.stop()
+    data = make_image(256, 256, seed=16)
+    a = s.ask(data, QUESTIONS[0])
+    b = s.ask(data, QUESTIONS[0])
+    assert a.cache == b.cache == gateway_pb2.CACHE_STATUS_MISS and a.token_ids == b.token_ids
+    assert s.gateway.metric("vlsplit_cache_errors_total") > 0
+    s.redis.start()  # same port
+    s.ask(data, QUESTIONS[0])
+    assert s.ask(data, QUESTIONS[1]).cache == gateway_pb2.CACHE_STATUS_HIT
+
+
+def test_encoder_down_is_unavailable_within_deadline_then_recovers(fresh_stack):
+    s = fresh_stack()
+    s.encoder.kill()
+    with pytest.raises(grpc.RpcError) as err:
+        s.ask(make_image(128, 128, seed=17), QUESTIONS[0], timeout=20)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "encoder" in err.value.details()
+    s.encoder.start()  # same port; the gateway is not restarted
+    assert len(s.ask(make_image(128, 128, seed=17), QUESTIONS[0]).token_ids) > 0
+
+
+BAD_REQUESTS = {
+    "empty question": (dict(question=""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    "1 MB question": (dict(question="x" * (1 << 20)), grpc.StatusCode.INVALID_ARGUMENT, "limit"),
+    "bad image bytes": (dict(image=b"definitely not an image"), grpc.StatusCode.INVALID_ARGUMENT, "image"),
+    "negative temperature": (dict(temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    "NaN top_p": (dict(top_p=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    "max_new_tokens over limit": (dict(max_new_tokens=1_000_000), grpc.StatusCode.INVALID_ARGUMENT, "limit"),
+}
+
+
+def bomb_png(width: int = 50000, height: int = 50000) -> bytes:
+    """A tiny PNG whose header declares a huge image."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+BAD_REQUESTS["bomb image"] = (dict(image=bomb_png()), grpc.StatusCode.INVALID_ARGUMENT, "limit")
+
+
+@pytest.mark.parametrize("stack", ["qwen2_vl"], indirect=True)
+@pytest.mark.parametrize("case", list(BAD_REQUESTS), ids=list(BAD_REQUESTS))
+def test_bad_requests_get_clear_status_and_servers_keep_serving(stack, case):
+    overrides, code, fragment = BAD_REQUESTS[case]
+    image = overrides.pop("image", make_image(64, 64, seed=18))
+    question = overrides.pop("question", QUESTIONS[0])
+    with pytest.raises(grpc.RpcError) as err:
+        stack.stub.Ask(ask_request(image, question, **overrides), timeout=60)
+    assert err.value.code() == code and fragment in err.value.details().lower()
+    assert len(stack.ask(make_image(64, 64, seed=18), QUESTIONS[0]).token_ids) > 0
+
+
+@pytest.mark.parametrize("stack", ["qwen2_vl"], indirect=True)
+def test_too_many_questions_is_rejected(stack):
+    request = gateway_pb2.AskManyRequest(image=ask_request(make_image(64, 64), "q").image, questions=["q?"] * 65)
+    with pytest.raises(grpc.RpcError) as err:
+        stack.stub.AskMany(request, timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "64" in err.value.details()
+
+
+@pytest.mark.parametrize("stack", ["qwen3_vl"], indirect=True)
+def test_ask_many_and_stream_equal_single_asks(stack):
+    data = make_image(240, 180, seed=19)
+    singles = [stack.ask(data, q) for q in QUESTIONS]
+    many = stack.stub.AskMany(gateway_pb2.AskManyRequest(image=ask_request(data, "q").image, questions=QUESTIONS,
+                                                         sampling=ask_request(data, "q").sampling), timeout=120)
+    assert [list(a.token_ids) for a in many.answers] == [list(a.token_ids) for a in singles]
+    assert all(a.cache == gateway_pb2.CACHE_STATUS_HIT for a in many.answers)
+    replies = list(stack.stub.AskStream(ask_request(data, QUESTIONS[0]), timeout=120))
+    final = replies[-1].final
+    assert list(final.token_ids) == list(singles[0].token_ids)
+    assert "".join(r.text for r in replies[:-1]) == final.text
+    assert [t for r in replies[:-1] for t in r.token_ids] == list(final.token_ids)
+
+
+@pytest.mark.parametrize("stack", ["qwen2_vl"], indirect=True)
+def test_client_disconnecting_mid_stream_leaves_servers_serving(stack):
+    call = stack.stub.AskStream(ask_request(make_image(96, 96, seed=20), QUESTIONS[0], max_new_tokens=2000),
+                                timeout=120)
+    next(call)  # the first tokens arrived: generation is running
+    call.cancel()
+    assert len(stack.ask(make_image(96, 96, seed=20), QUESTIONS[1]).token_ids) > 0
+
+
+def test_sigterm_health_not_serving_and_in_flight_asks_finish(fresh_stack):
+    import signal
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    s = fresh_stack()
+    data = make_image(160, 120, seed=21)
+    expected = s.ask(data, QUESTIONS[0], max_new_tokens=200)
+    statuses = []
+    channel = grpc.insecure_channel(s.decoder.address)
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=120)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+
+    def record():
+        try:
+            statuses.extend(reply.status for reply in watch)
+        except grpc.RpcError:
+            pass  # the server went away
+
+    watcher = threading.Thread(target=record)
+    watcher.start()
+    call = s.stub.AskStream(ask_request(data, QUESTIONS[0], max_new_tokens=200), timeout=120)
+    replies = [next(call)]  # the generation is in flight
+    s.decoder.proc.send_signal(signal.SIGTERM)
+    replies += list(call)
+    assert list(replies[-1].final.token_ids) == list(expected.token_ids)
+    assert s.decoder.proc.wait(timeout=60) == 0
+    watcher.join(timeout=60)
+    channel.close()
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses

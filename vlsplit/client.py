@@ -1,0 +1,92 @@
+"""`vlsplit ask`: a small gRPC client of the gateway, printing one line (or JSON object) per question."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import grpc
+
+from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+CACHE = {gateway_pb2.CACHE_STATUS_HIT: "hit", gateway_pb2.CACHE_STATUS_MISS: "miss"}
+FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+
+
+def sampling_pb(params) -> common_pb2.SamplingParams:
+    pb = common_pb2.SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                                   top_p=params.top_p, top_k=params.top_k, stop=list(params.stop))
+    if params.seed is not None:
+        pb.seed = params.seed
+    return pb
+
+
+def answer_json(answer: gateway_pb2.Answer) -> dict:
+    return {
+        "question": answer.question, "text": answer.text, "token_ids": list(answer.token_ids),
+        "image_id": answer.image_id, "cache": CACHE.get(answer.cache, "unknown"),
+        "finish_reason": FINISH.get(answer.finish_reason, "unknown"),
+        "encode_ms": round(answer.timings.encode_ms, 2), "ttft_ms": round(answer.timings.ttft_ms, 2),
+        "total_ms": round(answer.timings.total_ms, 2),
+        "prompt_tokens": answer.usage.prompt_tokens, "completion_tokens": answer.usage.completion_tokens,
+    }
+
+
+def ask_questions(address: str, image: bytes | None, image_id: str | None, questions: list[str], args,
+                  params) -> int:
+    ref = gateway_pb2.ImageRef(data=image) if image is not None else gateway_pb2.ImageRef(image_id=image_id)
+    options = [("grpc.max_send_message_length", 64 << 20)]
+    with grpc.insecure_channel(address, options=options) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        for question in questions:
+            try:
+                answer = _ask_one(stub, ref, question, args, params)
+                if answer is None and image is not None:  # the id expired everywhere: send the bytes again
+                    answer = _ask_one(stub, gateway_pb2.ImageRef(data=image), question, args, params)
+                if answer is None:
+                    raise_not_found(image_id)
+            except grpc.RpcError as exc:
+                print(f"vlsplit: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+            _print(answer, args)
+            ref = gateway_pb2.ImageRef(image_id=answer.image_id)  # later questions send the id, not the bytes
+    return 0
+
+
+def _ask_one(stub, ref, question, args, params) -> gateway_pb2.Answer | None:
+    """The answer, or None when the gateway no longer knows an image_id (NOT_FOUND)."""
+    request = gateway_pb2.AskRequest(image=ref, question=question, sampling=sampling_pb(params))
+    try:
+        return _stream(stub, request, args) if args.stream else stub.Ask(request, timeout=args.timeout)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND and ref.WhichOneof("source") == "image_id":
+            return None
+        raise
+
+
+def raise_not_found(image_id: str | None) -> None:
+    raise ValueError(f"image {image_id} is unknown or expired: send the image file instead")
+
+
+def _stream(stub, request, args) -> gateway_pb2.Answer:
+    final = None
+    for reply in stub.AskStream(request, timeout=args.timeout):
+        if reply.HasField("final"):
+            final = reply.final
+        elif not args.json:
+            print(reply.text, end="", flush=True)
+    if not args.json:
+        print()
+    return final
+
+
+def _print(answer: gateway_pb2.Answer, args) -> None:
+    if args.json:
+        print(json.dumps(answer_json(answer)), flush=True)
+    elif args.stream:
+        print(f"   [{CACHE.get(answer.cache)}] encode {answer.timings.encode_ms:.0f} ms, "
+              f"ttft {answer.timings.ttft_ms:.0f} ms, total {answer.timings.total_ms:.0f} ms", flush=True)
+    else:
+        print(f"Q: {answer.question}\nA: {answer.text}\n   [{CACHE.get(answer.cache)}] "
+              f"encode {answer.timings.encode_ms:.0f} ms, ttft {answer.timings.ttft_ms:.0f} ms, "
+              f"total {answer.timings.total_ms:.0f} ms", flush=True)

@@ -1,0 +1,126 @@
+"""`vlsplit up`: every service on this machine, as child processes, until Ctrl-C.
+
+Order: Redis (a private redis-server on a free port, unless told otherwise), then encoder and
+decoder (each waited on until its health service says SERVING), then the gateway. Stopping sends
+SIGTERM to all, so in-flight requests finish, and the private Redis goes with them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+DEFAULT_FAMILY = "qwen2_vl"
+READY_TIMEOUT_S = 600
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(address: str, proc: subprocess.Popen, name: str, timeout: float = READY_TIMEOUT_S) -> None:
+    """Block until `address` reports SERVING on grpc.health.v1 (streamed, no polling)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            for reply in health_pb2_grpc.HealthStub(channel).Watch(
+                    health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=True):
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError as exc:
+            state = f"exited with {proc.returncode}" if proc.poll() is not None else "did not become ready"
+            raise RuntimeError(f"{name} {state} ({exc.code().name}); see its log above") from None
+
+
+@dataclass
+class Stack:
+    model: Path
+    redis: str | None = None  # URL, "memory", or None = private redis-server if available
+    gateway_port: int = 50051
+    host: str = "127.0.0.1"
+    dtype: str = "float32"
+    procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def start(self) -> str:
+        redis_url = self._redis()
+        encoder, decoder = f"{self.host}:{free_port()}", f"{self.host}:{free_port()}"
+        common = ["--dtype", self.dtype, "--log-json", "false"]
+        self._serve("encoder", encoder, "--model", str(self.model), "--redis", redis_url, *common)
+        self._serve("decoder", decoder, "--model", str(self.model), *common)
+        gateway = f"{self.host}:{self.gateway_port}"
+        self._serve("gateway", gateway, "--encoder", encoder, "--decoder", decoder, "--redis", redis_url,
+                    "--log-json", "false")
+        return gateway
+
+    def _redis(self) -> str:
+        if self.redis:
+            return self.redis
+        if shutil.which("redis-server") is None:
+            print("redis-server not found: using an in-process cache (--redis memory)", file=sys.stderr)
+            return "memory"
+        port = free_port()
+        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.procs.append(("redis", proc))
+        for line in proc.stdout:
+            if "Ready to accept connections" in line:
+                threading.Thread(target=proc.stdout.read, daemon=True).start()
+                print(f"redis: private redis-server on 127.0.0.1:{port}", file=sys.stderr)
+                return f"redis://127.0.0.1:{port}/0"
+        raise RuntimeError(f"redis-server exited with {proc.wait()}")
+
+    def _serve(self, name: str, address: str, *args: str) -> None:
+        host, port = address.rsplit(":", 1)
+        proc = subprocess.Popen([sys.executable, "-m", "vlsplit.cli", "serve", name, "--host", host,
+                                 "--port", port, "--metrics-port", "0", *args])
+        self.procs.append((name, proc))
+        start = time.perf_counter()
+        wait_serving(address, proc, name)
+        print(f"{name}: serving on {address} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
+
+    def wait(self) -> None:
+        """Until Ctrl-C / SIGTERM, or until a child dies."""
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.is_set():
+            dead = [(n, p.returncode) for n, p in self.procs if p.poll() is not None]
+            if dead:
+                print(f"{dead[0][0]} exited with {dead[0][1]}; stopping", file=sys.stderr)
+                return
+            stop.wait(1.0)
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name, proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                print(f"{name} did not stop in 30s; killing it", file=sys.stderr)
+                proc.kill()
+
+
+def default_model() -> Path:
+    """The embedded default: a tiny random-weight checkpoint, built on first use."""
+    from vlsplit.shared.config import cache_dir
+
+    path = cache_dir() / "models" / f"tiny-{DEFAULT_FAMILY}"
+    if not (path / "config.json").is_file():
+        from vlsplit.make_model import make_model
+
+        print(f"building the embedded default model in {path} ...", file=sys.stderr)
+        make_model(path, DEFAULT_FAMILY, "tiny", seed=0)
+    return path
