@@ -22,21 +22,26 @@ log = logging.getLogger("vlsplit.gateway")
 
 
 def build(config: GatewayConfig) -> Service:
-    store = SafeStore(open_store(config.redis_url, config.redis_timeout_s, config.memory_cache_bytes))
-    pipeline = Pipeline(EncoderClient(config.encoder, config.retry_attempts),
-                        DecoderClient(config.decoder, config.retry_attempts),
-                        store, config.cache_ttl_s, write_back=config.redis_url == "memory")
+    servicer = GatewayServicer(config)
 
     async def start() -> None:
+        # Channels and the Redis client bind to the running event loop, so they are made here.
+        store = SafeStore(open_store(config.redis_url, config.redis_timeout_s, config.memory_cache_bytes))
+        servicer.pipeline = Pipeline(EncoderClient(config.encoder, config.retry_attempts),
+                                     DecoderClient(config.decoder, config.retry_attempts),
+                                     store, config.cache_ttl_s, write_back=config.redis_url == "memory")
         log.info("gateway ready", extra={"encoder": config.encoder, "decoder": config.decoder,
                                           "cache": "memory" if config.redis_url == "memory" else "redis"})
 
+    async def stop() -> None:
+        if servicer._pipeline is not None:
+            await servicer._pipeline.close()
+
     return Service(
         names=["vlsplit.v1.Gateway"],
-        register=lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(config, pipeline),
-                                                                              server),
+        register=lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
         start=start,
-        stop=pipeline.close,
+        stop=stop,
         max_message_bytes=config.max_image_bytes + (1 << 20),
     )
 

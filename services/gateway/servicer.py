@@ -6,7 +6,7 @@ import time
 from typing import AsyncIterator
 
 from vlsplit.shared.config import GatewayConfig
-from vlsplit.shared.errors import InvalidRequest, TooLarge
+from vlsplit.shared.errors import InvalidRequest, TooLarge, Unavailable
 from vlsplit.shared.sampling import sampling_from_pb
 from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -16,9 +16,19 @@ CACHE_STATUS = {True: gateway_pb2.CACHE_STATUS_HIT, False: gateway_pb2.CACHE_STA
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, config: GatewayConfig, pipeline: Pipeline):
+    def __init__(self, config: GatewayConfig):
         self.config = config
-        self.pipeline = pipeline
+        self._pipeline: Pipeline | None = None  # set by the server once its event loop runs
+
+    @property
+    def pipeline(self) -> Pipeline:
+        if self._pipeline is None:
+            raise Unavailable("gateway is starting")
+        return self._pipeline
+
+    @pipeline.setter
+    def pipeline(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
 
     async def UploadImage(self, request, context):
         source = ImageSource(data=request.data).validated(self.config.max_image_bytes)
