@@ -6,6 +6,7 @@ bug of ours: logged with its traceback and answered INTERNAL, and the server kee
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 
@@ -46,6 +47,9 @@ def _unary(behavior, method: str):
 
 
 def _streaming(behavior, method: str):
+    if inspect.iscoroutinefunction(behavior):  # writes with context.write(), e.g. health's Watch
+        return _unary(behavior, method)
+
     async def wrapped(request, context):
         with _Track(method) as track:
             try:

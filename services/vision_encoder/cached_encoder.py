@@ -1,0 +1,204 @@
+"""The encoder's domain logic: the vision engine behind the embedding cache and the upload store.
+
+    encode(image_id, bytes | None):
+        single-flight running for image_id? -> join it (it already has the bytes)
+        cache GET -> valid entry? -> hit (a corrupt entry is deleted, counted, recomputed)
+        bytes from the request, else from the upload store (NotFound: "send the image bytes again")
+        single-flight(image_id): cache GET again (a flight may have filled it since) -> load_image
+            -> engine.encode -> encode_payload -> cache SET (TTL)
+
+Threads: image decoding (`load_image`), hashing and payload verification run in the default
+thread pool, so a bad image is rejected at once even while a long encode runs; every torch call
+runs in ONE dedicated thread (the engine's), so encodes queue up there and the event loop stays
+free to answer health checks and stream replies.
+
+Concurrency: concurrent misses on one image are encoded once per process (`singleflight.py`).
+Across replicas nothing is coordinated: N replicas may each encode the same new image once (at
+most N encodes); the results are identical and the cache keeps one of them. A cross-replica lock
+(Redis SET NX) would save those duplicates at the price of a lock protocol with timeouts; not
+worth it while duplicates are rare and harmless.
+
+The cache never fails a request (`SafeStore`): with Redis down, look-ups are misses and writes are
+skipped. The upload store shares the backend but is not optional: PutImage fails UNAVAILABLE when
+its bytes could not be stored, rather than promising an image_id that will not resolve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from prometheus_client import Counter
+from PIL import Image
+
+from vlsplit.shared import metrics
+from vlsplit.shared.cache import SafeStore, embedding_key, image_key
+from vlsplit.shared.codec import DTYPES, FORMAT_VERSION, decode_payload, dtype_name, encode_payload
+from vlsplit.shared.errors import BadImage, CorruptPayload, InvalidRequest, NotFound, TooLarge, Unavailable
+from vlsplit.shared.images import ImageLimits, image_id as content_id, load_image
+
+from .engine import VisionEngine
+from .singleflight import SingleFlight
+
+log = logging.getLogger("vlsplit.encoder")
+
+ENCODES = Counter("vlsplit_encoder_encodes", "Images run through the vision tower (cache misses that were computed)")
+_IMAGE_ID = re.compile(r"[0-9a-f]{64}")
+_WARMUP_SIZE = (64, 64)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One image's encoded payload (shared/codec.py bytes) and what the reply says about it."""
+
+    image_id: str
+    blob: bytes
+    fingerprint: str
+    grid_thw: tuple[int, int, int]
+    n_tokens: int
+    dtype: str
+    cache_hit: bool
+    encode_ms: float  # vision tower time; 0 on a cache hit
+
+
+@dataclass(frozen=True)
+class Upload:
+    image_id: str
+    ttl_s: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_type: str
+    fingerprint: str
+    dtype: str
+    payload_format: int
+
+
+def check_image_id(value: str) -> str:
+    if not _IMAGE_ID.fullmatch(value):
+        raise InvalidRequest(f"image_id must be 64 lowercase hex digits (sha256 of the image bytes), got {value[:80]!r}")
+    return value
+
+
+class CachedEncoder:
+    def __init__(self, engine: VisionEngine, executor: ThreadPoolExecutor, store: SafeStore, *,
+                 payload_dtype: str, cache_ttl_s: int, image_ttl_s: int, limits: ImageLimits):
+        self.engine = engine
+        self.executor = executor  # the one thread every torch call runs in
+        self.store = store
+        self.payload_dtype = DTYPES[payload_dtype]
+        self.cache_ttl_s, self.image_ttl_s = cache_ttl_s, image_ttl_s
+        self.limits = limits
+        self.flights: SingleFlight[str, Encoded] = SingleFlight()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.engine.fingerprint
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(self.engine.family.model_type, self.fingerprint, dtype_name(self.engine.dtype), FORMAT_VERSION)
+
+    def check_size(self, data: bytes) -> None:
+        """Byte-size checks before hashing: an over-limit image is refused even if it is cached."""
+        if not data:
+            raise BadImage("empty image: 0 bytes")
+        if len(data) > self.limits.max_bytes:
+            raise TooLarge(f"image is {len(data)} bytes; the limit is {self.limits.max_bytes} bytes")
+
+    async def image_id_of(self, data: bytes) -> str:
+        return await asyncio.to_thread(content_id, data)
+
+    async def encode(self, image_id: str, data: bytes | None = None) -> Encoded:
+        """Embeddings of the image `image_id`; its bytes come with the call or from the upload store."""
+        if self.flights.running(image_id):
+            # No await between this check and `do`: the running flight is joined, `work` not called.
+            metrics.CACHE.labels("miss").inc()
+            return await self.flights.do(image_id, _unreachable)
+        cached = await self._cached(image_id, count=True)
+        if cached is not None:
+            return cached
+        if data is None:
+            data = await self._uploaded(image_id)
+        return await self.flights.do(image_id, lambda: self._compute(image_id, data))
+
+    async def put_image(self, data: bytes) -> Upload:
+        """Validate and keep `data` for `image_ttl_s`, so that Encode can name it by id."""
+        image = await asyncio.to_thread(load_image, data, self.limits)
+        image_id = await self.image_id_of(data)
+        await self.store.set(image_key(image_id), data, self.image_ttl_s)
+        if not self.store.healthy:
+            raise Unavailable("the image store is unreachable; send the image bytes with each request instead")
+        return Upload(image_id, self.image_ttl_s, image.width, image.height)
+
+    async def _uploaded(self, image_id: str) -> bytes:
+        data = await self.store.get(image_key(image_id))
+        if data is None:
+            raise NotFound(f"image {image_id} is unknown or expired; send the image bytes again")
+        return data
+
+    async def _cached(self, image_id: str, count: bool = False) -> Encoded | None:
+        """A valid cache entry, or None. A corrupt entry is deleted (and recomputed by the caller)."""
+        key = embedding_key(self.fingerprint, image_id)
+        blob = await self.store.get(key)
+        if blob is None:
+            if count:
+                metrics.CACHE.labels("miss" if self.store.healthy else "error").inc()
+            return None
+        try:
+            encoded = await asyncio.to_thread(self._describe, image_id, blob)
+        except CorruptPayload as exc:
+            metrics.CACHE.labels("corrupt").inc()
+            log.warning("dropping corrupt cache entry %s: %s", key, exc, extra={"key": key})
+            await self.store.delete(key)
+            return None
+        if count:
+            metrics.CACHE.labels("hit").inc()
+        return encoded
+
+    def _describe(self, image_id: str, blob: bytes) -> Encoded:
+        """Verify a cached `blob` (checksum, shapes, fingerprint) and describe it. Worker thread."""
+        payload = decode_payload(blob)
+        if payload.fingerprint != self.fingerprint:
+            raise CorruptPayload(f"entry was made by model {payload.fingerprint}, this is {self.fingerprint}")
+        return Encoded(image_id, blob, payload.fingerprint, payload.grid_thw, payload.n_tokens,
+                       dtype_name(payload.dtype), cache_hit=True, encode_ms=0.0)
+
+    async def _compute(self, image_id: str, data: bytes) -> Encoded:
+        cached = await self._cached(image_id)  # a flight that just ended may have filled it
+        if cached is not None:
+            return cached
+        image = await asyncio.to_thread(load_image, data, self.limits)
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(self.executor, self._run_tower, image_id, image)
+        await self.store.set(embedding_key(self.fingerprint, image_id), encoded.blob, self.cache_ttl_s)
+        return encoded
+
+    def _run_tower(self, image_id: str, image: Image.Image) -> Encoded:
+        """Engine thread: image -> payload -> codec bytes."""
+        start = time.perf_counter()
+        payload = self.engine.encode([image])[0]
+        seconds = time.perf_counter() - start
+        ENCODES.inc()
+        metrics.ENCODE_SECONDS.observe(seconds)
+        blob = encode_payload(payload, self.payload_dtype)
+        log.info("encoded %s: grid %s, %d tokens in %.0f ms", image_id[:12], list(payload.grid_thw),
+                 payload.n_tokens, seconds * 1000, extra={"image_id": image_id, "encode_ms": round(seconds * 1000, 1)})
+        return Encoded(image_id, blob, payload.fingerprint, payload.grid_thw, payload.n_tokens,
+                       dtype_name(self.payload_dtype), cache_hit=False, encode_ms=seconds * 1000)
+
+    def warm_up(self) -> None:
+        """Engine thread: one forward pass on a small synthetic image (first-call allocations)."""
+        image = Image.linear_gradient("L").resize(_WARMUP_SIZE).convert("RGB")
+        payload = self.engine.encode([image])[0]
+        decode_payload(encode_payload(payload, self.payload_dtype))
+
+
+async def _unreachable() -> Encoded:
+    raise AssertionError("single-flight joined a flight that had already ended")

@@ -1,0 +1,104 @@
+"""`vlsplit serve encoder`: the vision-encoder gRPC server.
+
+Start-up (shared/server.py does health, reflection, metrics and SIGTERM): the port opens with
+health NOT_SERVING; the visual weights load and one warm-up encode runs in the engine thread;
+only then does health turn SERVING. Requests that arrive earlier get UNAVAILABLE ("loading").
+
+Replicas: single-flight is in-process only, so N replicas may encode the same new image up to N
+times; the results are identical and the cache keeps one (see cached_encoder.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+from vlsplit.shared.cache import SafeStore, open_store
+from vlsplit.shared.codec import DTYPES
+from vlsplit.shared.config import MiB, EncoderConfig
+from vlsplit.shared.images import ImageLimits
+from vlsplit.shared.logs import setup_logging
+from vlsplit.shared.server import Service, run
+from vlsplit.v1 import vision_encoder_pb2_grpc
+
+from .cached_encoder import CachedEncoder
+from .engine import VisionEngine
+from .servicer import SERVICE_NAME, VisionEncoderServicer
+
+log = logging.getLogger("vlsplit.encoder")
+
+
+def main(config: EncoderConfig) -> None:
+    setup_logging("encoder", config.log_level, config.log_json)
+    asyncio.run(run(config, encoder_service(config)))
+
+
+def encoder_service(config: EncoderConfig) -> Service:
+    _check(config)
+    servicer = VisionEncoderServicer()
+    # Every torch call (load, warm-up, encode) runs in this one thread.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-engine")
+
+    async def start() -> None:
+        servicer.attach(await _open(config, executor))
+
+    async def stop() -> None:
+        if servicer.encoder is not None:
+            await servicer.encoder.store.close()
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    return Service(
+        names=[SERVICE_NAME],
+        register=lambda server: vision_encoder_pb2_grpc.add_VisionEncoderServicer_to_server(servicer, server),
+        start=start,
+        stop=stop,
+        # Images arrive in one message; payloads leave in 1 MiB chunks.
+        max_message_bytes=config.max_image_bytes + MiB,
+    )
+
+
+async def _open(config: EncoderConfig, executor: ThreadPoolExecutor) -> CachedEncoder:
+    loop = asyncio.get_running_loop()
+    start = time.perf_counter()
+    engine = await loop.run_in_executor(executor, VisionEngine, config.model, DTYPES[config.dtype], config.device)
+    loaded_s = time.perf_counter() - start
+    store = SafeStore(open_store(config.redis_url, config.redis_timeout_s, config.memory_cache_bytes))
+    encoder = CachedEncoder(
+        engine, executor, store,
+        payload_dtype=config.payload_dtype or config.dtype,
+        cache_ttl_s=config.cache_ttl_s,
+        image_ttl_s=config.image_ttl_s,
+        limits=ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels),
+    )
+    start = time.perf_counter()
+    await loop.run_in_executor(executor, encoder.warm_up)
+    fields = {"model_type": engine.family.model_type, "fingerprint": engine.fingerprint,
+              "cache": _backend(config.redis_url), "load_s": round(loaded_s, 2),
+              "warmup_s": round(time.perf_counter() - start, 2)}
+    log.info("vision encoder ready: %s", " ".join(f"{k}={v}" for k, v in fields.items()),
+             extra={**fields, "model": config.model, "dtype": config.dtype, "device": config.device,
+                    "payload_dtype": config.payload_dtype or config.dtype})
+    return encoder
+
+
+def _check(config: EncoderConfig) -> None:
+    """Configuration mistakes fail at start, before the port opens."""
+    if not config.model:
+        raise ValueError("the encoder needs a checkpoint: --model DIR or VLSPLIT_MODEL")
+    for name in ("dtype", "payload_dtype"):
+        value = getattr(config, name)
+        if value not in DTYPES and not (name == "payload_dtype" and value == ""):
+            raise ValueError(f"{name} {value!r} is not one of {', '.join(DTYPES)}")
+    if min(config.cache_ttl_s, config.image_ttl_s) < 1:
+        raise ValueError("cache_ttl_s and image_ttl_s must be at least 1 second")
+
+
+def _backend(url: str) -> str:
+    """The cache backend for the log, without credentials."""
+    if url == "memory":
+        return url
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
