@@ -38,12 +38,7 @@ $(DEMO_MODEL): | setup
 	$(BIN)/vlsplit make-model $(DEMO_MODEL) --family qwen2_vl --size tiny
 
 demo: setup $(DEMO_MODEL)
-	@echo "== vlsplit demo: three questions about vlsplit/assets/sample.png, image encoded once =="
-	$(BIN)/vlsplit local-ask --model $(DEMO_MODEL) vlsplit/assets/sample.png \
-		"What is in this picture?" "What colour is the roof?" "Is it day or night?" --max-new-tokens 24
-	@echo
-	@echo "The model above has RANDOM weights, so its text is meaningless; the timings are real."
-	@echo "For real answers: $(BIN)/vlsplit local-ask --model /path/to/Qwen2-VL-2B-Instruct IMAGE QUESTION..."
+	$(BIN)/python scripts/demo.py --model $(DEMO_MODEL)
 
 # Regenerate the gRPC stubs in vlsplit/v1 from protos/ (tests/test_protos.py fails when stale).
 protos: setup

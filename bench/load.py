@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ensure_model  # noqa: E402
 MODES = ("encoder", "decoder", "monolithic")
 
 
@@ -75,16 +77,6 @@ def measure(mode: str, model: Path, dtype: str) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", mode, "--model", str(model), "--dtype", dtype],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def ensure_model(family: str) -> Path:
-    path = ROOT / ".cache" / "models" / f"bench-{family}"
-    if not (path / "config.json").is_file():
-        # In a child process: this one must stay small, since children inherit its peak RSS.
-        print(f"building bench {family} checkpoint in {path} (one-off)...", flush=True)
-        subprocess.run([sys.executable, "-m", "vlsplit.cli", "make-model", str(path), "--family", family,
-                        "--size", "bench"], check=True)
-    return path
 
 
 def main() -> None:

@@ -103,11 +103,13 @@ class _AnswerBuilder:
         self.question, self.emb, self.first, self.start = question, emb, first, start
         self.text, self.token_ids = [], []
         self.ttft_ms = None
+        self.decoder_ttft_ms = 0.0
         self.finish, self.usage = common_pb2.FINISH_REASON_UNSPECIFIED, None
 
     def add(self, reply) -> None:
         if self.ttft_ms is None and reply.token_ids:
             self.ttft_ms = (time.perf_counter() - self.start) * 1000
+        self.decoder_ttft_ms = self.decoder_ttft_ms or reply.ttft_ms
         self.text.append(reply.text)
         self.token_ids.extend(reply.token_ids)
         if reply.finish_reason:
@@ -121,5 +123,5 @@ class _AnswerBuilder:
             cache=CACHE_STATUS[self.emb.cache_hit or not self.first],
             timings=gateway_pb2.Timings(encode_ms=self.emb.encode_ms if self.first else 0.0,
                                         ttft_ms=self.ttft_ms if self.ttft_ms is not None else total_ms,
-                                        total_ms=total_ms),
+                                        total_ms=total_ms, decoder_ttft_ms=self.decoder_ttft_ms),
             finish_reason=self.finish, usage=self.usage)

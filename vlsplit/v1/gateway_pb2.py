@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from vlsplit.v1 import common_pb2 as vlsplit_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vlsplit/v1/gateway.proto\x12\nvlsplit.v1\x1a\x17vlsplit/v1/common.proto\"8\n\x08ImageRef\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x12\n\x08image_id\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"\"\n\x12UploadImageRequest\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"<\n\x13UploadImageResponse\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"q\n\nAskRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.vlsplit.v1.ImageRef\x12\x10\n\x08question\x18\x02 \x01(\t\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.vlsplit.v1.SamplingParams\"v\n\x0e\x41skManyRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.vlsplit.v1.ImageRef\x12\x11\n\tquestions\x18\x02 \x03(\t\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.vlsplit.v1.SamplingParams\"?\n\x07Timings\x12\x11\n\tencode_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xee\x01\n\x06\x41nswer\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08image_id\x18\x04 \x01(\t\x12&\n\x05\x63\x61\x63he\x18\x05 \x01(\x0e\x32\x17.vlsplit.v1.CacheStatus\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.vlsplit.v1.Timings\x12/\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x18.vlsplit.v1.FinishReason\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x11.vlsplit.v1.Usage\"W\n\x11\x41skStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12!\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x12.vlsplit.v1.Answer\"6\n\x0f\x41skManyResponse\x12#\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x12.vlsplit.v1.Answer*X\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43\x41\x43HE_STATUS_HIT\x10\x01\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x02\x32\x96\x02\n\x07Gateway\x12N\n\x0bUploadImage\x12\x1e.vlsplit.v1.UploadImageRequest\x1a\x1f.vlsplit.v1.UploadImageResponse\x12\x31\n\x03\x41sk\x12\x16.vlsplit.v1.AskRequest\x1a\x12.vlsplit.v1.Answer\x12\x44\n\tAskStream\x12\x16.vlsplit.v1.AskRequest\x1a\x1d.vlsplit.v1.AskStreamResponse0\x01\x12\x42\n\x07\x41skMany\x12\x1a.vlsplit.v1.AskManyRequest\x1a\x1b.vlsplit.v1.AskManyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vlsplit/v1/gateway.proto\x12\nvlsplit.v1\x1a\x17vlsplit/v1/common.proto\"8\n\x08ImageRef\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x12\n\x08image_id\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"\"\n\x12UploadImageRequest\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"<\n\x13UploadImageResponse\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"q\n\nAskRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.vlsplit.v1.ImageRef\x12\x10\n\x08question\x18\x02 \x01(\t\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.vlsplit.v1.SamplingParams\"v\n\x0e\x41skManyRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.vlsplit.v1.ImageRef\x12\x11\n\tquestions\x18\x02 \x03(\t\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.vlsplit.v1.SamplingParams\"X\n\x07Timings\x12\x11\n\tencode_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x17\n\x0f\x64\x65\x63oder_ttft_ms\x18\x04 \x01(\x01\"\xee\x01\n\x06\x41nswer\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08image_id\x18\x04 \x01(\t\x12&\n\x05\x63\x61\x63he\x18\x05 \x01(\x0e\x32\x17.vlsplit.v1.CacheStatus\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.vlsplit.v1.Timings\x12/\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x18.vlsplit.v1.FinishReason\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x11.vlsplit.v1.Usage\"W\n\x11\x41skStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12!\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x12.vlsplit.v1.Answer\"6\n\x0f\x41skManyResponse\x12#\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x12.vlsplit.v1.Answer*X\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43\x41\x43HE_STATUS_HIT\x10\x01\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x02\x32\x96\x02\n\x07Gateway\x12N\n\x0bUploadImage\x12\x1e.vlsplit.v1.UploadImageRequest\x1a\x1f.vlsplit.v1.UploadImageResponse\x12\x31\n\x03\x41sk\x12\x16.vlsplit.v1.AskRequest\x1a\x12.vlsplit.v1.Answer\x12\x44\n\tAskStream\x12\x16.vlsplit.v1.AskRequest\x1a\x1d.vlsplit.v1.AskStreamResponse0\x01\x12\x42\n\x07\x41skMany\x12\x1a.vlsplit.v1.AskManyRequest\x1a\x1b.vlsplit.v1.AskManyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vlsplit.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CACHESTATUS']._serialized_start=907
-  _globals['_CACHESTATUS']._serialized_end=995
+  _globals['_CACHESTATUS']._serialized_start=932
+  _globals['_CACHESTATUS']._serialized_end=1020
   _globals['_IMAGEREF']._serialized_start=65
   _globals['_IMAGEREF']._serialized_end=121
   _globals['_UPLOADIMAGEREQUEST']._serialized_start=123
@@ -45,13 +45,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ASKMANYREQUEST']._serialized_start=336
   _globals['_ASKMANYREQUEST']._serialized_end=454
   _globals['_TIMINGS']._serialized_start=456
-  _globals['_TIMINGS']._serialized_end=519
-  _globals['_ANSWER']._serialized_start=522
-  _globals['_ANSWER']._serialized_end=760
-  _globals['_ASKSTREAMRESPONSE']._serialized_start=762
-  _globals['_ASKSTREAMRESPONSE']._serialized_end=849
-  _globals['_ASKMANYRESPONSE']._serialized_start=851
-  _globals['_ASKMANYRESPONSE']._serialized_end=905
-  _globals['_GATEWAY']._serialized_start=998
-  _globals['_GATEWAY']._serialized_end=1276
+  _globals['_TIMINGS']._serialized_end=544
+  _globals['_ANSWER']._serialized_start=547
+  _globals['_ANSWER']._serialized_end=785
+  _globals['_ASKSTREAMRESPONSE']._serialized_start=787
+  _globals['_ASKSTREAMRESPONSE']._serialized_end=874
+  _globals['_ASKMANYRESPONSE']._serialized_start=876
+  _globals['_ASKMANYRESPONSE']._serialized_end=930
+  _globals['_GATEWAY']._serialized_start=1023
+  _globals['_GATEWAY']._serialized_end=1301
 # @@protoc_insertion_point(module_scope)

@@ -60,14 +60,16 @@ class AskManyRequest(_message.Message):
     def __init__(self, image: _Optional[_Union[ImageRef, _Mapping]] = ..., questions: _Optional[_Iterable[str]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("encode_ms", "ttft_ms", "total_ms")
+    __slots__ = ("encode_ms", "ttft_ms", "total_ms", "decoder_ttft_ms")
     ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    DECODER_TTFT_MS_FIELD_NUMBER: _ClassVar[int]
     encode_ms: float
     ttft_ms: float
     total_ms: float
-    def __init__(self, encode_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    decoder_ttft_ms: float
+    def __init__(self, encode_ms: _Optional[float] = ..., ttft_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., decoder_ttft_ms: _Optional[float] = ...) -> None: ...
 
 class Answer(_message.Message):
     __slots__ = ("question", "text", "token_ids", "image_id", "cache", "timings", "finish_reason", "usage")

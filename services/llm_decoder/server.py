@@ -1,0 +1,71 @@
+"""Decoder server: start-up (language weights only, then a warm-up generation), health, signals.
+
+`vlsplit serve decoder --model DIR` calls `main`. Health stays NOT_SERVING (and Generate answers
+UNAVAILABLE) until the engine is loaded and has generated its warm-up tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from vlsplit.shared.codec import DTYPES
+from vlsplit.shared.config import DecoderConfig
+from vlsplit.shared.logs import setup_logging
+from vlsplit.shared.processor import question_messages
+from vlsplit.shared.sampling import SamplingParams
+from vlsplit.shared.server import Service, run
+from vlsplit.v1 import llm_decoder_pb2, llm_decoder_pb2_grpc
+
+from .engine import DecoderEngine, GenerationRequest
+from .servicer import LLMDecoderServicer
+
+log = logging.getLogger("vlsplit.decoder")
+SERVICE_NAME = llm_decoder_pb2.DESCRIPTOR.services_by_name["LLMDecoder"].full_name
+WARMUP = GenerationRequest(question_messages("Warm up.", n_images=0), [], SamplingParams(max_new_tokens=2))
+
+
+def main(config: DecoderConfig) -> None:
+    setup_logging("decoder", config.log_level, config.log_json)
+    _check(config)
+    servicer = LLMDecoderServicer(config)
+
+    async def start() -> None:
+        servicer.serve(await asyncio.to_thread(load_engine, config))
+
+    async def stop() -> None:
+        await asyncio.to_thread(servicer.close)
+
+    asyncio.run(run(config, Service(
+        names=[SERVICE_NAME],
+        register=lambda server: llm_decoder_pb2_grpc.add_LLMDecoderServicer_to_server(servicer, server),
+        start=start,
+        stop=stop,
+    )))
+
+
+def load_engine(config: DecoderConfig) -> DecoderEngine:
+    start = time.perf_counter()
+    engine = DecoderEngine(config.model, dtype=DTYPES[config.dtype], device=config.device,
+                           max_new_tokens_limit=config.max_new_tokens_limit)
+    loaded = time.perf_counter()
+    for _ in engine.generate(WARMUP):
+        pass
+    load_s, warmup_s = round(loaded - start, 2), round(time.perf_counter() - loaded, 2)
+    log.info("decoder ready: %s (%s) fingerprint %s, loaded in %.2fs, warm-up %.2fs",
+             config.model, engine.family.model_type, engine.fingerprint, load_s, warmup_s,
+             extra={"model": config.model, "model_type": engine.family.model_type, "fingerprint": engine.fingerprint,
+                    "dtype": config.dtype, "device": config.device, "load_s": load_s, "warmup_s": warmup_s})
+    return engine
+
+
+def _check(config: DecoderConfig) -> None:
+    """Refuse a bad configuration before anything is loaded, with one clear line."""
+    if not config.model:
+        raise ValueError("the decoder needs a checkpoint: --model DIR or VLSPLIT_MODEL")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype {config.dtype!r} is not one of {', '.join(DTYPES)}")
+    if not 1 <= config.default_max_new_tokens <= config.max_new_tokens_limit:
+        raise ValueError(f"default_max_new_tokens {config.default_max_new_tokens} must be in "
+                         f"1..max_new_tokens_limit ({config.max_new_tokens_limit})")

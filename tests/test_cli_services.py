@@ -1,0 +1,54 @@
+"""`vlsplit up` and `vlsplit ask` as a user runs them: real processes, then Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from procs import free_port
+from reference import reference_tokens
+from vlsplit.shared.images import image_id, load_image
+
+SAMPLE = Path(__file__).resolve().parent.parent / "vlsplit" / "assets" / "sample.png"
+FIELDS = {"question", "text", "token_ids", "image_id", "cache", "encode_ms", "ttft_ms", "total_ms"}
+
+
+def test_up_then_ask_json_then_ctrl_c(tiny_models):
+    port = free_port()
+    up = subprocess.Popen([sys.executable, "-m", "vlsplit.cli", "up", "--model", tiny_models["qwen2_vl"],
+                           "--gateway-port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = up.stdout.readline()  # blocks until everything is serving
+        assert f"gateway on 127.0.0.1:{port}" in line, up.stderr.read() if up.poll() is not None else line
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert len(children) >= 4  # redis-server, encoder, decoder, gateway
+        out = subprocess.run([sys.executable, "-m", "vlsplit.cli", "ask", str(SAMPLE), "What is this?",
+                              "What colour is the roof?", "--json", "--gateway", f"127.0.0.1:{port}",
+                              "--max-new-tokens", "8"], check=True, capture_output=True, text=True)
+        answers = [json.loads(line) for line in out.stdout.splitlines()]
+        assert [a["cache"] for a in answers] == ["miss", "hit"]
+        image = load_image(SAMPLE.read_bytes())
+        for answer in answers:
+            assert FIELDS <= set(answer)
+            assert answer["image_id"] == image_id(SAMPLE.read_bytes())
+            assert answer["token_ids"] == reference_tokens(tiny_models["qwen2_vl"], [image], answer["question"], 8)
+        by_id = subprocess.run([sys.executable, "-m", "vlsplit.cli", "ask", "--image-id", answers[0]["image_id"],
+                                "Is it day?", "--json", "--gateway", f"127.0.0.1:{port}"],
+                               check=True, capture_output=True, text=True)
+        assert json.loads(by_id.stdout)["cache"] == "hit"
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=90) == 0
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_ask_reports_errors_without_traceback():
+    out = subprocess.run([sys.executable, "-m", "vlsplit.cli", "ask", str(SAMPLE), "hi", "--gateway",
+                          f"127.0.0.1:{free_port()}", "--timeout", "3"], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "UNAVAILABLE" in out.stderr and "Traceback" not in out.stderr
