@@ -18,14 +18,16 @@ class Stack:
     decoder_model: str | None = None
     encoder_env: dict = field(default_factory=dict)
     gateway_env: dict = field(default_factory=dict)
+    memory_cache: bool = False  # "--redis memory" everywhere instead of a redis-server
 
     def start(self) -> "Stack":
-        self.redis = Redis().start()
-        self.encoder = Service("encoder", "--model", self.model, "--redis", self.redis.url,
+        self.redis = None if self.memory_cache else Redis().start()
+        url = "memory" if self.memory_cache else self.redis.url
+        self.encoder = Service("encoder", "--model", self.model, "--redis", url,
                                env=self.encoder_env, log_dir=self.log_dir).start()
         self.decoder = Service("decoder", "--model", self.decoder_model or self.model, log_dir=self.log_dir).start()
         self.gateway = Service("gateway", "--encoder", self.encoder.address, "--decoder", self.decoder.address,
-                               "--redis", self.redis.url, env=self.gateway_env, log_dir=self.log_dir).start()
+                               "--redis", url, env=self.gateway_env, log_dir=self.log_dir).start()
         self.channel = grpc.insecure_channel(self.gateway.address,
                                              options=[("grpc.max_send_message_length", 64 << 20)])
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
@@ -35,7 +37,8 @@ class Stack:
         self.channel.close()
         for service in (self.gateway, self.decoder, self.encoder):
             service.kill()
-        self.redis.stop()
+        if self.redis:
+            self.redis.stop()
 
     def ask(self, image: bytes | str, question: str, timeout: float = 120, **sampling) -> gateway_pb2.Answer:
         return self.stub.Ask(ask_request(image, question, **sampling), timeout=timeout)

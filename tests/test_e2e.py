@@ -218,3 +218,47 @@ def test_sigterm_health_not_serving_and_in_flight_asks_finish(fresh_stack):
     watcher.join(timeout=60)
     channel.close()
     assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses
+
+
+def test_in_process_cache_mode_hits_without_redis(fresh_stack):
+    s = fresh_stack(memory_cache=True)
+    data = make_image(200, 150, seed=22)
+    assert s.ask(data, QUESTIONS[0]).cache == gateway_pb2.CACHE_STATUS_MISS
+    requests = s.encode_requests()
+    assert s.ask(data, QUESTIONS[1]).cache == gateway_pb2.CACHE_STATUS_HIT
+    assert s.encode_requests() == requests
+
+
+def test_corrupt_cache_entry_is_dropped_and_recomputed_never_served(fresh_stack):
+    import redis
+
+    from vlsplit.shared.codec import decode_payload
+
+    s = fresh_stack()
+    data = make_image(180, 140, seed=23)
+    first = s.ask(data, QUESTIONS[0])
+    client = redis.Redis.from_url(s.redis.url)
+    [key] = client.keys(f"vlsplit:emb:v1:*:{first.image_id}")
+    value = bytearray(client.get(key))
+    value[len(value) // 2] ^= 0xFF  # one flipped byte inside the tensor bytes
+    client.set(key, bytes(value))
+    encodes = s.encodes()
+    again = s.ask(data, QUESTIONS[0])
+    assert list(again.token_ids) == list(first.token_ids)
+    assert s.encodes() == encodes + 1
+    decode_payload(client.get(key))  # the entry was replaced by a valid one
+
+
+@pytest.mark.parametrize("stack", ["qwen2_vl"], indirect=True)
+def test_largest_image_the_processor_allows_crosses_the_whole_stack(stack):
+    """Qwen2-VL: max_pixels 12845056 -> 3584x3584 -> 16384 image tokens (payload > 4 MiB)."""
+    import io
+
+    from PIL import Image
+
+    image = Image.radial_gradient("L").resize((3584, 3584)).convert("RGB")
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    answer = stack.ask(buf.getvalue(), QUESTIONS[0], max_new_tokens=4, timeout=600)
+    assert answer.usage.image_tokens == 16384
+    assert list(answer.token_ids) == reference_tokens(stack.model, [load_image(buf.getvalue())], QUESTIONS[0], 4)
