@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: all setup test test-slow demo bench-load protos clean
+.PHONY: all setup test test-slow demo bench-load bench-ask protos clean
 
 all: test
 
@@ -46,6 +46,9 @@ protos: setup
 
 bench-load: setup
 	$(BIN)/python bench/load.py
+
+bench-ask: setup
+	$(BIN)/python bench/ask.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
