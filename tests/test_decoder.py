@@ -391,6 +391,7 @@ def extended(engine: DecoderEngine, prompt: Prompt, token: int) -> Prompt:
         positions=torch.cat([prompt.positions, position], dim=2),
         visual_mask=torch.cat([prompt.visual_mask, torch.zeros(1, 1, dtype=torch.bool)], dim=1),
         deepstack=prompt.deepstack,
+        prefix_len=prompt.prefix_len,
     )
 
 

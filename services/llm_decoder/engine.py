@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from prometheus_client import Counter
 from torch import nn
 from transformers import DynamicCache, GenerationConfig
 from transformers.initialization import no_init_weights
@@ -30,9 +31,11 @@ from vlsplit.shared.processor import Message, PromptBuilder, PromptInputs
 
 from .detokenizer import Detokenizer
 from .positions import mrope_positions
+from .prefix_cache import PrefixCache, PrefixKey
 from .sampling import Sampler, SamplingParams
 
 log = logging.getLogger("vlsplit.decoder")
+PREFILL_TOKENS = Counter("vlsplit_decoder_prefill_tokens", "Prompt tokens run through the model (prefix hits skip theirs)")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class GenerationRequest:
     messages: list[Message]
     payloads: list[EmbeddingPayload]  # one per image part of `messages`, in order
     sampling: SamplingParams = SamplingParams()
+    image_ids: tuple[str, ...] = ()  # content ids of the payloads' images: enables prefix-KV reuse
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,11 @@ class Prompt:
     positions: torch.Tensor  # [4, 1, L]
     visual_mask: torch.Tensor  # [1, L] bool
     deepstack: list[torch.Tensor]  # per level [n_image_tokens, hidden]; empty if not Qwen3-VL
+    prefix_len: int  # tokens up to the last image's <|vision_end|>: what every question about it shares
+
+    @property
+    def suffix_len(self) -> int:
+        return len(self.ids) - self.prefix_len
 
 
 class DecoderEngine:
@@ -88,6 +97,7 @@ class DecoderEngine:
         device: str = "cpu",
         attn_implementation: str = "sdpa",
         max_new_tokens_limit: int = 4096,
+        prefix_cache_bytes: int = 1 << 30,
     ):
         start = time.perf_counter()
         self.checkpoint = Checkpoint(checkpoint)
@@ -101,6 +111,8 @@ class DecoderEngine:
         self.eos_ids = _eos_ids(self.checkpoint.path, self.prompts.tokenizer)
         self.fingerprint = compute_fingerprint(self.checkpoint.path)
         self.deepstack_levels = len(getattr(self.config.vision_config, "deepstack_visual_indexes", None) or [])
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.vision_end_id = self.prompts.tokenizer.convert_tokens_to_ids("<|vision_end|>")
         log.info("decoder %s loaded in %.2fs (%s, %s, fingerprint %s)", self.family.model_type,
                  time.perf_counter() - start, dtype, device, self.fingerprint)
 
@@ -153,19 +165,52 @@ class DecoderEngine:
         ]
         rope, _ = mrope_positions(inputs.mm_token_type_ids, grids, self.merge_size)
         positions = torch.cat([torch.arange(len(ids))[None], rope])[:, None].to(self.device)  # [4, 1, L]
-        return Prompt(ids, embeds, positions, mask[None], deepstack)
+        return Prompt(ids, embeds, positions, mask[None], deepstack, self._prefix_len(inputs))
+
+    def _prefix_len(self, inputs: PromptInputs) -> int:
+        image_positions = inputs.mm_token_type_ids.nonzero()
+        if len(image_positions) == 0:
+            return 0
+        end = int(image_positions[-1]) + 1
+        return end + 1 if end < len(inputs.input_ids) and inputs.input_ids[end] == self.vision_end_id else end
 
     # ---- steps ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, prompt: Prompt) -> tuple[KVState, torch.Tensor]:
-        """Run the whole prompt; return its state and the logits [vocab] of the next token."""
-        cache = DynamicCache(config=self.config.text_config)
+    def prefill(self, prompt: Prompt, image_ids: tuple[str, ...] = ()) -> tuple[KVState, torch.Tensor]:
+        """Run the prompt; return its state and the logits [vocab] of the next token.
+
+        A prompt with images is prefilled in two chunks, the image prefix then the question's own
+        tokens, whether or not the prefix state is cached, so a warm answer is computed exactly as
+        a cold one. With `image_ids` the prefix state is looked up in / stored into the prefix cache.
+        """
+        if prompt.prefix_len == 0:
+            return self._prefill_chunk(prompt, 0, len(prompt.ids), self._new_state(prompt))
+        state = self.prefix_state(prompt, image_ids)
+        return self._prefill_chunk(prompt, prompt.prefix_len, len(prompt.ids), state)
+
+    def prefix_state(self, prompt: Prompt, image_ids: tuple[str, ...] = ()) -> KVState:
+        """The state after the prompt's image prefix: from the prefix cache, or prefilled (and stored)."""
+        key = PrefixKey.of(self.fingerprint, image_ids, prompt.ids[: prompt.prefix_len].cpu()) if image_ids else None
+        cached = self.prefix_cache.get(key) if key else None
+        if cached is not None:
+            return KVState(*cached)
+        state, _ = self._prefill_chunk(prompt, 0, prompt.prefix_len, self._new_state(prompt))
+        if key:
+            self.prefix_cache.put(key, state.cache, state.next_positions)
+        return state
+
+    def _new_state(self, prompt: Prompt) -> KVState:
+        return KVState(DynamicCache(config=self.config.text_config), prompt.positions[:, 0, 0])
+
+    def _prefill_chunk(self, prompt: Prompt, start: int, end: int, state: KVState) -> tuple[KVState, torch.Tensor]:
+        """Append prompt tokens [start, end) to `state`; logits [vocab] after the last of them."""
         extra = {}
-        if prompt.deepstack:
-            extra = {"visual_pos_masks": prompt.visual_mask, "deepstack_visual_embeds": prompt.deepstack}
-        logits = self._forward(prompt.embeds, prompt.positions, cache, **extra)
-        return KVState(cache, prompt.positions[:, 0, -1] + 1), logits
+        if prompt.deepstack and start == 0:  # every image token lies in the first chunk
+            extra = {"visual_pos_masks": prompt.visual_mask[:, start:end], "deepstack_visual_embeds": prompt.deepstack}
+        PREFILL_TOKENS.inc(end - start)
+        logits = self._forward(prompt.embeds[:, start:end], prompt.positions[:, :, start:end], state.cache, **extra)
+        return KVState(state.cache, prompt.positions[:, 0, end - 1] + 1), logits
 
     @torch.inference_mode()
     def decode_step(self, state: KVState, token_id: int) -> torch.Tensor:
@@ -176,14 +221,20 @@ class DecoderEngine:
         return logits
 
     def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, **extra) -> torch.Tensor:
-        # embeds [1, n, hidden], positions [4, 1, n]
+        # embeds [1, n, hidden], positions [4, 1, n] -> logits [vocab] after the last position
         total = cache.get_seq_length() + embeds.shape[1]
         attention_mask = torch.ones(1, total, dtype=torch.long, device=self.device)
+        return self.forward_batch(embeds, positions, cache, attention_mask, **extra)[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+                      attention_mask: torch.Tensor, **extra) -> torch.Tensor:
+        """embeds [B, n, hidden], positions [4, B, n], attention_mask [B, past + n] -> logits [B, vocab]."""
         out = self.text_model(
             inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
-            attention_mask=attention_mask, use_cache=True, **extra,
+            attention_mask=attention_mask.to(self.device), use_cache=True, **extra,
         )
-        return self.lm_head(out.last_hidden_state[0, -1]).float()
+        return self.lm_head(out.last_hidden_state[:, -1]).float()
 
     # ---- generation ----------------------------------------------------------------------------
 
@@ -198,7 +249,7 @@ class DecoderEngine:
         prompt = self.build_prompt(request.messages, request.payloads)
         sampler = Sampler(params)
         detok = Detokenizer(self.prompts.decode, params.stop)
-        state, logits = self.prefill(prompt)
+        state, logits = self.prefill(prompt, request.image_ids)
         usage = Usage(len(prompt.ids), int(prompt.visual_mask.sum()), 0)
         for step in range(params.max_new_tokens):
             if cancelled():
