@@ -115,3 +115,18 @@ def test_batched_questions_equal_separate_generations(tiny_model):
             finals[index] = event
     assert [batched[i] for i in range(len(QUESTIONS))] == separate
     assert sorted(finals) == list(range(len(QUESTIONS)))
+
+
+def test_warm_start_needs_no_payload_and_matches(tiny_model):
+    _, decoder = engines(tiny_model)
+    payload, img_id, _ = image_payload(tiny_model, seed=38)
+    messages = question_messages(QUESTIONS[2])
+    assert decoder.warm_start(messages, (img_id,)) is None  # never seen: the payload is needed
+    with_payload = tokens(decoder.generate(request(payload, img_id, QUESTIONS[2])))
+    warm = decoder.warm_start(messages, (img_id,))
+    assert warm is not None
+    before = prefilled()
+    without = tokens(decoder.generate(GenerationRequest(messages, [], SamplingParams(max_new_tokens=12),
+                                                        (img_id,), warm)))
+    assert without == with_payload
+    assert prefilled() - before == decoder.build_prompt(messages, [payload]).suffix_len

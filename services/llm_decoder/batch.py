@@ -69,12 +69,13 @@ def generate_batch(engine: DecoderEngine, requests: list[GenerationRequest],
     Requests whose prompts do not share one image prefix are answered one after another instead.
     """
     params = [r.sampling.validate(engine.max_new_tokens_limit) for r in requests]
-    prompts = [engine.build_prompt(r.messages, r.payloads) for r in requests]
+    prompts = [engine.request_prompt(r) for r in requests]
     if not _shared_prefix(prompts):
         for i, request in enumerate(requests):
             yield from ((i, event) for event in engine.generate(request, cancelled))
         return
-    base = engine.prefix_state(prompts[0], requests[0].image_ids)
+    warm = requests[0].warm
+    base = warm.state if warm is not None else engine.prefix_state(prompts[0], requests[0].image_ids)
     rows, states = [], []
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         state, logits = engine._prefill_chunk(prompt, prompt.prefix_len, len(prompt.ids),

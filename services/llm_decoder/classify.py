@@ -33,8 +33,8 @@ class LabelScore:
 def classify(engine: DecoderEngine, request: GenerationRequest, labels: list[str]) -> list[LabelScore]:
     """Scores for `labels` as answers to `request`'s prompt, most likely first."""
     label_ids = _tokenize(engine, labels)
-    prompt = engine.build_prompt(request.messages, request.payloads)
-    state, logits = engine.prefill(prompt, request.image_ids)
+    prompt = engine.request_prompt(request)
+    state, logits = engine.prefill(prompt, request.image_ids, request.warm)
     first = torch.log_softmax(logits, -1)  # [vocab]
     logprobs = [float(first[ids[0]]) for ids in label_ids]
     multi = [i for i, ids in enumerate(label_ids) if len(ids) > 1]

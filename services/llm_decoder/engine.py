@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -35,6 +36,7 @@ from .prefix_cache import PrefixCache, PrefixKey
 from .sampling import Sampler, SamplingParams
 
 log = logging.getLogger("vlsplit.decoder")
+MAX_REMEMBERED_IMAGES = 100_000  # image_id -> grid entries kept for warm starts (a few MB)
 PREFILL_TOKENS = Counter("vlsplit_decoder_prefill_tokens", "Prompt tokens run through the model (prefix hits skip theirs)")
 
 
@@ -44,6 +46,7 @@ class GenerationRequest:
     payloads: list[EmbeddingPayload]  # one per image part of `messages`, in order
     sampling: SamplingParams = SamplingParams()
     image_ids: tuple[str, ...] = ()  # content ids of the payloads' images: enables prefix-KV reuse
+    warm: "WarmStart | None" = None  # from `warm_start`: then `payloads` may be empty
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,14 @@ class KVState:
 
 
 @dataclass(frozen=True)
+class WarmStart:
+    """What a request without payloads starts from: its images' grids and the cached prefix state."""
+
+    grids: list[tuple[int, int, int]]
+    state: KVState
+
+
+@dataclass(frozen=True)
 class Prompt:
     ids: torch.Tensor  # [L]
     embeds: torch.Tensor  # [1, L, hidden], image embeddings scattered in
@@ -83,6 +94,7 @@ class Prompt:
     visual_mask: torch.Tensor  # [1, L] bool
     deepstack: list[torch.Tensor]  # per level [n_image_tokens, hidden]; empty if not Qwen3-VL
     prefix_len: int  # tokens up to the last image's <|vision_end|>: what every question about it shares
+    grids: tuple[tuple[int, int, int], ...] = ()  # the images' grids, in order
 
     @property
     def suffix_len(self) -> int:
@@ -112,6 +124,7 @@ class DecoderEngine:
         self.fingerprint = compute_fingerprint(self.checkpoint.path)
         self.deepstack_levels = len(getattr(self.config.vision_config, "deepstack_visual_indexes", None) or [])
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self.image_grids: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # image_id -> grid, for warm starts
         self.vision_end_id = self.prompts.tokenizer.convert_tokens_to_ids("<|vision_end|>")
         log.info("decoder %s loaded in %.2fs (%s, %s, fingerprint %s)", self.family.model_type,
                  time.perf_counter() - start, dtype, device, self.fingerprint)
@@ -149,10 +162,13 @@ class DecoderEngine:
             raise CorruptPayload(f"payload has {len(payload.deepstack)} deepstack levels, model needs {self.deepstack_levels}")
 
     @torch.inference_mode()
-    def build_prompt(self, messages: list[Message], payloads: list[EmbeddingPayload]) -> Prompt:
+    def build_prompt(self, messages: list[Message], payloads: list[EmbeddingPayload],
+                     grids: list[tuple[int, int, int]] | None = None) -> Prompt:
+        """The prompt's ids, embeddings and positions. Without payloads but with `grids` (a warm
+        start), image positions keep placeholder embeddings: their KV comes from the prefix cache."""
         for payload in payloads:
             self.check_payload(payload)
-        grids = [p.grid_thw for p in payloads]
+        grids = [p.grid_thw for p in payloads] if payloads else list(grids or [])
         inputs: PromptInputs = self.prompts(messages, grids)
         ids = inputs.input_ids.to(self.device)
         mask = inputs.mm_token_type_ids.bool().to(self.device)
@@ -165,7 +181,7 @@ class DecoderEngine:
         ]
         rope, _ = mrope_positions(inputs.mm_token_type_ids, grids, self.merge_size)
         positions = torch.cat([torch.arange(len(ids))[None], rope])[:, None].to(self.device)  # [4, 1, L]
-        return Prompt(ids, embeds, positions, mask[None], deepstack, self._prefix_len(inputs))
+        return Prompt(ids, embeds, positions, mask[None], deepstack, self._prefix_len(inputs), tuple(grids))
 
     def _prefix_len(self, inputs: PromptInputs) -> int:
         image_positions = inputs.mm_token_type_ids.nonzero()
@@ -174,10 +190,28 @@ class DecoderEngine:
         end = int(image_positions[-1]) + 1
         return end + 1 if end < len(inputs.input_ids) and inputs.input_ids[end] == self.vision_end_id else end
 
+    def request_prompt(self, request: GenerationRequest) -> Prompt:
+        grids = request.warm.grids if request.warm is not None else None
+        return self.build_prompt(request.messages, request.payloads, grids)
+
     # ---- steps ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, prompt: Prompt, image_ids: tuple[str, ...] = ()) -> tuple[KVState, torch.Tensor]:
+    def warm_start(self, messages: list[Message], image_ids: tuple[str, ...]) -> WarmStart | None:
+        """A start that needs no payload: the prompt's image prefix state is in the prefix cache.
+
+        The returned state is a fork, so it stays valid even if the entry is evicted meanwhile.
+        """
+        grids = [self.image_grids.get(i) for i in image_ids]
+        if not image_ids or None in grids:
+            return None
+        prompt = self.build_prompt(messages, [], grids)
+        cached = self.prefix_cache.get(PrefixKey.of(self.fingerprint, image_ids, prompt.ids[: prompt.prefix_len].cpu()))
+        return None if cached is None else WarmStart(grids, KVState(*cached))
+
+    @torch.inference_mode()
+    def prefill(self, prompt: Prompt, image_ids: tuple[str, ...] = (),
+                warm: WarmStart | None = None) -> tuple[KVState, torch.Tensor]:
         """Run the prompt; return its state and the logits [vocab] of the next token.
 
         A prompt with images is prefilled in two chunks, the image prefix then the question's own
@@ -186,7 +220,7 @@ class DecoderEngine:
         """
         if prompt.prefix_len == 0:
             return self._prefill_chunk(prompt, 0, len(prompt.ids), self._new_state(prompt))
-        state = self.prefix_state(prompt, image_ids)
+        state = warm.state if warm is not None else self.prefix_state(prompt, image_ids)
         return self._prefill_chunk(prompt, prompt.prefix_len, len(prompt.ids), state)
 
     def prefix_state(self, prompt: Prompt, image_ids: tuple[str, ...] = ()) -> KVState:
@@ -198,6 +232,11 @@ class DecoderEngine:
         state, _ = self._prefill_chunk(prompt, 0, prompt.prefix_len, self._new_state(prompt))
         if key:
             self.prefix_cache.put(key, state.cache, state.next_positions)
+            for img_id, grid in zip(image_ids, prompt.grids):
+                self.image_grids[img_id] = grid
+                self.image_grids.move_to_end(img_id)
+            while len(self.image_grids) > MAX_REMEMBERED_IMAGES:
+                self.image_grids.popitem(last=False)
         return state
 
     def _new_state(self, prompt: Prompt) -> KVState:
@@ -246,10 +285,10 @@ class DecoderEngine:
         The final event carries `usage`.
         """
         params = request.sampling.validate(self.max_new_tokens_limit)
-        prompt = self.build_prompt(request.messages, request.payloads)
+        prompt = self.request_prompt(request)
         sampler = Sampler(params)
         detok = Detokenizer(self.prompts.decode, params.stop)
-        state, logits = self.prefill(prompt, request.image_ids)
+        state, logits = self.prefill(prompt, request.image_ids, request.warm)
         usage = Usage(len(prompt.ids), int(prompt.visual_mask.sum()), 0)
         for step in range(params.max_new_tokens):
             if cancelled():
