@@ -1,10 +1,13 @@
-"""LLMDecoder servicer: proto <-> domain types, and the order of a Generate call.
+"""LLMDecoder servicer: proto <-> domain types, and the order of a Generate/Classify call.
 
 Generate: read the header and validate it (before any payload byte is accepted) -> take a place in
-the bounded admission queue -> read the announced payload bytes -> decode payloads and generate in
-a worker thread -> stream one response per token. Errors are typed `VlsplitError`s; the interceptor
-turns them into status codes. When the RPC ends for any reason (client cancel or disconnect,
-deadline, shutdown past the grace period) the generation is cancelled within one token.
+the bounded admission queue -> payloads: read the announced bytes; or, when the header names
+image_ids and announces none, start from the prefix cache, and if it does not hold them reply
+`need_payload` and read sizes + bytes from the same stream -> decode payloads and generate in a
+worker thread -> stream one response per token (with a batch, tagged with its conversation's
+index). Errors are typed `VlsplitError`s; the interceptor turns them into status codes. When the
+RPC ends for any reason (client cancel or disconnect, deadline, shutdown past the grace period) the
+generation is cancelled within one token.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from vlsplit.shared.transfer import Assembler
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, llm_decoder_pb2_grpc
 
 from .admission import Admission
-from .engine import DecoderEngine, GenerationRequest, TokenEvent
+from .batch import generate_batch
+from .classify import classify
+from .engine import DecoderEngine, GenerationRequest, TokenEvent, WarmStart
+from .metrics import PAYLOAD_BYTES
 from .streaming import ThreadedGeneration
 
 log = logging.getLogger("vlsplit.decoder.rpc")
@@ -34,15 +40,45 @@ FINISH_REASONS = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FI
 
 @dataclass(frozen=True)
 class Job:
-    """A validated Generate header."""
+    """A validated Generate/Classify header."""
 
-    messages: list[Message]
+    conversations: list[list[Message]]  # one, or a batch sharing the same images
     sampling: SamplingParams
-    payload_sizes: list[int]
+    payload_sizes: list[int]  # empty with image_ids: negotiate (prefix cache, else ask for payloads)
     request_id: str
+    image_ids: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
 
-    def request(self, payloads: list[bytes]) -> GenerationRequest:
-        return GenerationRequest(self.messages, [decode_payload(p) for p in payloads], self.sampling)
+    @property
+    def negotiates(self) -> bool:
+        """Image ids without payload sizes: start from the prefix cache, or ask for the payloads."""
+        return bool(self.image_ids) and not self.payload_sizes
+
+    @property
+    def images(self) -> int:
+        return sum(part.get("type") == "image" for m in self.conversations[0] for part in m["content"])
+
+    def requests(self, payloads: list[bytes], warm: WarmStart | None) -> list[GenerationRequest]:
+        decoded = [decode_payload(p) for p in payloads]
+        return [GenerationRequest(c, decoded, self.sampling, self.image_ids, warm) for c in self.conversations]
+
+    def events(self, engine: DecoderEngine, payloads: list[bytes], warm: WarmStart | None, cancelled):
+        requests = self.requests(payloads, warm)
+        if len(requests) == 1:
+            return (Indexed(0, e) for e in engine.generate(requests[0], cancelled))
+        return (Indexed(i, e) for i, e in generate_batch(engine, requests, cancelled))
+
+
+@dataclass(frozen=True)
+class Indexed:
+    """A TokenEvent of conversation `index` (ThreadedGeneration reads `finish_reason`)."""
+
+    index: int
+    event: TokenEvent
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.event.finish_reason
 
 
 class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
@@ -67,15 +103,49 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
         engine = self._ready()
         messages = aiter(requests)
         job = job_from_header(await _read_header(messages), engine.max_new_tokens_limit, self.config)
-        assembler = Assembler(job.payload_sizes, self.config.max_payload_bytes)
         async with self.admission.slot() as slot:
-            payloads = await _read_payloads(messages, assembler)
-            generation = ThreadedGeneration(lambda cancelled: engine.generate(job.request(payloads), cancelled),
+            warm = await self._warm_start(engine, job)
+            if job.negotiates and warm is None:
+                yield llm_decoder_pb2.GenerateResponse(need_payload=True)
+            payloads = await self._payloads(job, warm, messages)
+            generation = ThreadedGeneration(lambda cancelled: job.events(engine, payloads, warm, cancelled),
                                             self.pool)
             generation.future.add_done_callback(lambda _: slot.release())
             context.add_done_callback(lambda _: generation.cancel())
-            async for response in _responses(job, generation, messages):
+            async for response in _responses(job, generation, messages, warm is not None):
                 yield response
+
+    async def Classify(self, requests, context):
+        engine = self._ready()
+        messages = aiter(requests)
+        job = job_from_header(await _read_header(messages), engine.max_new_tokens_limit, self.config)
+        if not job.labels:
+            raise InvalidRequest("Classify needs labels")
+        async with self.admission.slot():
+            warm = await self._warm_start(engine, job)
+            if job.negotiates and warm is None:
+                yield llm_decoder_pb2.ScoreResponse(need_payload=True)
+            payloads = await self._payloads(job, warm, messages)
+            [request] = job.requests(payloads, warm)
+            scores = await asyncio.get_running_loop().run_in_executor(
+                self.pool, classify, engine, request, list(job.labels))
+        yield llm_decoder_pb2.ScoreResponse(
+            prefix_cached=warm is not None,
+            scores=[common_pb2.LabelScore(label=s.label, logprob=s.logprob, prob=s.prob) for s in scores])
+
+    async def _warm_start(self, engine: DecoderEngine, job: Job) -> WarmStart | None:
+        if not job.negotiates:
+            return None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, engine.warm_start, job.conversations[0], job.image_ids)
+
+    async def _payloads(self, job: Job, warm: WarmStart | None, messages) -> list[bytes]:
+        if warm is not None:
+            return []
+        sizes = await _read_sizes(messages, job.images) if job.negotiates else job.payload_sizes
+        payloads = await _read_payloads(messages, Assembler(sizes, self.config.max_payload_bytes))
+        PAYLOAD_BYTES.inc(sum(sizes))
+        return payloads
 
     def _ready(self) -> DecoderEngine:
         if self.engine is None:
@@ -83,15 +153,17 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
         return self.engine
 
 
-async def _responses(job: Job, generation: ThreadedGeneration, messages):
+async def _responses(job: Job, generation: ThreadedGeneration, messages, prefix_cached: bool):
     """Stream the generation's events as responses, with TTFT and speed metrics."""
     start = time.perf_counter()  # the last payload byte has just arrived
     first = None
     extra = asyncio.create_task(_reject_extra_messages(messages, generation))
     try:
-        async for event in generation:
+        async for item in generation:
+            event = item.event
             now = time.perf_counter()
             response = response_from_event(event)
+            response.index, response.prefix_cached = item.index, prefix_cached
             if first is None:
                 first = now
                 response.ttft_ms = (now - start) * 1000
@@ -128,6 +200,16 @@ async def _read_header(messages) -> llm_decoder_pb2.GenerateHeader:
     return message.header
 
 
+async def _read_sizes(messages, images: int) -> list[int]:
+    message = await anext(messages, None)
+    if message is None or message.WhichOneof("part") != "payload_sizes":
+        raise InvalidRequest("after need_payload, the next message must be payload_sizes")
+    sizes = list(message.payload_sizes.payload_bytes)
+    if len(sizes) != images:
+        raise InvalidRequest(f"the messages hold {images} images but payload_sizes lists {len(sizes)} payloads")
+    return sizes
+
+
 async def _read_payloads(messages, assembler: Assembler) -> list[bytes]:
     while not assembler.complete and (message := await anext(messages, None)) is not None:
         if message.WhichOneof("part") != "payload_chunk":
@@ -147,15 +229,21 @@ async def _reject_extra_messages(messages, generation: ThreadedGeneration) -> No
 
 def job_from_header(header: llm_decoder_pb2.GenerateHeader, max_new_tokens_limit: int,
                     config: DecoderConfig) -> Job:
-    messages = messages_from_pb(header.messages)
-    images = sum(part.get("type") == "image" for m in messages for part in m["content"])
+    conversations = ([messages_from_pb(c.messages) for c in header.batch] if header.batch
+                     else [messages_from_pb(header.messages)])
+    counts = {sum(p.get("type") == "image" for m in c for p in m["content"]) for c in conversations}
+    if len(counts) != 1:
+        raise InvalidRequest("every conversation of a batch must hold the same images")
+    images = counts.pop()
     if images > config.max_images:
         raise TooLarge(f"the messages hold {images} images; the limit is {config.max_images}")
-    sizes = list(header.payload_bytes)
-    if images != len(sizes):
+    sizes, image_ids = list(header.payload_bytes), tuple(header.image_ids)
+    if image_ids and len(image_ids) != images:
+        raise InvalidRequest(f"the messages hold {images} images but image_ids lists {len(image_ids)}")
+    if (sizes or not image_ids) and images != len(sizes):
         raise InvalidRequest(f"the messages hold {images} images but payload_bytes lists {len(sizes)} payloads")
     sampling = sampling_from_pb(header.sampling, config.default_max_new_tokens).validate(max_new_tokens_limit)
-    return Job(messages, sampling, sizes, header.request_id)
+    return Job(conversations, sampling, sizes, header.request_id, image_ids, tuple(header.labels))
 
 
 def messages_from_pb(messages) -> list[Message]:

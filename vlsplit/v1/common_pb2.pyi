@@ -73,3 +73,13 @@ class ModelInfo(_message.Message):
 class ModelInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class LabelScore(_message.Message):
+    __slots__ = ("label", "logprob", "prob")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    PROB_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    logprob: float
+    prob: float
+    def __init__(self, label: _Optional[str] = ..., logprob: _Optional[float] = ..., prob: _Optional[float] = ...) -> None: ...

@@ -25,33 +25,43 @@ _sym_db = _symbol_database.Default()
 from vlsplit.v1 import common_pb2 as vlsplit_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vlsplit/v1/gateway.proto\x12\nvlsplit.v1\x1a\x17vlsplit/v1/common.proto\"8\n\x08ImageRef\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x12\n\x08image_id\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"\"\n\x12UploadImageRequest\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"<\n\x13UploadImageResponse\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"q\n\nAskRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.vlsplit.v1.ImageRef\x12\x10\n\x08question\x18\x02 \x01(\t\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.vlsplit.v1.SamplingParams\"v\n\x0e\x41skManyRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.vlsplit.v1.ImageRef\x12\x11\n\tquestions\x18\x02 \x03(\t\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.vlsplit.v1.SamplingParams\"X\n\x07Timings\x12\x11\n\tencode_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x17\n\x0f\x64\x65\x63oder_ttft_ms\x18\x04 \x01(\x01\"\xee\x01\n\x06\x41nswer\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08image_id\x18\x04 \x01(\t\x12&\n\x05\x63\x61\x63he\x18\x05 \x01(\x0e\x32\x17.vlsplit.v1.CacheStatus\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.vlsplit.v1.Timings\x12/\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x18.vlsplit.v1.FinishReason\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x11.vlsplit.v1.Usage\"W\n\x11\x41skStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12!\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x12.vlsplit.v1.Answer\"6\n\x0f\x41skManyResponse\x12#\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x12.vlsplit.v1.Answer*X\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43\x41\x43HE_STATUS_HIT\x10\x01\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x02\x32\x96\x02\n\x07Gateway\x12N\n\x0bUploadImage\x12\x1e.vlsplit.v1.UploadImageRequest\x1a\x1f.vlsplit.v1.UploadImageResponse\x12\x31\n\x03\x41sk\x12\x16.vlsplit.v1.AskRequest\x1a\x12.vlsplit.v1.Answer\x12\x44\n\tAskStream\x12\x16.vlsplit.v1.AskRequest\x1a\x1d.vlsplit.v1.AskStreamResponse0\x01\x12\x42\n\x07\x41skMany\x12\x1a.vlsplit.v1.AskManyRequest\x1a\x1b.vlsplit.v1.AskManyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vlsplit/v1/gateway.proto\x12\nvlsplit.v1\x1a\x17vlsplit/v1/common.proto\"X\n\x0f\x43lassifyRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.vlsplit.v1.ImageRef\x12\x10\n\x08question\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\"\xac\x01\n\x10\x43lassifyResponse\x12\x10\n\x08question\x18\x01 \x01(\t\x12&\n\x06labels\x18\x02 \x03(\x0b\x32\x16.vlsplit.v1.LabelScore\x12\x10\n\x08image_id\x18\x03 \x01(\t\x12&\n\x05\x63\x61\x63he\x18\x04 \x01(\x0e\x32\x17.vlsplit.v1.CacheStatus\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.vlsplit.v1.Timings\"3\n\x0fModerationCheck\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\"c\n\x0fModerateRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.vlsplit.v1.ImageRef\x12+\n\x06\x63hecks\x18\x02 \x03(\x0b\x32\x1b.vlsplit.v1.ModerationCheck\"A\n\x10ModerateResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.vlsplit.v1.ClassifyResponse\"8\n\x08ImageRef\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\x12\n\x08image_id\x18\x02 \x01(\tH\x00\x42\x08\n\x06source\"\"\n\x12UploadImageRequest\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"<\n\x13UploadImageResponse\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"q\n\nAskRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.vlsplit.v1.ImageRef\x12\x10\n\x08question\x18\x02 \x01(\t\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.vlsplit.v1.SamplingParams\"v\n\x0e\x41skManyRequest\x12#\n\x05image\x18\x01 \x01(\x0b\x32\x14.vlsplit.v1.ImageRef\x12\x11\n\tquestions\x18\x02 \x03(\t\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.vlsplit.v1.SamplingParams\"X\n\x07Timings\x12\x11\n\tencode_ms\x18\x01 \x01(\x01\x12\x0f\n\x07ttft_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x17\n\x0f\x64\x65\x63oder_ttft_ms\x18\x04 \x01(\x01\"\xee\x01\n\x06\x41nswer\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x10\n\x08image_id\x18\x04 \x01(\t\x12&\n\x05\x63\x61\x63he\x18\x05 \x01(\x0e\x32\x17.vlsplit.v1.CacheStatus\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.vlsplit.v1.Timings\x12/\n\rfinish_reason\x18\x07 \x01(\x0e\x32\x18.vlsplit.v1.FinishReason\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x11.vlsplit.v1.Usage\"W\n\x11\x41skStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12!\n\x05\x66inal\x18\x03 \x01(\x0b\x32\x12.vlsplit.v1.Answer\"6\n\x0f\x41skManyResponse\x12#\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x12.vlsplit.v1.Answer*X\n\x0b\x43\x61\x63heStatus\x12\x1c\n\x18\x43\x41\x43HE_STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43\x41\x43HE_STATUS_HIT\x10\x01\x12\x15\n\x11\x43\x41\x43HE_STATUS_MISS\x10\x02\x32\xa4\x03\n\x07Gateway\x12N\n\x0bUploadImage\x12\x1e.vlsplit.v1.UploadImageRequest\x1a\x1f.vlsplit.v1.UploadImageResponse\x12\x31\n\x03\x41sk\x12\x16.vlsplit.v1.AskRequest\x1a\x12.vlsplit.v1.Answer\x12\x44\n\tAskStream\x12\x16.vlsplit.v1.AskRequest\x1a\x1d.vlsplit.v1.AskStreamResponse0\x01\x12\x42\n\x07\x41skMany\x12\x1a.vlsplit.v1.AskManyRequest\x1a\x1b.vlsplit.v1.AskManyResponse\x12\x45\n\x08\x43lassify\x12\x1b.vlsplit.v1.ClassifyRequest\x1a\x1c.vlsplit.v1.ClassifyResponse\x12\x45\n\x08Moderate\x12\x1b.vlsplit.v1.ModerateRequest\x1a\x1c.vlsplit.v1.ModerateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vlsplit.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CACHESTATUS']._serialized_start=932
-  _globals['_CACHESTATUS']._serialized_end=1020
-  _globals['_IMAGEREF']._serialized_start=65
-  _globals['_IMAGEREF']._serialized_end=121
-  _globals['_UPLOADIMAGEREQUEST']._serialized_start=123
-  _globals['_UPLOADIMAGEREQUEST']._serialized_end=157
-  _globals['_UPLOADIMAGERESPONSE']._serialized_start=159
-  _globals['_UPLOADIMAGERESPONSE']._serialized_end=219
-  _globals['_ASKREQUEST']._serialized_start=221
-  _globals['_ASKREQUEST']._serialized_end=334
-  _globals['_ASKMANYREQUEST']._serialized_start=336
-  _globals['_ASKMANYREQUEST']._serialized_end=454
-  _globals['_TIMINGS']._serialized_start=456
-  _globals['_TIMINGS']._serialized_end=544
-  _globals['_ANSWER']._serialized_start=547
-  _globals['_ANSWER']._serialized_end=785
-  _globals['_ASKSTREAMRESPONSE']._serialized_start=787
-  _globals['_ASKSTREAMRESPONSE']._serialized_end=874
-  _globals['_ASKMANYRESPONSE']._serialized_start=876
-  _globals['_ASKMANYRESPONSE']._serialized_end=930
-  _globals['_GATEWAY']._serialized_start=1023
-  _globals['_GATEWAY']._serialized_end=1301
+  _globals['_CACHESTATUS']._serialized_start=1418
+  _globals['_CACHESTATUS']._serialized_end=1506
+  _globals['_CLASSIFYREQUEST']._serialized_start=65
+  _globals['_CLASSIFYREQUEST']._serialized_end=153
+  _globals['_CLASSIFYRESPONSE']._serialized_start=156
+  _globals['_CLASSIFYRESPONSE']._serialized_end=328
+  _globals['_MODERATIONCHECK']._serialized_start=330
+  _globals['_MODERATIONCHECK']._serialized_end=381
+  _globals['_MODERATEREQUEST']._serialized_start=383
+  _globals['_MODERATEREQUEST']._serialized_end=482
+  _globals['_MODERATERESPONSE']._serialized_start=484
+  _globals['_MODERATERESPONSE']._serialized_end=549
+  _globals['_IMAGEREF']._serialized_start=551
+  _globals['_IMAGEREF']._serialized_end=607
+  _globals['_UPLOADIMAGEREQUEST']._serialized_start=609
+  _globals['_UPLOADIMAGEREQUEST']._serialized_end=643
+  _globals['_UPLOADIMAGERESPONSE']._serialized_start=645
+  _globals['_UPLOADIMAGERESPONSE']._serialized_end=705
+  _globals['_ASKREQUEST']._serialized_start=707
+  _globals['_ASKREQUEST']._serialized_end=820
+  _globals['_ASKMANYREQUEST']._serialized_start=822
+  _globals['_ASKMANYREQUEST']._serialized_end=940
+  _globals['_TIMINGS']._serialized_start=942
+  _globals['_TIMINGS']._serialized_end=1030
+  _globals['_ANSWER']._serialized_start=1033
+  _globals['_ANSWER']._serialized_end=1271
+  _globals['_ASKSTREAMRESPONSE']._serialized_start=1273
+  _globals['_ASKSTREAMRESPONSE']._serialized_end=1360
+  _globals['_ASKMANYRESPONSE']._serialized_start=1362
+  _globals['_ASKMANYRESPONSE']._serialized_end=1416
+  _globals['_GATEWAY']._serialized_start=1509
+  _globals['_GATEWAY']._serialized_end=1929
 # @@protoc_insertion_point(module_scope)

@@ -17,6 +17,52 @@ CACHE_STATUS_UNSPECIFIED: CacheStatus
 CACHE_STATUS_HIT: CacheStatus
 CACHE_STATUS_MISS: CacheStatus
 
+class ClassifyRequest(_message.Message):
+    __slots__ = ("image", "question", "labels")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    image: ImageRef
+    question: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, image: _Optional[_Union[ImageRef, _Mapping]] = ..., question: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("question", "labels", "image_id", "cache", "timings")
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    question: str
+    labels: _containers.RepeatedCompositeFieldContainer[_common_pb2.LabelScore]
+    image_id: str
+    cache: CacheStatus
+    timings: Timings
+    def __init__(self, question: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[_common_pb2.LabelScore, _Mapping]]] = ..., image_id: _Optional[str] = ..., cache: _Optional[_Union[CacheStatus, str]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+
+class ModerationCheck(_message.Message):
+    __slots__ = ("question", "labels")
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    question: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, question: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ModerateRequest(_message.Message):
+    __slots__ = ("image", "checks")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
+    image: ImageRef
+    checks: _containers.RepeatedCompositeFieldContainer[ModerationCheck]
+    def __init__(self, image: _Optional[_Union[ImageRef, _Mapping]] = ..., checks: _Optional[_Iterable[_Union[ModerationCheck, _Mapping]]] = ...) -> None: ...
+
+class ModerateResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ClassifyResponse]
+    def __init__(self, results: _Optional[_Iterable[_Union[ClassifyResponse, _Mapping]]] = ...) -> None: ...
+
 class ImageRef(_message.Message):
     __slots__ = ("data", "image_id")
     DATA_FIELD_NUMBER: _ClassVar[int]

@@ -54,6 +54,16 @@ class GatewayStub:
                 request_serializer=vlsplit_dot_v1_dot_gateway__pb2.AskManyRequest.SerializeToString,
                 response_deserializer=vlsplit_dot_v1_dot_gateway__pb2.AskManyResponse.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/vlsplit.v1.Gateway/Classify',
+                request_serializer=vlsplit_dot_v1_dot_gateway__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=vlsplit_dot_v1_dot_gateway__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
+        self.Moderate = channel.unary_unary(
+                '/vlsplit.v1.Gateway/Moderate',
+                request_serializer=vlsplit_dot_v1_dot_gateway__pb2.ModerateRequest.SerializeToString,
+                response_deserializer=vlsplit_dot_v1_dot_gateway__pb2.ModerateResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -81,7 +91,22 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AskMany(self, request, context):
-        """Many questions about one image; one answer per question, in order.
+        """Many questions about one image; one answer per question, in order. The image's prefix is
+        prefilled once and the answers are decoded as one batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Classify(self, request, context):
+        """Zero-shot classification: the probability of each candidate label as the answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Moderate(self, request, context):
+        """Several classification checks (question + labels) about one image in one call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,6 +134,16 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.AskMany,
                     request_deserializer=vlsplit_dot_v1_dot_gateway__pb2.AskManyRequest.FromString,
                     response_serializer=vlsplit_dot_v1_dot_gateway__pb2.AskManyResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=vlsplit_dot_v1_dot_gateway__pb2.ClassifyRequest.FromString,
+                    response_serializer=vlsplit_dot_v1_dot_gateway__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'Moderate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Moderate,
+                    request_deserializer=vlsplit_dot_v1_dot_gateway__pb2.ModerateRequest.FromString,
+                    response_serializer=vlsplit_dot_v1_dot_gateway__pb2.ModerateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +254,60 @@ class Gateway:
             '/vlsplit.v1.Gateway/AskMany',
             vlsplit_dot_v1_dot_gateway__pb2.AskManyRequest.SerializeToString,
             vlsplit_dot_v1_dot_gateway__pb2.AskManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vlsplit.v1.Gateway/Classify',
+            vlsplit_dot_v1_dot_gateway__pb2.ClassifyRequest.SerializeToString,
+            vlsplit_dot_v1_dot_gateway__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Moderate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vlsplit.v1.Gateway/Moderate',
+            vlsplit_dot_v1_dot_gateway__pb2.ModerateRequest.SerializeToString,
+            vlsplit_dot_v1_dot_gateway__pb2.ModerateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,35 +28,71 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ...) -> None: ...
 
 class GenerateHeader(_message.Message):
-    __slots__ = ("messages", "payload_bytes", "sampling", "request_id")
+    __slots__ = ("messages", "payload_bytes", "sampling", "request_id", "image_ids", "batch", "labels")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     payload_bytes: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     request_id: str
-    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., payload_bytes: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    image_ids: _containers.RepeatedScalarFieldContainer[str]
+    batch: _containers.RepeatedCompositeFieldContainer[Conversation]
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., payload_bytes: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., image_ids: _Optional[_Iterable[str]] = ..., batch: _Optional[_Iterable[_Union[Conversation, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Conversation(_message.Message):
+    __slots__ = ("messages",)
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+
+class PayloadSizes(_message.Message):
+    __slots__ = ("payload_bytes",)
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    payload_bytes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, payload_bytes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("header", "payload_chunk")
+    __slots__ = ("header", "payload_chunk", "payload_sizes")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_CHUNK_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SIZES_FIELD_NUMBER: _ClassVar[int]
     header: GenerateHeader
     payload_chunk: bytes
-    def __init__(self, header: _Optional[_Union[GenerateHeader, _Mapping]] = ..., payload_chunk: _Optional[bytes] = ...) -> None: ...
+    payload_sizes: PayloadSizes
+    def __init__(self, header: _Optional[_Union[GenerateHeader, _Mapping]] = ..., payload_chunk: _Optional[bytes] = ..., payload_sizes: _Optional[_Union[PayloadSizes, _Mapping]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("text", "token_ids", "finish_reason", "usage", "ttft_ms")
+    __slots__ = ("text", "token_ids", "finish_reason", "usage", "ttft_ms", "need_payload", "index", "prefix_cached")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TTFT_MS_FIELD_NUMBER: _ClassVar[int]
+    NEED_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHED_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: _common_pb2.FinishReason
     usage: _common_pb2.Usage
     ttft_ms: float
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., ttft_ms: _Optional[float] = ...) -> None: ...
+    need_payload: bool
+    index: int
+    prefix_cached: bool
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., ttft_ms: _Optional[float] = ..., need_payload: _Optional[bool] = ..., index: _Optional[int] = ..., prefix_cached: _Optional[bool] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("need_payload", "scores", "prefix_cached")
+    NEED_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHED_FIELD_NUMBER: _ClassVar[int]
+    need_payload: bool
+    scores: _containers.RepeatedCompositeFieldContainer[_common_pb2.LabelScore]
+    prefix_cached: bool
+    def __init__(self, need_payload: _Optional[bool] = ..., scores: _Optional[_Iterable[_Union[_common_pb2.LabelScore, _Mapping]]] = ..., prefix_cached: _Optional[bool] = ...) -> None: ...

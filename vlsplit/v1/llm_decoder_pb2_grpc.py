@@ -40,6 +40,11 @@ class LLMDecoderStub:
                 request_serializer=vlsplit_dot_v1_dot_llm__decoder__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=vlsplit_dot_v1_dot_llm__decoder__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Classify = channel.stream_stream(
+                '/vlsplit.v1.LLMDecoder/Classify',
+                request_serializer=vlsplit_dot_v1_dot_llm__decoder__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=vlsplit_dot_v1_dot_llm__decoder__pb2.ScoreResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/vlsplit.v1.LLMDecoder/GetModelInfo',
                 request_serializer=vlsplit_dot_v1_dot_common__pb2.ModelInfoRequest.SerializeToString,
@@ -55,6 +60,22 @@ class LLMDecoderServicer:
         order (sizes given in the header; chunks of at most 1 MiB). Server stream: generated tokens as
         they come, the last message carrying finish_reason and usage. Cancelling the call stops
         generation.
+
+        Payload negotiation: a header with `image_ids` and no `payload_bytes` asks the decoder to start
+        from its prefix cache. If it holds the images' prefix it generates at once (no embedding byte
+        crosses); otherwise its first reply has `need_payload` set, and the client then sends
+        `payload_sizes` followed by the chunks, on the same stream.
+
+        With `header.batch` set, every conversation in it is answered (they must share their images),
+        decoded as one batch; each reply's `index` says which conversation it belongs to.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Classify(self, request_iterator, context):
+        """Score `header.labels` as answers to the header's conversation: summed log-probability of each
+        label's tokens, from one shared prefill. Same request stream and payload negotiation as Generate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -74,6 +95,11 @@ def add_LLMDecoderServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=vlsplit_dot_v1_dot_llm__decoder__pb2.GenerateRequest.FromString,
                     response_serializer=vlsplit_dot_v1_dot_llm__decoder__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Classify': grpc.stream_stream_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=vlsplit_dot_v1_dot_llm__decoder__pb2.GenerateRequest.FromString,
+                    response_serializer=vlsplit_dot_v1_dot_llm__decoder__pb2.ScoreResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -108,6 +134,33 @@ class LLMDecoder:
             '/vlsplit.v1.LLMDecoder/Generate',
             vlsplit_dot_v1_dot_llm__decoder__pb2.GenerateRequest.SerializeToString,
             vlsplit_dot_v1_dot_llm__decoder__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/vlsplit.v1.LLMDecoder/Classify',
+            vlsplit_dot_v1_dot_llm__decoder__pb2.GenerateRequest.SerializeToString,
+            vlsplit_dot_v1_dot_llm__decoder__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
