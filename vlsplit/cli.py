@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--redis", dest="redis_url", help="redis://host:port/db or 'memory' (encoder, gateway)")
     p.add_argument("--encoder", help="encoder address host:port (gateway)")
-    p.add_argument("--decoder", help="decoder address host:port (gateway)")
+    p.add_argument("--decoder", help="decoder address(es) (gateway): host:port, a comma-separated list, or dns:///name:port")
     p.add_argument("--payload-dtype", choices=sorted(DTYPES), help="dtype of cached embeddings (encoder)")
     p.add_argument("--log-json", type=lambda v: v.lower() in ("1", "true", "yes"), help="true|false")
     p.set_defaults(func=_serve)
@@ -95,6 +95,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=120.0, help="deadline per question, seconds")
     _add_sampling_args(p)
     p.set_defaults(func=_ask)
+
+    p = sub.add_parser("classify", help="probability of each candidate label as the answer to a question")
+    p.add_argument("image", type=Path)
+    p.add_argument("question")
+    p.add_argument("--labels", required=True, help="comma-separated candidate answers, e.g. yes,no")
+    p.add_argument("--gateway", default="localhost:50051")
+    p.add_argument("--json", action="store_true", help="one JSON object with labels: [{label, prob, logprob}]")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=_classify)
     return parser
 
 
@@ -197,6 +206,15 @@ def _ask(args) -> int:
     if not questions:
         raise ValueError("give at least one QUESTION")
     return ask_questions(args.gateway, image, args.image_id, questions, args, _sampling(args))
+
+
+def _classify(args) -> int:
+    from vlsplit.client import classify_image
+
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if not labels:
+        raise ValueError("give at least one label with --labels a,b,c")
+    return classify_image(args.gateway, args.image.read_bytes(), args.question, labels, args)
 
 
 def is_random_checkpoint(model: Path) -> bool:

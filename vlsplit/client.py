@@ -90,3 +90,23 @@ def _print(answer: gateway_pb2.Answer, args) -> None:
         print(f"Q: {answer.question}\nA: {answer.text}\n   [{CACHE.get(answer.cache)}] "
               f"encode {answer.timings.encode_ms:.0f} ms, ttft {answer.timings.ttft_ms:.0f} ms, "
               f"total {answer.timings.total_ms:.0f} ms", flush=True)
+
+
+def classify_image(address: str, image: bytes, question: str, labels: list[str], args) -> int:
+    request = gateway_pb2.ClassifyRequest(image=gateway_pb2.ImageRef(data=image), question=question, labels=labels)
+    with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        try:
+            result = gateway_pb2_grpc.GatewayStub(channel).Classify(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"vlsplit: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    scores = [{"label": s.label, "prob": s.prob, "logprob": s.logprob} for s in result.labels]
+    if args.json:
+        print(json.dumps({"question": result.question, "image_id": result.image_id,
+                          "cache": CACHE.get(result.cache, "unknown"), "labels": scores,
+                          "total_ms": round(result.timings.total_ms, 2)}), flush=True)
+    else:
+        print(f"Q: {result.question}")
+        for score in scores:
+            print(f"   {score['prob']:7.2%}  {score['label']}  (logprob {score['logprob']:.3f})")
+    return 0

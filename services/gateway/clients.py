@@ -1,9 +1,12 @@
 """gRPC clients of the gateway's two hops, with retries declared once, in the channel's service
 config: UNAVAILABLE is retried with exponential backoff (within the call's deadline), and the
-channel reconnects quickly after a peer restarts, so no gateway restart is ever needed."""
+channel reconnects quickly after a peer restarts, so no gateway restart is ever needed.
+With several decoder replicas, each has its own client (`DecoderPool`) and fewer attempts: another
+replica can take the request sooner than a dead one comes back."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -15,6 +18,7 @@ from vlsplit.shared.transfer import chunks
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, llm_decoder_pb2_grpc, vision_encoder_pb2, vision_encoder_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 << 20
+FAILOVER_ATTEMPTS = 2  # per decoder replica when there are several: fail over after ~0.1 s of backoff
 
 
 def channel_options(service: str, attempts: int) -> list[tuple[str, object]]:
@@ -74,8 +78,9 @@ class _Client:
         except grpc.aio.AioRpcError as exc:
             raise upstream_error(self.peer, self.address, exc) from None
 
-    async def close(self) -> None:
-        await self.channel.close()
+    async def close(self, grace: float | None = None) -> None:
+        """Without `grace`, calls still running are cancelled."""
+        await self.channel.close(grace)
 
 
 class EncoderClient(_Client):
@@ -113,6 +118,37 @@ class DecoderClient(_Client):
             raise upstream_error("decoder", self.address, exc) from None
         finally:
             call.cancel()  # no-op when finished; stops the decoder when our client went away
+
+
+class DecoderPool:
+    """One `DecoderClient` per decoder replica address, made on first use. A channel's retry attempts
+    are fixed when it is made: `attempts` while there is one replica, else at most FAILOVER_ATTEMPTS."""
+
+    def __init__(self, attempts: int, replicas: int, close_grace_s: float):
+        self.attempts, self.close_grace_s = attempts, close_grace_s
+        self._replicas = replicas
+        self._clients: dict[str, DecoderClient] = {}
+        self._closing: set[asyncio.Task] = set()
+
+    def get(self, address: str) -> DecoderClient:
+        client = self._clients.get(address)
+        if client is None:
+            attempts = self.attempts if self._replicas <= 1 else min(self.attempts, FAILOVER_ATTEMPTS)
+            client = self._clients[address] = DecoderClient(address, attempts)
+        return client
+
+    async def retain(self, addresses: list[str]) -> None:
+        """Keep the clients of `addresses`; close the others once their running calls end (or after
+        the grace), in the background, so a replica leaving DNS does not cut its answers short."""
+        self._replicas = len(addresses)
+        for address in [a for a in self._clients if a not in addresses]:
+            task = asyncio.create_task(self._clients.pop(address).close(self.close_grace_s))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        await asyncio.gather(*(client.close() for client in clients), *self._closing)
 
 
 def _requests(header, payloads: list[bytes]):

@@ -1,8 +1,10 @@
 """What the gateway does for one question: embeddings from the cache or an encoder, then tokens
-from a decoder. Plain async code over the two clients and the cache; no proto parsing here."""
+from a decoder replica chosen by image (see routing.py). Plain async code over the clients and the
+cache; no proto parsing here."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -15,7 +17,8 @@ from vlsplit.shared.errors import InvalidRequest, TooLarge, Unavailable, Upstrea
 from vlsplit.shared.images import image_id as sha256_id
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, vision_encoder_pb2
 
-from .clients import DecoderClient, EncoderClient
+from .clients import DecoderPool, EncoderClient
+from .routing import DECODER_REQUESTS, FAILOVERS, Router, failover_reason
 
 log = logging.getLogger("vlsplit.gateway")
 IMAGE_ID = re.compile(r"[0-9a-f]{64}")
@@ -49,12 +52,20 @@ class Embeddings:
 
 
 class Pipeline:
-    def __init__(self, encoder: EncoderClient, decoder: DecoderClient, cache: SafeStore, cache_ttl_s: int,
-                 write_back: bool):
-        self.encoder, self.decoder, self.cache = encoder, decoder, cache
+    def __init__(self, encoder: EncoderClient, decoders: DecoderPool, router: Router, cache: SafeStore,
+                 cache_ttl_s: int, write_back: bool):
+        self.encoder, self.decoders, self.router, self.cache = encoder, decoders, router, cache
         self.cache_ttl_s = cache_ttl_s
         self.write_back = write_back  # "memory" backend: the gateway keeps what it fetched
         self._fingerprint: str | None = None
+        self._watch: asyncio.Task | None = None
+
+    async def start(self, resolve_every_s: float) -> None:
+        """Resolve the decoder names now, then again every `resolve_every_s` in the background."""
+        if self.router.dynamic:
+            await self.router.refresh()
+            await self.decoders.retain(self.router.replicas)
+            self._watch = asyncio.create_task(self.router.watch(resolve_every_s, self.decoders.retain))
 
     async def fingerprint(self, timeout: float) -> str:
         """The served model's fingerprint, from the encoder or (if it is down) the decoder."""
@@ -62,9 +73,17 @@ class Pipeline:
             try:
                 info = await self.encoder.model_info(timeout)
             except Unavailable:
-                info = await self.decoder.model_info(timeout)
+                info = await self._decoder_model_info(timeout)
             self._fingerprint = info.fingerprint
         return self._fingerprint
+
+    async def _decoder_model_info(self, timeout: float) -> common_pb2.ModelInfo:
+        for i, replica in enumerate(self.router.replicas):
+            try:
+                return await self.decoders.get(replica).model_info(timeout)
+            except Unavailable:
+                if i == len(self.router.replicas) - 1:
+                    raise
 
     async def embeddings(self, source: ImageSource, timeout: float) -> Embeddings:
         start = time.perf_counter()
@@ -92,7 +111,7 @@ class Pipeline:
         cache is dropped from it and fetched again from the encoder, once, before any token is sent."""
         header = llm_decoder_pb2.GenerateHeader(messages=[question_message(question)], sampling=sampling)
         try:
-            async for reply in self.decoder.generate(header, [emb.payload], timeout):
+            async for reply in self._routed(header, emb, timeout):
                 yield reply
         except Upstream as exc:
             if exc.grpc_code != "DATA_LOSS" or not emb.cache_hit:
@@ -100,12 +119,44 @@ class Pipeline:
             log.warning("cached payload of %s is corrupt (%s); dropping it and re-encoding", emb.image_id, exc)
             await self.cache.delete(embedding_key(await self.fingerprint(timeout), emb.image_id))
             fresh = await self.encode(source, timeout)
-            async for reply in self.decoder.generate(header, [fresh.payload], timeout):
+            async for reply in self._routed(header, fresh, timeout):
                 yield reply
 
+    async def _routed(self, header: llm_decoder_pb2.GenerateHeader, emb: Embeddings, timeout: float,
+                      ) -> AsyncIterator[llm_decoder_pb2.GenerateResponse]:
+        """Generate on the image's replica; while no reply was passed on, a replica that is gone or
+        overloaded hands the request to the next in the image's order (all within one deadline)."""
+        deadline = time.monotonic() + timeout
+        order = self.router.order(emb.image_id)
+        for i, replica in enumerate(order):
+            DECODER_REQUESTS.labels(replica).inc()
+            started = False
+            try:
+                async for reply in self.decoders.get(replica).generate(
+                        header, [emb.payload], max(0.001, deadline - time.monotonic())):
+                    if not started:
+                        started = True
+                        self.router.mark_up(replica)
+                    yield reply
+                return
+            except (Unavailable, Upstream) as exc:
+                reason = failover_reason(exc)
+                if started or reason is None or i == len(order) - 1:
+                    raise
+                self._fail_over(replica, order[i + 1], reason, exc)
+
+    def _fail_over(self, replica: str, to: str, reason: str, exc: Exception) -> None:
+        """A gone replica is tried last for a while; a full one stays first (it answers at once)."""
+        FAILOVERS.labels(reason).inc()
+        if reason == "unavailable":
+            self.router.mark_down(replica)
+        log.warning("decoder %s %s (%s); trying %s", replica, reason, exc, to)
+
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         await self.encoder.close()
-        await self.decoder.close()
+        await self.decoders.close()
         await self.cache.close()
 
 

@@ -1,4 +1,4 @@
-"""Gateway process: the public gRPC API in front of an encoder, a decoder and the embedding cache.
+"""Gateway process: the public gRPC API in front of an encoder, decoder replicas and the embedding cache.
 
 Imports no torch: it only moves bytes, so it starts in about a second and stays small.
 """
@@ -14,8 +14,9 @@ from vlsplit.shared.logs import setup_logging
 from vlsplit.shared.server import Service, run
 from vlsplit.v1 import gateway_pb2_grpc
 
-from .clients import DecoderClient, EncoderClient
+from .clients import DecoderPool, EncoderClient
 from .pipeline import Pipeline
+from .routing import Router
 from .servicer import GatewayServicer
 
 log = logging.getLogger("vlsplit.gateway")
@@ -23,14 +24,17 @@ log = logging.getLogger("vlsplit.gateway")
 
 def build(config: GatewayConfig) -> Service:
     servicer = GatewayServicer(config)
+    router = Router(config.decoder, config.decoder_down_s)  # a malformed --decoder fails here, at once
 
     async def start() -> None:
         # Channels and the Redis client bind to the running event loop, so they are made here.
         store = SafeStore(open_store(config.redis_url, config.redis_timeout_s, config.memory_cache_bytes))
-        servicer.pipeline = Pipeline(EncoderClient(config.encoder, config.retry_attempts),
-                                     DecoderClient(config.decoder, config.retry_attempts),
-                                     store, config.cache_ttl_s, write_back=config.redis_url == "memory")
-        log.info("gateway ready", extra={"encoder": config.encoder, "decoder": config.decoder,
+        decoders = DecoderPool(config.retry_attempts, len(router.targets), close_grace_s=config.deadline_s)
+        pipeline = Pipeline(EncoderClient(config.encoder, config.retry_attempts), decoders, router,
+                            store, config.cache_ttl_s, write_back=config.redis_url == "memory")
+        await pipeline.start(config.decoder_resolve_s)
+        servicer.pipeline = pipeline
+        log.info("gateway ready", extra={"encoder": config.encoder, "decoders": router.replicas,
                                           "cache": "memory" if config.redis_url == "memory" else "redis"})
 
     async def stop() -> None:
