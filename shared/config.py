@@ -43,6 +43,10 @@ class EncoderConfig(ServerConfig):
     max_image_bytes: int = 32 * MiB
     max_image_pixels: int = 8192 * 8192
     redis_timeout_s: float = 0.5
+    # Dynamic batching (services/vision_encoder/batcher.py): different images, one tower forward.
+    encode_max_batch: int = 8  # images per forward; 1 = no batching
+    encode_max_wait_ms: float = 20.0  # how long an image waits for others; 0 = batch only behind a busy tower
+    encode_max_batch_patches: int = 65536  # vision patches per forward (one max-size Qwen2-VL image)
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,11 @@ class DecoderConfig(ServerConfig):
 @dataclass(frozen=True)
 class GatewayConfig(ServerConfig):
     encoder: str = "127.0.0.1:50052"  # encoder address
-    decoder: str = "127.0.0.1:50053"  # decoder address
+    # decoder replicas: host:port[,host:port...]; a name (or dns:///name:port) resolving to several
+    # addresses is one replica per address. Questions about one image go to one replica.
+    decoder: str = "127.0.0.1:50053"
+    decoder_resolve_s: float = 30.0  # decoder names are resolved again this often
+    decoder_down_s: float = 5.0  # a decoder replica found unreachable is tried last for this long
     redis_url: str = "memory"
     redis_timeout_s: float = 0.5
     memory_cache_bytes: int = 512 * MiB
