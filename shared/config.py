@@ -59,6 +59,7 @@ class DecoderConfig(ServerConfig):
     max_concurrent: int = 4  # generations running at once
     max_queue: int = 64  # waiting generations beyond that; more -> RESOURCE_EXHAUSTED
     max_payload_bytes: int = 512 * MiB  # all images of one request together
+    prefix_cache_bytes: int = 2048 * MiB  # KV state of recent images' prompt prefixes; 0 = off
     max_images: int = 16
 
 

@@ -17,6 +17,7 @@ class Stack:
     log_dir: Path
     decoder_model: str | None = None
     encoder_env: dict = field(default_factory=dict)
+    decoder_env: dict = field(default_factory=dict)
     gateway_env: dict = field(default_factory=dict)
     memory_cache: bool = False  # "--redis memory" everywhere instead of a redis-server
 
@@ -25,7 +26,8 @@ class Stack:
         url = "memory" if self.memory_cache else self.redis.url
         self.encoder = Service("encoder", "--model", self.model, "--redis", url,
                                env=self.encoder_env, log_dir=self.log_dir).start()
-        self.decoder = Service("decoder", "--model", self.decoder_model or self.model, log_dir=self.log_dir).start()
+        self.decoder = Service("decoder", "--model", self.decoder_model or self.model, env=self.decoder_env,
+                               log_dir=self.log_dir).start()
         self.gateway = Service("gateway", "--encoder", self.encoder.address, "--decoder", self.decoder.address,
                                "--redis", url, env=self.gateway_env, log_dir=self.log_dir).start()
         self.channel = grpc.insecure_channel(self.gateway.address,

@@ -95,8 +95,11 @@ def test_decoder_of_another_checkpoint_refuses_payload(fresh_stack, tmp_path):
     assert "decoder" in err.value.details() and "model" in err.value.details()
 
 
+NO_PREFIX_CACHE = {"VLSPLIT_PREFIX_CACHE_BYTES": "0"}  # so every question needs the embedding cache
+
+
 def test_redis_down_still_answers_and_caching_resumes(fresh_stack):
-    s = fresh_stack()
+    s = fresh_stack(decoder_env=NO_PREFIX_CACHE)
     s.redis.stop()
     data = make_image(256, 256, seed=16)
     a = s.ask(data, QUESTIONS[0])
@@ -221,7 +224,7 @@ def test_sigterm_health_not_serving_and_in_flight_asks_finish(fresh_stack):
 
 
 def test_in_process_cache_mode_hits_without_redis(fresh_stack):
-    s = fresh_stack(memory_cache=True)
+    s = fresh_stack(memory_cache=True, decoder_env=NO_PREFIX_CACHE)
     data = make_image(200, 150, seed=22)
     assert s.ask(data, QUESTIONS[0]).cache == gateway_pb2.CACHE_STATUS_MISS
     requests = s.encode_requests()
@@ -234,7 +237,7 @@ def test_corrupt_cache_entry_is_dropped_and_recomputed_never_served(fresh_stack)
 
     from vlsplit.shared.codec import decode_payload
 
-    s = fresh_stack()
+    s = fresh_stack(decoder_env=NO_PREFIX_CACHE)
     data = make_image(180, 140, seed=23)
     first = s.ask(data, QUESTIONS[0])
     client = redis.Redis.from_url(s.redis.url)
@@ -262,3 +265,39 @@ def test_largest_image_the_processor_allows_crosses_the_whole_stack(stack):
     answer = stack.ask(buf.getvalue(), QUESTIONS[0], max_new_tokens=4, timeout=600)
     assert answer.usage.image_tokens == 16384
     assert list(answer.token_ids) == reference_tokens(stack.model, [load_image(buf.getvalue())], QUESTIONS[0], 4)
+
+
+@pytest.mark.parametrize("stack", ["qwen2_5_vl"], indirect=True)
+def test_warm_decoder_gets_no_embedding_bytes_and_skips_the_prefix(stack):
+    data = make_image(220, 170, seed=24)
+    first = stack.ask(data, QUESTIONS[0])
+    sent = stack.gateway.metric("vlsplit_gateway_payload_bytes_sent_total")
+    prefilled = stack.decoder.metric("vlsplit_decoder_prefill_tokens_total")
+    second = stack.ask(first.image_id, QUESTIONS[1])
+    assert second.cache == gateway_pb2.CACHE_STATUS_HIT
+    assert stack.gateway.metric("vlsplit_gateway_payload_bytes_sent_total") == sent  # zero bytes this time
+    prefix = second.usage.prompt_tokens - (stack.decoder.metric("vlsplit_decoder_prefill_tokens_total") - prefilled)
+    assert prefix > second.usage.image_tokens  # only the question's own tokens were prefilled
+    assert list(second.token_ids) == reference_tokens(stack.model, [load_image(data)], QUESTIONS[1], 12)
+
+
+@pytest.mark.parametrize("stack", ["qwen2_vl"], indirect=True)
+def test_classify_and_moderate_through_the_gateway(stack):
+    import math
+
+    data = make_image(150, 150, seed=25)
+    image = gateway_pb2.ImageRef(data=data)
+    result = stack.stub.Classify(gateway_pb2.ClassifyRequest(image=image, question="Safe?", labels=["yes", "no"]),
+                                 timeout=60)
+    assert {s.label for s in result.labels} == {"yes", "no"}
+    assert math.isclose(sum(s.prob for s in result.labels), 1.0, abs_tol=1e-6)
+    assert result.labels[0].logprob >= result.labels[1].logprob
+    checks = [gateway_pb2.ModerationCheck(question="Safe?", labels=["yes", "no"]),
+              gateway_pb2.ModerationCheck(question="Violent?", labels=["yes", "no", "unclear"])]
+    moderated = stack.stub.Moderate(gateway_pb2.ModerateRequest(image=image, checks=checks), timeout=60)
+    assert [len(r.labels) for r in moderated.results] == [2, 3]
+    assert [(s.label, s.logprob) for s in moderated.results[0].labels] == \
+        [(s.label, s.logprob) for s in result.labels]
+    with pytest.raises(grpc.RpcError) as err:
+        stack.stub.Classify(gateway_pb2.ClassifyRequest(image=image, question="Safe?", labels=[]), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -18,10 +18,10 @@ import pytest
 from conftest import make_image
 from procs import Redis, Service
 from stack import ask_request
-from vlsplit.services.gateway.pipeline import Embeddings, ImageSource, Pipeline
+from vlsplit.services.gateway.pipeline import ImageSource, Pipeline, question_message
 from vlsplit.services.gateway.routing import Router, parse_targets, rendezvous
 from vlsplit.shared.errors import Unavailable, Upstream
-from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, llm_decoder_pb2
+from vlsplit.v1 import gateway_pb2, gateway_pb2_grpc, llm_decoder_pb2
 
 REPLICAS = ["10.0.0.1:50053", "10.0.0.2:50053", "10.0.0.3:50053"]
 QUESTIONS = ["What is in this picture?", "What colour is the roof?", "Is it day or night?"]
@@ -134,7 +134,7 @@ class FakeDecoder:
     def __init__(self, error: Exception | None = None, tokens_before_error: int = 0):
         self.error, self.tokens_before_error, self.calls = error, tokens_before_error, 0
 
-    async def generate(self, header, payloads, timeout):
+    async def negotiate(self, rpc, header, fetch, timeout):
         self.calls += 1
         for token in range(self.tokens_before_error if self.error else 3):
             yield llm_decoder_pb2.GenerateResponse(token_ids=[token])
@@ -154,11 +154,11 @@ def run_generate(decoders: dict[str, FakeDecoder], image_id: str) -> tuple[list[
     router = Router(",".join(decoders), down_s=5)
     pipeline = Pipeline(encoder=None, decoders=FakePool(decoders), router=router, cache=None, cache_ttl_s=0,
                         write_back=False)
-    emb = Embeddings(b"payload", image_id, cache_hit=False, encode_ms=0.0)
+    fetch = pipeline.fetcher(ImageSource(image_id=image_id), 10)
+    header = llm_decoder_pb2.GenerateHeader(messages=[question_message("q?")])
 
     async def collect():
-        return [t async for r in pipeline.generate("q?", emb, common_pb2.SamplingParams(), ImageSource(), 10)
-                for t in r.token_ids]
+        return [t async for r in pipeline.call("Generate", header, fetch, 10) for t in r.token_ids]
 
     return asyncio.run(collect()), router
 

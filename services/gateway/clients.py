@@ -9,15 +9,19 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
+from prometheus_client import Counter
 
 from vlsplit.shared.errors import Unavailable, Upstream
 from vlsplit.shared.transfer import chunks
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, llm_decoder_pb2_grpc, vision_encoder_pb2, vision_encoder_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 << 20
+PAYLOAD_BYTES_SENT = Counter("vlsplit_gateway_payload_bytes_sent",
+                             "Embedding payload bytes sent to decoders (none when a decoder holds the image)")
+Fetch = Callable[[], Awaitable[list[bytes]]]  # gets the request's image payloads when a decoder asks
 FAILOVER_ATTEMPTS = 2  # per decoder replica when there are several: fail over after ~0.1 s of backoff
 
 
@@ -107,17 +111,37 @@ class EncoderClient(_Client):
 class DecoderClient(_Client):
     peer, service, stub_class = "decoder", "vlsplit.v1.LLMDecoder", llm_decoder_pb2_grpc.LLMDecoderStub
 
-    async def generate(self, header: llm_decoder_pb2.GenerateHeader, payloads: list[bytes], timeout: float,
-                       ) -> AsyncIterator[llm_decoder_pb2.GenerateResponse]:
-        header.payload_bytes[:] = [len(p) for p in payloads]
-        call = self.stub.Generate(_requests(header, payloads), timeout=timeout)
+    async def negotiate(self, rpc: str, header: llm_decoder_pb2.GenerateHeader, fetch: Fetch, timeout: float,
+                        ) -> AsyncIterator:
+        """Call Generate or Classify with the header's image_ids and no payload; only if the decoder
+        replies `need_payload` (it does not hold the images' prefix) are the payloads fetched and sent."""
+        call = getattr(self.stub, rpc)(timeout=timeout)
+        writing = True
         try:
-            async for reply in call:
+            await call.write(llm_decoder_pb2.GenerateRequest(header=header))
+            while (reply := await call.read()) is not grpc.aio.EOF:
+                if reply.need_payload:
+                    await _send_payloads(call, await fetch())
+                    writing = False
+                    continue
+                if writing:
+                    await call.done_writing()
+                    writing = False
                 yield reply
         except grpc.aio.AioRpcError as exc:
             raise upstream_error("decoder", self.address, exc) from None
         finally:
             call.cancel()  # no-op when finished; stops the decoder when our client went away
+
+
+async def _send_payloads(call, payloads: list[bytes]) -> None:
+    await call.write(llm_decoder_pb2.GenerateRequest(
+        payload_sizes=llm_decoder_pb2.PayloadSizes(payload_bytes=[len(p) for p in payloads])))
+    for payload in payloads:
+        for chunk in chunks(payload):
+            await call.write(llm_decoder_pb2.GenerateRequest(payload_chunk=chunk))
+    await call.done_writing()
+    PAYLOAD_BYTES_SENT.inc(sum(len(p) for p in payloads))
 
 
 class DecoderPool:
@@ -151,8 +175,3 @@ class DecoderPool:
         await asyncio.gather(*(client.close() for client in clients), *self._closing)
 
 
-def _requests(header, payloads: list[bytes]):
-    yield llm_decoder_pb2.GenerateRequest(header=header)
-    for payload in payloads:
-        for chunk in chunks(payload):
-            yield llm_decoder_pb2.GenerateRequest(payload_chunk=chunk)

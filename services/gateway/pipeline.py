@@ -105,35 +105,39 @@ class Pipeline:
         metrics.ENCODE_SECONDS.observe(time.perf_counter() - start)
         return Embeddings(encoded.payload, source.image_id, encoded.cache_hit, _ms(start))
 
-    async def generate(self, question: str, emb: Embeddings, sampling: common_pb2.SamplingParams,
-                       source: ImageSource, timeout: float) -> AsyncIterator[llm_decoder_pb2.GenerateResponse]:
-        """Tokens for `question`. A payload the decoder finds corrupt (DATA_LOSS) that came from the
-        cache is dropped from it and fetched again from the encoder, once, before any token is sent."""
-        header = llm_decoder_pb2.GenerateHeader(messages=[question_message(question)], sampling=sampling)
+    def fetcher(self, source: ImageSource, timeout: float) -> "ImageFetch":
+        return ImageFetch(self, source, timeout)
+
+    async def call(self, rpc: str, header: llm_decoder_pb2.GenerateHeader, fetch: "ImageFetch", timeout: float,
+                   ) -> AsyncIterator:
+        """Run `rpc` (Generate or Classify) on the image's decoder. The decoder gets only the image id
+        and asks for the payload if it does not hold the image's prefix. A payload it finds corrupt
+        (DATA_LOSS) that came from the cache is dropped from it and re-encoded, once."""
+        header.image_ids[:] = [fetch.source.image_id]
         try:
-            async for reply in self._routed(header, emb, timeout):
+            async for reply in self._routed(rpc, header, fetch, timeout):
                 yield reply
         except Upstream as exc:
-            if exc.grpc_code != "DATA_LOSS" or not emb.cache_hit:
+            if exc.grpc_code != "DATA_LOSS" or fetch.emb is None or not fetch.emb.cache_hit:
                 raise
-            log.warning("cached payload of %s is corrupt (%s); dropping it and re-encoding", emb.image_id, exc)
-            await self.cache.delete(embedding_key(await self.fingerprint(timeout), emb.image_id))
-            fresh = await self.encode(source, timeout)
-            async for reply in self._routed(header, fresh, timeout):
+            log.warning("cached payload of %s is corrupt (%s); dropping it and re-encoding", fetch.source.image_id, exc)
+            await self.cache.delete(embedding_key(await self.fingerprint(timeout), fetch.source.image_id))
+            fetch.emb = await self.encode(fetch.source, timeout)
+            async for reply in self._routed(rpc, header, fetch, timeout):
                 yield reply
 
-    async def _routed(self, header: llm_decoder_pb2.GenerateHeader, emb: Embeddings, timeout: float,
-                      ) -> AsyncIterator[llm_decoder_pb2.GenerateResponse]:
-        """Generate on the image's replica; while no reply was passed on, a replica that is gone or
+    async def _routed(self, rpc: str, header: llm_decoder_pb2.GenerateHeader, fetch: "ImageFetch", timeout: float,
+                      ) -> AsyncIterator:
+        """On the image's replica; while no reply was passed on, a replica that is gone or
         overloaded hands the request to the next in the image's order (all within one deadline)."""
         deadline = time.monotonic() + timeout
-        order = self.router.order(emb.image_id)
+        order = self.router.order(fetch.source.image_id)
         for i, replica in enumerate(order):
             DECODER_REQUESTS.labels(replica).inc()
             started = False
             try:
-                async for reply in self.decoders.get(replica).generate(
-                        header, [emb.payload], max(0.001, deadline - time.monotonic())):
+                async for reply in self.decoders.get(replica).negotiate(
+                        rpc, header, fetch, max(0.001, deadline - time.monotonic())):
                     if not started:
                         started = True
                         self.router.mark_up(replica)
@@ -158,6 +162,28 @@ class Pipeline:
         await self.encoder.close()
         await self.decoders.close()
         await self.cache.close()
+
+
+class ImageFetch:
+    """The request's image payload, fetched (cache, else encoder) only if a decoder asks, and once."""
+
+    def __init__(self, pipeline: Pipeline, source: ImageSource, timeout: float):
+        self.pipeline, self.source, self.timeout = pipeline, source, timeout
+        self.emb: Embeddings | None = None
+
+    async def __call__(self) -> list[bytes]:
+        if self.emb is None:
+            self.emb = await self.pipeline.embeddings(self.source, self.timeout)
+        return [self.emb.payload]
+
+    @property
+    def cache_hit(self) -> bool:
+        """No payload was needed (the decoder held the image), or it came from the cache."""
+        return self.emb is None or self.emb.cache_hit
+
+    @property
+    def encode_ms(self) -> float:
+        return 0.0 if self.emb is None else self.emb.encode_ms
 
 
 def question_message(question: str) -> llm_decoder_pb2.ChatMessage:

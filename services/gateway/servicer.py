@@ -8,9 +8,9 @@ from typing import AsyncIterator
 from vlsplit.shared.config import GatewayConfig
 from vlsplit.shared.errors import InvalidRequest, TooLarge, Unavailable
 from vlsplit.shared.sampling import sampling_from_pb
-from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, llm_decoder_pb2
 
-from .pipeline import Embeddings, ImageSource, Pipeline
+from .pipeline import ImageFetch, ImageSource, Pipeline, question_message
 
 CACHE_STATUS = {True: gateway_pb2.CACHE_STATUS_HIT, False: gateway_pb2.CACHE_STATUS_MISS}
 
@@ -43,31 +43,64 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def AskStream(self, request, context):
         async for delta, final in self._ask(request.image, [request.question], request.sampling, context):
+            if delta.text or delta.token_ids:
+                yield gateway_pb2.AskStreamResponse(text=delta.text, token_ids=delta.token_ids)
             if final is not None:
                 yield gateway_pb2.AskStreamResponse(final=final)
-            elif delta.text or delta.token_ids:
-                yield gateway_pb2.AskStreamResponse(text=delta.text, token_ids=delta.token_ids)
 
     async def AskMany(self, request, context):
-        answers = [final async for _, final in self._ask(request.image, list(request.questions), request.sampling,
-                                                         context) if final is not None]
-        return gateway_pb2.AskManyResponse(answers=answers)
+        finals = {}
+        async for reply, final in self._ask(request.image, list(request.questions), request.sampling, context):
+            if final is not None:
+                finals[reply.index] = final
+        return gateway_pb2.AskManyResponse(answers=[finals[i] for i in range(len(finals))])
+
+    async def Classify(self, request, context):
+        source = self._source(request.image)
+        fetch = self.pipeline.fetcher(source, self._timeout(context))
+        return await self._classify(fetch, request.question, list(request.labels), context)
+
+    async def Moderate(self, request, context):
+        """Every check shares one image fetch (at most one payload transfer) and the decoder's prefix."""
+        if not request.checks:
+            raise InvalidRequest("at least one check is required")
+        self._check_questions([check.question for check in request.checks])
+        fetch = self.pipeline.fetcher(self._source(request.image), self._timeout(context))
+        results = [await self._classify(fetch, check.question, list(check.labels), context)
+                   for check in request.checks]
+        return gateway_pb2.ModerateResponse(results=results)
+
+    async def _classify(self, fetch: ImageFetch, question: str, labels: list[str], context):
+        start = time.perf_counter()
+        self._check_questions([question])
+        if not labels:
+            raise InvalidRequest("at least one label is required")
+        header = llm_decoder_pb2.GenerateHeader(messages=[question_message(question)], labels=labels)
+        scores = [reply async for reply in self.pipeline.call("Classify", header, fetch, self._timeout(context))]
+        elapsed = (time.perf_counter() - start) * 1000
+        return gateway_pb2.ClassifyResponse(
+            question=question, labels=scores[-1].scores, image_id=fetch.source.image_id,
+            cache=CACHE_STATUS[fetch.cache_hit],
+            timings=gateway_pb2.Timings(encode_ms=fetch.encode_ms, ttft_ms=elapsed, total_ms=elapsed))
 
     async def _ask(self, image: gateway_pb2.ImageRef, questions: list[str], sampling: common_pb2.SamplingParams,
                    context) -> AsyncIterator[tuple[object, gateway_pb2.Answer | None]]:
-        """Yields (decoder reply, None) per token message and (None, Answer) once per question."""
+        """Yields (decoder reply, None) per token message and (reply, Answer) when a question is done.
+        Several questions go to the decoder as one batch (one prefix, batched decoding)."""
         start = time.perf_counter()
-        timeout = self._timeout(context)
         source = self._source(image)
         self._check_questions(questions)
-        sampling = self._sampling(sampling)
-        emb = await self.pipeline.embeddings(source, timeout)
-        for i, question in enumerate(questions):
-            answer = _AnswerBuilder(question, emb, first=i == 0, start=start if i == 0 else time.perf_counter())
-            async for reply in self.pipeline.generate(question, emb, sampling, source, self._timeout(context)):
-                answer.add(reply)
-                yield reply, None
-            yield None, answer.build()
+        header = llm_decoder_pb2.GenerateHeader(sampling=self._sampling(sampling))
+        if len(questions) == 1:
+            header.messages.append(question_message(questions[0]))
+        else:
+            header.batch.extend(llm_decoder_pb2.Conversation(messages=[question_message(q)]) for q in questions)
+        fetch = self.pipeline.fetcher(source, self._timeout(context))
+        answers = [_AnswerBuilder(q, source.image_id, start) for q in questions]
+        async for reply in self.pipeline.call("Generate", header, fetch, self._timeout(context)):
+            answer = answers[reply.index]
+            answer.add(reply)
+            yield reply, (answer.build(fetch) if reply.finish_reason else None)
 
     def _source(self, image: gateway_pb2.ImageRef) -> ImageSource:
         kind = image.WhichOneof("source")
@@ -99,8 +132,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
 
 class _AnswerBuilder:
-    def __init__(self, question: str, emb: Embeddings, first: bool, start: float):
-        self.question, self.emb, self.first, self.start = question, emb, first, start
+    def __init__(self, question: str, image_id: str, start: float):
+        self.question, self.image_id, self.start = question, image_id, start
         self.text, self.token_ids = [], []
         self.ttft_ms = None
         self.decoder_ttft_ms = 0.0
@@ -115,13 +148,12 @@ class _AnswerBuilder:
         if reply.finish_reason:
             self.finish, self.usage = reply.finish_reason, reply.usage
 
-    def build(self) -> gateway_pb2.Answer:
+    def build(self, fetch: ImageFetch) -> gateway_pb2.Answer:
         total_ms = (time.perf_counter() - self.start) * 1000
         return gateway_pb2.Answer(
-            question=self.question, text="".join(self.text), token_ids=self.token_ids, image_id=self.emb.image_id,
-            # later questions of an AskMany reuse the embeddings fetched for the first
-            cache=CACHE_STATUS[self.emb.cache_hit or not self.first],
-            timings=gateway_pb2.Timings(encode_ms=self.emb.encode_ms if self.first else 0.0,
+            question=self.question, text="".join(self.text), token_ids=self.token_ids, image_id=self.image_id,
+            cache=CACHE_STATUS[fetch.cache_hit],
+            timings=gateway_pb2.Timings(encode_ms=fetch.encode_ms,
                                         ttft_ms=self.ttft_ms if self.ttft_ms is not None else total_ms,
                                         total_ms=total_ms, decoder_ttft_ms=self.decoder_ttft_ms),
             finish_reason=self.finish, usage=self.usage)

@@ -48,6 +48,7 @@ def main(config: DecoderConfig) -> None:
 def load_engine(config: DecoderConfig) -> DecoderEngine:
     start = time.perf_counter()
     engine = DecoderEngine(config.model, dtype=DTYPES[config.dtype], device=config.device,
+                           prefix_cache_bytes=config.prefix_cache_bytes,
                            max_new_tokens_limit=config.max_new_tokens_limit)
     loaded = time.perf_counter()
     for _ in engine.generate(WARMUP):

@@ -103,11 +103,12 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
         engine = self._ready()
         messages = aiter(requests)
         job = job_from_header(await _read_header(messages), engine.max_new_tokens_limit, self.config)
+        warm = self._warm_start(engine, job)
+        if job.negotiates and warm is None:
+            yield llm_decoder_pb2.GenerateResponse(need_payload=True)
+        sizes = await self._sizes(job, warm, messages)  # before a slot: never held while payloads are made
         async with self.admission.slot() as slot:
-            warm = await self._warm_start(engine, job)
-            if job.negotiates and warm is None:
-                yield llm_decoder_pb2.GenerateResponse(need_payload=True)
-            payloads = await self._payloads(job, warm, messages)
+            payloads = await self._payloads(sizes, messages)
             generation = ThreadedGeneration(lambda cancelled: job.events(engine, payloads, warm, cancelled),
                                             self.pool)
             generation.future.add_done_callback(lambda _: slot.release())
@@ -121,11 +122,12 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
         job = job_from_header(await _read_header(messages), engine.max_new_tokens_limit, self.config)
         if not job.labels:
             raise InvalidRequest("Classify needs labels")
+        warm = self._warm_start(engine, job)
+        if job.negotiates and warm is None:
+            yield llm_decoder_pb2.ScoreResponse(need_payload=True)
+        sizes = await self._sizes(job, warm, messages)
         async with self.admission.slot():
-            warm = await self._warm_start(engine, job)
-            if job.negotiates and warm is None:
-                yield llm_decoder_pb2.ScoreResponse(need_payload=True)
-            payloads = await self._payloads(job, warm, messages)
+            payloads = await self._payloads(sizes, messages)
             [request] = job.requests(payloads, warm)
             scores = await asyncio.get_running_loop().run_in_executor(
                 self.pool, classify, engine, request, list(job.labels))
@@ -133,16 +135,21 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
             prefix_cached=warm is not None,
             scores=[common_pb2.LabelScore(label=s.label, logprob=s.logprob, prob=s.prob) for s in scores])
 
-    async def _warm_start(self, engine: DecoderEngine, job: Job) -> WarmStart | None:
-        if not job.negotiates:
-            return None
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, engine.warm_start, job.conversations[0], job.image_ids)
+    @staticmethod
+    def _warm_start(engine: DecoderEngine, job: Job) -> WarmStart | None:
+        # On the event loop: tokenizing a prompt and forking a cached state take about a millisecond.
+        return engine.warm_start(job.conversations[0], job.image_ids) if job.negotiates else None
 
-    async def _payloads(self, job: Job, warm: WarmStart | None, messages) -> list[bytes]:
+    async def _sizes(self, job: Job, warm: WarmStart | None, messages) -> list[int]:
         if warm is not None:
             return []
         sizes = await _read_sizes(messages, job.images) if job.negotiates else job.payload_sizes
+        Assembler(sizes, self.config.max_payload_bytes)  # validates sizes against the limit now
+        return sizes
+
+    async def _payloads(self, sizes: list[int], messages) -> list[bytes]:
+        if not sizes:
+            return []
         payloads = await _read_payloads(messages, Assembler(sizes, self.config.max_payload_bytes))
         PAYLOAD_BYTES.inc(sum(sizes))
         return payloads
