@@ -56,8 +56,9 @@ class DecoderConfig(ServerConfig):
     device: str = "cpu"
     max_new_tokens_limit: int = 4096
     default_max_new_tokens: int = 64
-    max_concurrent: int = 4  # generations running at once
+    max_concurrent: int = 16  # generations admitted at once (they decode together: continuous batching)
     max_queue: int = 64  # waiting generations beyond that; more -> RESOURCE_EXHAUSTED
+    max_batch: int = 16  # sequences advanced by one decode step
     max_payload_bytes: int = 512 * MiB  # all images of one request together
     prefix_cache_bytes: int = 2048 * MiB  # KV state of recent images' prompt prefixes; 0 = off
     max_images: int = 16

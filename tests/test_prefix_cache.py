@@ -130,3 +130,38 @@ def test_warm_start_needs_no_payload_and_matches(tiny_model):
                                                         (img_id,), warm)))
     assert without == with_payload
     assert prefilled() - before == decoder.build_prompt(messages, [payload]).suffix_len
+
+
+def test_continuous_batching_joins_running_requests_and_matches_solo_runs(tiny_model):
+    import threading
+
+    from vlsplit.services.llm_decoder.scheduler import BATCH_SIZE, Scheduler
+
+    encoder, decoder = engines(tiny_model)
+    jobs = []
+    for seed, question in zip((61, 62, 63, 64), QUESTIONS):
+        payload, img_id, _ = image_payload(tiny_model, seed)
+        jobs.append(request(payload, img_id, question, max_new_tokens=10 + seed % 5))
+    jobs.append(GenerationRequest(question_messages("No image at all.", 0), [], SamplingParams(max_new_tokens=7)))
+    solo = [tokens(decoder.generate(job)) for job in jobs]
+    scheduler = Scheduler(decoder, max_batch=8)
+    results: dict[int, list[int]] = {}
+    barrier = threading.Barrier(len(jobs))
+
+    def run(i):
+        barrier.wait()
+        results[i] = tokens(scheduler.stream(jobs[i]))
+
+    def observed() -> tuple[float, float]:  # (sum of batch sizes, number of steps)
+        samples = {s.name: s.value for s in BATCH_SIZE.collect()[0].samples}
+        return samples["vlsplit_decoder_batch_size_sum"], samples["vlsplit_decoder_batch_size_count"]
+
+    sum_before, steps_before = observed()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(len(jobs))] == solo
+    sum_after, steps_after = observed()
+    assert sum_after - sum_before > steps_after - steps_before  # some steps advanced several requests

@@ -32,6 +32,8 @@ class Row:
     next_positions: torch.Tensor  # [4]
     logits: torch.Tensor  # [vocab] for the next token
     steps: int = 0
+    emit: Callable[[object], None] | None = None  # continuous batching: where this row's events go
+    cancelled: Callable[[], bool] = lambda: False
 
 
 class Batch:
@@ -40,6 +42,30 @@ class Batch:
     def __init__(self, engine: DecoderEngine, rows: list[Row], states: list[KVState], prefix_len: int):
         self.engine, self.rows = engine, rows
         self.cache, self.mask = _merge([s.cache for s in states], prefix_len)
+
+    def add(self, row: Row, state: KVState) -> None:
+        """Join a row with its own KV: the shorter side is left-padded (masked) to the longer."""
+        length, total = state.cache.get_seq_length(), self.mask.shape[1]
+        if length > total:
+            _left_pad(self.cache, length - total)
+            self.mask = torch.cat([self.mask.new_zeros(len(self.rows), length - total), self.mask], dim=1)
+            total = length
+        joining = fork(state.cache)
+        _left_pad(joining, total - length)
+        for layer, new in zip(self.cache.layers, joining.layers):
+            layer.keys, layer.values = torch.cat([layer.keys, new.keys]), torch.cat([layer.values, new.values])
+        row_mask = torch.cat([self.mask.new_zeros(1, total - length), self.mask.new_ones(1, length)], dim=1)
+        self.mask = torch.cat([self.mask, row_mask])
+        self.rows.append(row)
+
+    def trim(self) -> None:
+        """Drop leading columns that are padding in every row (left behind by rows that finished)."""
+        live = self.mask.any(dim=0).nonzero()
+        start = int(live[0]) if len(live) else self.mask.shape[1]
+        if start:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+            self.mask = self.mask[:, start:]
 
     def step(self, tokens: list[int]) -> None:
         """Feed one token per row; refresh each row's logits."""
@@ -88,7 +114,7 @@ def generate_batch(engine: DecoderEngine, requests: list[GenerationRequest],
     while batch.rows and not cancelled():
         keep, tokens = [], []
         for position, row in enumerate(batch.rows):
-            token, event = _advance(engine, row)
+            token, event = advance(engine, row)
             yield row.index, event
             if event.finish_reason is None:
                 keep.append(position)
@@ -98,7 +124,7 @@ def generate_batch(engine: DecoderEngine, requests: list[GenerationRequest],
             batch.step(tokens)
 
 
-def _advance(engine: DecoderEngine, row: Row) -> tuple[int, TokenEvent]:
+def advance(engine: DecoderEngine, row: Row) -> tuple[int, TokenEvent]:
     """Choose the row's next token; the event to stream for it (finished rows get a final event)."""
     token = row.sampler(row.logits)
     if token in engine.eos_ids:
@@ -139,8 +165,14 @@ def _merge(caches: list[DynamicCache], prefix_len: int) -> tuple[DynamicCache, t
     return merged, mask
 
 
+def _left_pad(cache: DynamicCache, n: int) -> None:
+    if n:
+        for layer in cache.layers:
+            layer.keys, layer.values = _pad(layer.keys, 0, n), _pad(layer.values, 0, n)
+
+
 def _pad(t: torch.Tensor, at: int, n: int) -> torch.Tensor:
-    """Insert `n` zero positions at sequence index `at` of a [1, heads, T, dim] tensor."""
+    """Insert `n` zero positions at sequence index `at` of a [B, heads, T, dim] tensor."""
     if n == 0:
         return t
     zeros = t.new_zeros(t.shape[0], t.shape[1], n, t.shape[3])

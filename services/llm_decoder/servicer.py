@@ -32,6 +32,7 @@ from .batch import generate_batch
 from .classify import classify
 from .engine import DecoderEngine, GenerationRequest, TokenEvent, WarmStart
 from .metrics import PAYLOAD_BYTES
+from .scheduler import Scheduler
 from .streaming import ThreadedGeneration
 
 log = logging.getLogger("vlsplit.decoder.rpc")
@@ -62,11 +63,13 @@ class Job:
         decoded = [decode_payload(p) for p in payloads]
         return [GenerationRequest(c, decoded, self.sampling, self.image_ids, warm) for c in self.conversations]
 
-    def events(self, engine: DecoderEngine, payloads: list[bytes], warm: WarmStart | None, cancelled):
+    def events(self, scheduler: Scheduler, payloads: list[bytes], warm: WarmStart | None, cancelled):
+        """One conversation joins the continuous batch; a batch of conversations about one image is
+        decoded as its own batch over their shared prefix."""
         requests = self.requests(payloads, warm)
         if len(requests) == 1:
-            return (Indexed(0, e) for e in engine.generate(requests[0], cancelled))
-        return (Indexed(i, e) for i, e in generate_batch(engine, requests, cancelled))
+            return (Indexed(0, e) for e in scheduler.stream(requests[0], cancelled))
+        return (Indexed(i, e) for i, e in generate_batch(scheduler.engine, requests, cancelled))
 
 
 @dataclass(frozen=True)
@@ -85,10 +88,12 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
     def __init__(self, config: DecoderConfig):
         self.config = config
         self.engine: DecoderEngine | None = None  # set by `serve` once loaded and warmed up
+        self.scheduler: Scheduler | None = None
         self.admission = Admission(config.max_concurrent, config.max_queue)
         self.pool = ThreadPoolExecutor(config.max_concurrent, thread_name_prefix="generate")
 
     def serve(self, engine: DecoderEngine) -> None:
+        self.scheduler = Scheduler(engine, self.config.max_batch)
         self.engine = engine
 
     def close(self) -> None:
@@ -109,7 +114,7 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
         sizes = await self._sizes(job, warm, messages)  # before a slot: never held while payloads are made
         async with self.admission.slot() as slot:
             payloads = await self._payloads(sizes, messages)
-            generation = ThreadedGeneration(lambda cancelled: job.events(engine, payloads, warm, cancelled),
+            generation = ThreadedGeneration(lambda cancelled: job.events(self.scheduler, payloads, warm, cancelled),
                                             self.pool)
             generation.future.add_done_callback(lambda _: slot.release())
             context.add_done_callback(lambda _: generation.cancel())
