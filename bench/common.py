@@ -91,3 +91,25 @@ class Monolithic:
         tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
         return {"token_ids": tokens, "ttft_ms": ((timer.first or end) - start) * 1000,
                 "total_ms": (end - start) * 1000}
+
+    @torch.inference_mode()
+    def score(self, image_bytes: bytes, question: str, labels: list[str]) -> list[float]:
+        """Summed label-token logprobs as a monolithic server would do it: one forward over the prompt
+        scores every single-token label; a multi-token label needs a forward of its own."""
+        from vlsplit.shared.images import load_image
+
+        inputs = self.inputs(load_image(image_bytes), question)
+        prompt_logprobs = torch.log_softmax(self.model(**inputs).logits[0, -1].float(), -1)
+        out = []
+        for label in labels:
+            ids = self.tokenizer(label, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            if ids.shape[1] == 1:
+                out.append(float(prompt_logprobs[ids[0, 0]]))
+                continue
+            full = torch.cat([inputs["input_ids"], ids], dim=1)
+            logits = self.model(input_ids=full, attention_mask=torch.ones_like(full),
+                                mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids)], 1),
+                                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]).logits
+            logprobs = torch.log_softmax(logits[0, inputs["input_ids"].shape[1] - 1: -1].float(), -1)
+            out.append(float(logprobs.gather(1, ids[0][:, None]).sum()))
+        return out
