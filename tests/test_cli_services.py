@@ -41,6 +41,13 @@ def test_up_then_ask_json_then_ctrl_c(tiny_models):
                                 "Is it day?", "--json", "--gateway", f"127.0.0.1:{port}"],
                                check=True, capture_output=True, text=True)
         assert json.loads(by_id.stdout)["cache"] == "hit"
+        classified = subprocess.run([sys.executable, "-m", "vlsplit.cli", "classify", str(SAMPLE), "Is it day?",
+                                     "--labels", "yes,no,maybe", "--json", "--gateway", f"127.0.0.1:{port}"],
+                                    check=True, capture_output=True, text=True)
+        result = json.loads(classified.stdout)
+        assert sorted(label["label"] for label in result["labels"]) == ["maybe", "no", "yes"]
+        assert abs(sum(label["prob"] for label in result["labels"]) - 1) < 1e-6
+        assert result["labels"][0]["logprob"] >= result["labels"][-1]["logprob"]
     finally:
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=90) == 0

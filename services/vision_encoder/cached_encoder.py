@@ -5,14 +5,16 @@
         cache GET -> valid entry? -> hit (a corrupt entry is deleted, counted, recomputed)
         bytes from the request, else from the upload store (NotFound: "send the image bytes again")
         single-flight(image_id): cache GET again (a flight may have filled it since) -> load_image
-            -> engine.encode -> encode_payload -> cache SET (TTL)
+            -> preprocess -> batcher (one forward with other images) -> encode_payload -> cache SET (TTL)
 
-Threads: image decoding (`load_image`), hashing and payload verification run in the default
-thread pool, so a bad image is rejected at once even while a long encode runs; every torch call
-runs in ONE dedicated thread (the engine's), so encodes queue up there and the event loop stays
-free to answer health checks and stream replies.
+Threads: image decoding (`load_image`), preprocessing (numpy), hashing and payload verification
+run in the default thread pool, so a bad image is rejected at once, before it joins a batch, even
+while a long encode runs; every tower forward runs in ONE dedicated thread (the engine's), so
+batches queue up there and the event loop stays free to answer health checks and stream replies.
 
-Concurrency: concurrent misses on one image are encoded once per process (`singleflight.py`).
+Concurrency: concurrent misses on one image are encoded once per process (`singleflight.py`);
+misses on different images are batched into one forward, up to the configured limits
+(`batcher.py`; batched embeddings are bit-identical to solo ones on CPU, see there).
 Across replicas nothing is coordinated: N replicas may each encode the same new image once (at
 most N encodes); the results are identical and the cache keeps one of them. A cross-replica lock
 (Redis SET NX) would save those duplicates at the price of a lock protocol with timeouts; not
@@ -32,7 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from PIL import Image
 
 from vlsplit.shared import metrics
@@ -40,13 +42,18 @@ from vlsplit.shared.cache import SafeStore, embedding_key, image_key
 from vlsplit.shared.codec import DTYPES, FORMAT_VERSION, decode_payload, dtype_name, encode_payload
 from vlsplit.shared.errors import BadImage, CorruptPayload, InvalidRequest, NotFound, TooLarge, Unavailable
 from vlsplit.shared.images import ImageLimits, image_id as content_id, load_image
+from vlsplit.shared.payload import EmbeddingPayload
+from vlsplit.shared.processor import ImageInputs
 
+from .batcher import Batcher, BatchLimits
 from .engine import VisionEngine
 from .singleflight import SingleFlight
 
 log = logging.getLogger("vlsplit.encoder")
 
 ENCODES = Counter("vlsplit_encoder_encodes", "Images run through the vision tower (cache misses that were computed)")
+BATCH_SIZE = Histogram("vlsplit_encoder_batch_size", "Images per vision-tower forward",
+                       buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
 _IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 _WARMUP_SIZE = (64, 64)
 
@@ -89,14 +96,16 @@ def check_image_id(value: str) -> str:
 
 class CachedEncoder:
     def __init__(self, engine: VisionEngine, executor: ThreadPoolExecutor, store: SafeStore, *,
-                 payload_dtype: str, cache_ttl_s: int, image_ttl_s: int, limits: ImageLimits):
+                 payload_dtype: str, cache_ttl_s: int, image_ttl_s: int, limits: ImageLimits,
+                 batch_limits: BatchLimits = BatchLimits()):
         self.engine = engine
-        self.executor = executor  # the one thread every torch call runs in
+        self.executor = executor  # the one thread every tower forward runs in (the batcher's)
         self.store = store
         self.payload_dtype = DTYPES[payload_dtype]
         self.cache_ttl_s, self.image_ttl_s = cache_ttl_s, image_ttl_s
         self.limits = limits
         self.flights: SingleFlight[str, Encoded] = SingleFlight()
+        self.batcher: Batcher[tuple[str, ImageInputs], Encoded] = Batcher(self._run_tower, executor, batch_limits)
 
     @property
     def fingerprint(self) -> str:
@@ -174,22 +183,31 @@ class CachedEncoder:
         cached = await self._cached(image_id)  # a flight that just ended may have filled it
         if cached is not None:
             return cached
-        image = await asyncio.to_thread(load_image, data, self.limits)
-        loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(self.executor, self._run_tower, image_id, image)
+        inputs = await asyncio.to_thread(self._inputs, data)
+        encoded = await self.batcher.submit((image_id, inputs), cost=inputs.pixel_values.shape[0])
         await self.store.set(embedding_key(self.fingerprint, image_id), encoded.blob, self.cache_ttl_s)
         return encoded
 
-    def _run_tower(self, image_id: str, image: Image.Image) -> Encoded:
-        """Engine thread: image -> payload -> codec bytes."""
+    def _inputs(self, data: bytes) -> ImageInputs:
+        """Worker thread: bytes -> validated image -> pixel patches (BadImage/TooLarge here, alone)."""
+        return self.engine.preprocessor(load_image(data, self.limits))
+
+    def _run_tower(self, jobs: list[tuple[str, ImageInputs]]) -> list[Encoded]:
+        """Engine thread: one forward for the batch -> one payload -> codec bytes per image."""
         start = time.perf_counter()
-        payload = self.engine.encode([image])[0]
+        payloads = self.engine.encode_inputs([inputs for _, inputs in jobs])
         seconds = time.perf_counter() - start
-        ENCODES.inc()
+        ENCODES.inc(len(jobs))
+        BATCH_SIZE.observe(len(jobs))
+        return [self._encoded(image_id, payload, seconds, len(jobs)) for (image_id, _), payload in zip(jobs, payloads)]
+
+    def _encoded(self, image_id: str, payload: EmbeddingPayload, seconds: float, batch: int) -> Encoded:
+        """One image of a batch; its encode time is the batch's forward time."""
         metrics.ENCODE_SECONDS.observe(seconds)
         blob = encode_payload(payload, self.payload_dtype)
-        log.info("encoded %s: grid %s, %d tokens in %.0f ms", image_id[:12], list(payload.grid_thw),
-                 payload.n_tokens, seconds * 1000, extra={"image_id": image_id, "encode_ms": round(seconds * 1000, 1)})
+        log.info("encoded %s: grid %s, %d tokens in %.0f ms (batch of %d)", image_id[:12], list(payload.grid_thw),
+                 payload.n_tokens, seconds * 1000, batch,
+                 extra={"image_id": image_id, "encode_ms": round(seconds * 1000, 1), "batch": batch})
         return Encoded(image_id, blob, payload.fingerprint, payload.grid_thw, payload.n_tokens,
                        dtype_name(self.payload_dtype), cache_hit=False, encode_ms=seconds * 1000)
 

@@ -4,6 +4,9 @@ Start-up (shared/server.py does health, reflection, metrics and SIGTERM): the po
 health NOT_SERVING; the visual weights load and one warm-up encode runs in the engine thread;
 only then does health turn SERVING. Requests that arrive earlier get UNAVAILABLE ("loading").
 
+Batching: misses on different images share one tower forward (encode_max_batch images,
+encode_max_wait_ms, encode_max_batch_patches; batcher.py).
+
 Replicas: single-flight is in-process only, so N replicas may encode the same new image up to N
 times; the results are identical and the cache keeps one (see cached_encoder.py).
 """
@@ -24,6 +27,7 @@ from vlsplit.shared.logs import setup_logging
 from vlsplit.shared.server import Service, run
 from vlsplit.v1 import vision_encoder_pb2_grpc
 
+from .batcher import BatchLimits
 from .cached_encoder import CachedEncoder
 from .engine import VisionEngine
 from .servicer import SERVICE_NAME, VisionEncoderServicer
@@ -72,6 +76,7 @@ async def _open(config: EncoderConfig, executor: ThreadPoolExecutor) -> CachedEn
         cache_ttl_s=config.cache_ttl_s,
         image_ttl_s=config.image_ttl_s,
         limits=ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels),
+        batch_limits=_batch_limits(config),
     )
     start = time.perf_counter()
     await loop.run_in_executor(executor, encoder.warm_up)
@@ -80,7 +85,8 @@ async def _open(config: EncoderConfig, executor: ThreadPoolExecutor) -> CachedEn
               "warmup_s": round(time.perf_counter() - start, 2)}
     log.info("vision encoder ready: %s", " ".join(f"{k}={v}" for k, v in fields.items()),
              extra={**fields, "model": config.model, "dtype": config.dtype, "device": config.device,
-                    "payload_dtype": config.payload_dtype or config.dtype})
+                    "payload_dtype": config.payload_dtype or config.dtype, "encode_max_batch": config.encode_max_batch,
+                    "encode_max_wait_ms": config.encode_max_wait_ms})
     return encoder
 
 
@@ -94,6 +100,12 @@ def _check(config: EncoderConfig) -> None:
             raise ValueError(f"{name} {value!r} is not one of {', '.join(DTYPES)}")
     if min(config.cache_ttl_s, config.image_ttl_s) < 1:
         raise ValueError("cache_ttl_s and image_ttl_s must be at least 1 second")
+    _batch_limits(config)
+
+
+def _batch_limits(config: EncoderConfig) -> BatchLimits:
+    return BatchLimits(max_batch=config.encode_max_batch, max_wait_s=config.encode_max_wait_ms / 1000,
+                       max_cost=config.encode_max_batch_patches)
 
 
 def _backend(url: str) -> str:
