@@ -81,9 +81,11 @@ def split_runs(model: Path, dtype: str, image: bytes, questions, max_new_tokens:
 
 
 def floor_ms(model: Path, dtype, image: bytes, questions, max_new_tokens: int) -> dict:
-    """One vision pass + one image prefill + each question's own prefill and decode steps."""
+    """One vision pass + one image prefill + the questions' own prefills and their batched decode steps,
+    timed in the engines themselves (no RPC, no cache, no scheduling): what AskMany cannot beat."""
     import torch
 
+    from vlsplit.services.llm_decoder.batch import generate_batch
     from vlsplit.services.llm_decoder.engine import DecoderEngine, GenerationRequest
     from vlsplit.services.llm_decoder.sampling import SamplingParams
     from vlsplit.services.vision_encoder.engine import VisionEngine
@@ -100,12 +102,11 @@ def floor_ms(model: Path, dtype, image: bytes, questions, max_new_tokens: int) -
     start = time.perf_counter()
     decoder.prefix_state(prompt, (image_id(image),))
     prefix = time.perf_counter() - start
+    requests = [GenerationRequest(question_messages(q), [payload], SamplingParams(max_new_tokens=max_new_tokens),
+                                  (image_id(image),)) for q in questions]
     start = time.perf_counter()
-    for q in questions:  # prefix now cached: what remains is each question's own work
-        for _ in decoder.generate(GenerationRequest(question_messages(q), [payload],
-                                                    SamplingParams(max_new_tokens=max_new_tokens),
-                                                    (image_id(image),))):
-            pass
+    for _ in generate_batch(decoder, requests):  # prefix cached: each question's own prefill, batched decode
+        pass
     per_question = time.perf_counter() - start
     del torch
     return {"vision_ms": vision * 1000, "prefix_ms": prefix * 1000, "questions_ms": per_question * 1000}
