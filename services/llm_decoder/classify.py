@@ -58,8 +58,7 @@ def _continuations(engine: DecoderEngine, state, label_ids: list[list[int]]) -> 
     positions = (state.next_positions[:, None, None] + torch.arange(width)).expand(4, rows, width)
     mask = torch.ones(rows, cache.get_seq_length() + width, dtype=torch.long)
     embeds = engine.text_model.embed_tokens(inputs.to(engine.device))
-    hidden = engine.text_model(inputs_embeds=embeds, position_ids=positions.to(engine.device), past_key_values=cache,
-                               attention_mask=mask.to(engine.device), use_cache=True).last_hidden_state
+    hidden = engine.hidden_states(embeds, positions.to(engine.device), cache, mask)
     logprobs = torch.log_softmax(engine.lm_head(hidden).float(), -1)  # [rows, width, vocab]
     return [float(sum(logprobs[row, k, ids[k + 1]] for k in range(len(ids) - 1)))
             for row, ids in enumerate(label_ids)]

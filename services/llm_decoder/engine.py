@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -124,6 +125,9 @@ class DecoderEngine:
         self.fingerprint = compute_fingerprint(self.checkpoint.path)
         self.deepstack_levels = len(getattr(self.config.vision_config, "deepstack_visual_indexes", None) or [])
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        # One forward at a time: concurrent forwards only oversubscribe the cores (each torch op
+        # already uses all intra-op threads); concurrency comes from batching, not from threads.
+        self.compute = threading.Lock()
         self.image_grids: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # image_id -> grid, for warm starts
         self.vision_end_id = self.prompts.tokenizer.convert_tokens_to_ids("<|vision_end|>")
         log.info("decoder %s loaded in %.2fs (%s, %s, fingerprint %s)", self.family.model_type,
@@ -269,11 +273,17 @@ class DecoderEngine:
     def forward_batch(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
                       attention_mask: torch.Tensor, **extra) -> torch.Tensor:
         """embeds [B, n, hidden], positions [4, B, n], attention_mask [B, past + n] -> logits [B, vocab]."""
-        out = self.text_model(
-            inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
-            attention_mask=attention_mask.to(self.device), use_cache=True, **extra,
-        )
-        return self.lm_head(out.last_hidden_state[:, -1]).float()
+        return self.lm_head(self.hidden_states(embeds, positions, cache, attention_mask, **extra)[:, -1]).float()
+
+    @torch.inference_mode()
+    def hidden_states(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+                      attention_mask: torch.Tensor, **extra) -> torch.Tensor:
+        """The text model's last hidden states [B, n, hidden]; `cache` grows by n positions."""
+        with self.compute:
+            return self.text_model(
+                inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
+                attention_mask=attention_mask.to(self.device), use_cache=True, **extra,
+            ).last_hidden_state
 
     # ---- generation ----------------------------------------------------------------------------
 
