@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: all setup test test-slow demo bench-load bench-ask protos clean
+.PHONY: all setup test test-slow demo bench-load bench-ask bench-many protos clean
 
 all: test
 
@@ -49,6 +49,9 @@ bench-load: setup
 
 bench-ask: setup
 	$(BIN)/python bench/ask.py
+
+bench-many: setup
+	$(BIN)/python bench/many.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
