@@ -10,23 +10,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from vlsplit.launcher import free_port, start_redis, wait_serving
+
 READY_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Redis:
@@ -38,14 +32,8 @@ class Redis:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Redis":
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in self.proc.stdout:  # blocks until redis says it is ready (or exits)
-            if "Ready to accept connections" in line:
-                threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep draining
-                return self
-        raise RuntimeError(f"redis-server on port {self.port} exited with {self.proc.wait()}")
+        self.proc = start_redis(self.port)
+        return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -76,15 +64,10 @@ class Service:
         return self
 
     def wait_serving(self, timeout: float = READY_TIMEOUT_S) -> None:
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            try:
-                for reply in stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout,
-                                        wait_for_ready=True):
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-            except grpc.RpcError as exc:
-                raise RuntimeError(f"{self.kind} never became SERVING ({exc.code()}); log:\n{self.tail()}") from exc
+        try:
+            wait_serving(self.address, self.proc, self.kind, timeout)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; log:\n{self.tail()}") from None
 
     def health(self) -> int:
         with grpc.insecure_channel(self.address) as channel:

@@ -30,6 +30,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_redis(port: int) -> subprocess.Popen:
+    """A private, non-persistent redis-server on 127.0.0.1:`port`, returned once it accepts
+    connections (its own "Ready to accept connections" log line: no polling)."""
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "Ready to accept connections" in line:
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining its log
+            return proc
+    raise RuntimeError(f"redis-server on port {port} exited with {proc.wait()}")
+
+
 def wait_serving(address: str, proc: subprocess.Popen, name: str, timeout: float = READY_TIMEOUT_S) -> None:
     """Block until `address` reports SERVING on grpc.health.v1 (streamed, no polling)."""
     with grpc.insecure_channel(address) as channel:
@@ -70,15 +82,9 @@ class Stack:
             print("redis-server not found: using an in-process cache (--redis memory)", file=sys.stderr)
             return "memory"
         port = free_port()
-        proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                 "--appendonly", "no"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.procs.append(("redis", proc))
-        for line in proc.stdout:
-            if "Ready to accept connections" in line:
-                threading.Thread(target=proc.stdout.read, daemon=True).start()
-                print(f"redis: private redis-server on 127.0.0.1:{port}", file=sys.stderr)
-                return f"redis://127.0.0.1:{port}/0"
-        raise RuntimeError(f"redis-server exited with {proc.wait()}")
+        self.procs.append(("redis", start_redis(port)))
+        print(f"redis: private redis-server on 127.0.0.1:{port}", file=sys.stderr)
+        return f"redis://127.0.0.1:{port}/0"
 
     def _serve(self, name: str, address: str, *args: str) -> None:
         host, port = address.rsplit(":", 1)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -14,14 +13,13 @@ from typing import AsyncIterator
 from vlsplit.shared import metrics
 from vlsplit.shared.cache import SafeStore, embedding_key
 from vlsplit.shared.errors import InvalidRequest, TooLarge, Unavailable, Upstream
-from vlsplit.shared.images import image_id as sha256_id
+from vlsplit.shared.images import check_image_id, image_id as sha256_id
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, vision_encoder_pb2
 
 from .clients import DecoderPool, EncoderClient
 from .routing import DECODER_REQUESTS, FAILOVERS, Router, failover_reason
 
 log = logging.getLogger("vlsplit.gateway")
-IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -38,8 +36,7 @@ class ImageSource:
             return ImageSource(self.data, sha256_id(self.data))
         if self.image_id is None:
             raise InvalidRequest("an image is required: set image.data or image.image_id")
-        if not IMAGE_ID.fullmatch(self.image_id):
-            raise InvalidRequest("image_id must be 64 lowercase hex characters (sha256 of the image bytes)")
+        check_image_id(self.image_id)
         return self
 
 

@@ -57,7 +57,7 @@ class Job:
 
     @property
     def images(self) -> int:
-        return sum(part.get("type") == "image" for m in self.conversations[0] for part in m["content"])
+        return _image_count(self.conversations[0])
 
     def requests(self, payloads: list[bytes], warm: WarmStart | None) -> list[GenerationRequest]:
         decoded = [decode_payload(p) for p in payloads]
@@ -111,9 +111,9 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
         warm = self._warm_start(engine, job)
         if job.negotiates and warm is None:
             yield llm_decoder_pb2.GenerateResponse(need_payload=True)
-        sizes = await self._sizes(job, warm, messages)  # before a slot: never held while payloads are made
+        assembler = await self._assembler(job, warm, messages)  # before a slot: never held while payloads are made
         async with self.admission.slot() as slot:
-            payloads = await self._payloads(sizes, messages)
+            payloads = await _read_payloads(messages, assembler)
             generation = ThreadedGeneration(lambda cancelled: job.events(self.scheduler, payloads, warm, cancelled),
                                             self.pool)
             generation.future.add_done_callback(lambda _: slot.release())
@@ -130,9 +130,9 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
         warm = self._warm_start(engine, job)
         if job.negotiates and warm is None:
             yield llm_decoder_pb2.ScoreResponse(need_payload=True)
-        sizes = await self._sizes(job, warm, messages)
+        assembler = await self._assembler(job, warm, messages)
         async with self.admission.slot():
-            payloads = await self._payloads(sizes, messages)
+            payloads = await _read_payloads(messages, assembler)
             [request] = job.requests(payloads, warm)
             scores = await asyncio.get_running_loop().run_in_executor(
                 self.pool, classify, engine, request, list(job.labels))
@@ -145,19 +145,11 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
         # On the event loop: tokenizing a prompt and forking a cached state take about a millisecond.
         return engine.warm_start(job.conversations[0], job.image_ids) if job.negotiates else None
 
-    async def _sizes(self, job: Job, warm: WarmStart | None, messages) -> list[int]:
-        if warm is not None:
-            return []
-        sizes = await _read_sizes(messages, job.images) if job.negotiates else job.payload_sizes
-        Assembler(sizes, self.config.max_payload_bytes)  # validates sizes against the limit now
-        return sizes
-
-    async def _payloads(self, sizes: list[int], messages) -> list[bytes]:
-        if not sizes:
-            return []
-        payloads = await _read_payloads(messages, Assembler(sizes, self.config.max_payload_bytes))
-        PAYLOAD_BYTES.inc(sum(sizes))
-        return payloads
+    async def _assembler(self, job: Job, warm: WarmStart | None, messages) -> Assembler:
+        """Where the request's payload bytes will go; its sizes are checked against the limit now."""
+        sizes = [] if warm is not None else (
+            await _read_sizes(messages, job.images) if job.negotiates else job.payload_sizes)
+        return Assembler(sizes, self.config.max_payload_bytes)
 
     def _ready(self) -> DecoderEngine:
         if self.engine is None:
@@ -227,7 +219,9 @@ async def _read_payloads(messages, assembler: Assembler) -> list[bytes]:
         if message.WhichOneof("part") != "payload_chunk":
             raise InvalidRequest("after the header, only payload_chunk messages may follow")
         assembler.add(message.payload_chunk)
-    return assembler.payloads()  # InvalidRequest if the stream ended short
+    payloads = assembler.payloads()  # InvalidRequest if the stream ended short
+    PAYLOAD_BYTES.inc(sum(map(len, payloads)))
+    return payloads
 
 
 async def _reject_extra_messages(messages, generation: ThreadedGeneration) -> None:
@@ -243,7 +237,7 @@ def job_from_header(header: llm_decoder_pb2.GenerateHeader, max_new_tokens_limit
                     config: DecoderConfig) -> Job:
     conversations = ([messages_from_pb(c.messages) for c in header.batch] if header.batch
                      else [messages_from_pb(header.messages)])
-    counts = {sum(p.get("type") == "image" for m in c for p in m["content"]) for c in conversations}
+    counts = {_image_count(c) for c in conversations}
     if len(counts) != 1:
         raise InvalidRequest("every conversation of a batch must hold the same images")
     images = counts.pop()
@@ -256,6 +250,10 @@ def job_from_header(header: llm_decoder_pb2.GenerateHeader, max_new_tokens_limit
         raise InvalidRequest(f"the messages hold {images} images but payload_bytes lists {len(sizes)} payloads")
     sampling = sampling_from_pb(header.sampling, config.default_max_new_tokens).validate(max_new_tokens_limit)
     return Job(conversations, sampling, sizes, header.request_id, image_ids, tuple(header.labels))
+
+
+def _image_count(conversation: list[Message]) -> int:
+    return sum(part.get("type") == "image" for message in conversation for part in message["content"])
 
 
 def messages_from_pb(messages) -> list[Message]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from PIL import Image
 from vlsplit.shared import metrics
 from vlsplit.shared.cache import SafeStore, embedding_key, image_key
 from vlsplit.shared.codec import DTYPES, FORMAT_VERSION, decode_payload, dtype_name, encode_payload
-from vlsplit.shared.errors import BadImage, CorruptPayload, InvalidRequest, NotFound, TooLarge, Unavailable
+from vlsplit.shared.errors import BadImage, CorruptPayload, NotFound, TooLarge, Unavailable
 from vlsplit.shared.images import ImageLimits, image_id as content_id, load_image
 from vlsplit.shared.payload import EmbeddingPayload
 from vlsplit.shared.processor import ImageInputs
@@ -54,7 +53,6 @@ log = logging.getLogger("vlsplit.encoder")
 ENCODES = Counter("vlsplit_encoder_encodes", "Images run through the vision tower (cache misses that were computed)")
 BATCH_SIZE = Histogram("vlsplit_encoder_batch_size", "Images per vision-tower forward",
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
-_IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 _WARMUP_SIZE = (64, 64)
 
 
@@ -86,12 +84,6 @@ class ModelInfo:
     fingerprint: str
     dtype: str
     payload_format: int
-
-
-def check_image_id(value: str) -> str:
-    if not _IMAGE_ID.fullmatch(value):
-        raise InvalidRequest(f"image_id must be 64 lowercase hex digits (sha256 of the image bytes), got {value[:80]!r}")
-    return value
 
 
 class CachedEncoder:

@@ -9,7 +9,9 @@ from vlsplit.shared.errors import InvalidRequest, Unavailable
 from vlsplit.shared.transfer import chunks
 from vlsplit.v1 import common_pb2, vision_encoder_pb2, vision_encoder_pb2_grpc
 
-from .cached_encoder import CachedEncoder, Encoded, check_image_id
+from vlsplit.shared.images import check_image_id
+
+from .cached_encoder import CachedEncoder, Encoded
 
 SERVICE_NAME = vision_encoder_pb2.DESCRIPTOR.services_by_name["VisionEncoder"].full_name
 
