@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -15,12 +16,14 @@ class EmbeddingPayload:
     grid_thw:   (t, h, w)            patch grid BEFORE the spatial merge (what M-RoPE needs)
     deepstack:  L x [n_tokens, hidden] Qwen3-VL deepstack features, empty for Qwen2/2.5-VL
     fingerprint: the producing model's fingerprint (see shared/fingerprint.py)
+    image_id:  content id (sha256 of the image bytes) of the image it belongs to; "" if unnamed
     """
 
     embeddings: torch.Tensor
     grid_thw: tuple[int, int, int]
     fingerprint: str
     deepstack: tuple[torch.Tensor, ...] = ()
+    image_id: str = ""
 
     @property
     def n_tokens(self) -> int:
@@ -37,4 +40,9 @@ class EmbeddingPayload:
             grid_thw=self.grid_thw,
             fingerprint=self.fingerprint,
             deepstack=tuple(t.to(dtype) for t in self.deepstack),
+            image_id=self.image_id,
         )
+
+    def named(self, image_id: str) -> "EmbeddingPayload":
+        """Same payload, naming its image."""
+        return dataclasses.replace(self, image_id=image_id)

@@ -2,4 +2,4 @@
 
 # Embedding payload format (shared/codec.py). It is part of every cache key, so a format change
 # never reads an old entry.
-PAYLOAD_FORMAT = 1
+PAYLOAD_FORMAT = 2  # v2: the payload names its image (image id)

@@ -1,58 +1,42 @@
-"""Incremental detokenization with stop strings, for streaming text as tokens arrive."""
+"""Incremental detokenization with stop strings: O(1) work per token, whatever the answer's length.
+
+tokenizers' `DecodeStream` turns each new id into the text it completes (None while a UTF-8
+character is still partial); `StopStrings` holds back only the tail that could still begin a stop
+string, so a client never sees text it would later have to retract.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
-REPLACEMENT = "\ufffd"  # what a byte-level BPE decodes an incomplete UTF-8 sequence to
 
+class StopStrings:
+    """Text pieces in, final text out; cut before the first occurrence of any stop string."""
 
-class Detokenizer:
-    """Turns a growing list of token ids into text deltas; holds back text that may still change.
-
-    Text is held back while it ends in an incomplete UTF-8 character or could be the beginning of
-    a stop string, so a client never sees text it would later have to retract.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: tuple[str, ...] = ()):
-        self.decode = decode
+    def __init__(self, stop: tuple[str, ...] = ()):
         self.stop = stop
-        self.ids: list[int] = []
-        self.emitted = 0  # characters of text already returned
+        self.held = ""  # the longest emitted-text tail that is a proper prefix of a stop string
         self.stopped = False
 
-    def add(self, token_id: int) -> str:
-        """Append a token; return the new text that is now final ("" if none)."""
-        self.ids.append(token_id)
-        text = self.decode(self.ids)
-        cut = self._stop_cut(text)
-        if cut is not None:
-            self.stopped = True
-            return self._emit(text[:cut])
-        if text.endswith(REPLACEMENT):
+    def add(self, piece: str) -> str:
+        """The part of `held + piece` that is now final ("" if none)."""
+        if self.stopped:
             return ""
-        return self._emit(text[: len(text) - self._stop_prefix_len(text)])
+        text = self.held + piece  # any stop occurrence starts inside it (see `_prefix_tail`)
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped, self.held = True, ""
+            return text[:min(hits)]
+        keep = self._prefix_tail(text)
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep]
 
     def flush(self) -> str:
-        """The rest of the text at the end of generation."""
-        return "" if self.stopped else self._emit(self.decode(self.ids))
+        out, self.held = ("" if self.stopped else self.held), ""
+        return out
 
-    @property
-    def text(self) -> str:
-        text = self.decode(self.ids)
-        cut = self._stop_cut(text)
-        return text if cut is None else text[:cut]
-
-    def _emit(self, final: str) -> str:
-        delta = final[self.emitted:]
-        self.emitted = max(self.emitted, len(final))
-        return delta
-
-    def _stop_cut(self, text: str) -> int | None:
-        hits = [i for i in (text.find(s, max(0, self.emitted - len(s))) for s in self.stop) if i >= 0]
-        return min(hits) if hits else None
-
-    def _stop_prefix_len(self, text: str) -> int:
+    def _prefix_tail(self, text: str) -> int:
         """Length of the longest tail of `text` that is a proper prefix of some stop string."""
         best = 0
         for s in self.stop:
@@ -61,3 +45,33 @@ class Detokenizer:
                     best = n
                     break
         return best
+
+
+class Detokenizer:
+    """Token ids -> text deltas for one sequence."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stream = DecodeStream(skip_special_tokens=True)
+        self.unfinished: list[int] = []  # ids the stream has not turned into text yet
+        self.stops = StopStrings(stop)
+
+    @property
+    def stopped(self) -> bool:
+        return self.stops.stopped
+
+    def add(self, token_id: int) -> str:
+        """Append a token; return the new text that is now final ("" if none)."""
+        piece = self.stream.step(self.tokenizer, token_id)
+        if piece is None:
+            self.unfinished.append(token_id)
+            return ""
+        self.unfinished.clear()
+        return self.stops.add(piece)
+
+    def flush(self) -> str:
+        """The rest of the text at the end of generation (bytes of a character left incomplete
+        decode to U+FFFD, as a full decode would)."""
+        rest = self.tokenizer.decode(self.unfinished, skip_special_tokens=True) if self.unfinished else ""
+        self.unfinished.clear()
+        return self.stops.add(rest) + self.stops.flush()

@@ -1,159 +1,322 @@
-"""Decoder engine: loads ONLY the language weights and generates from precomputed image embeddings.
+"""Decoder engine: ONLY the language weights, one scheduler, one step loop for every request.
 
-The generation loop is ours (prefill, then one decode step per token over the text model's
-forward), with the KV cache held in a `KVState` value per sequence: nothing request-specific lives
-on the shared model, so concurrent generations are safe, and later features (prefix-KV reuse,
-batched questions) build on the same steps. `model.generate` stays the reference in the tests.
+    prepare(conversations, payloads | None, ...) -> Request     validate, tokenize, bound (caller's thread)
+    submit(request, sink)                                         queue it for admission
+    engine thread: step() = schedule -> ModelRunner.run -> sample / score -> outputs to sinks
+
+Generate, AskMany (many conversations about the same images), Classify and Moderate (checks with
+labels) are all sequences in the same scheduler, advanced by the same step; `generate`,
+`generate_batch` and `classify` are blocking conveniences over the same path (local-ask and the
+tests use them). Nothing request-specific lives on the model: the KV is in the block pool.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
-from prometheus_client import Counter
-from torch import nn
-from transformers import DynamicCache, GenerationConfig
-from transformers.initialization import no_init_weights
+from prometheus_client import Histogram
+from transformers import GenerationConfig
 
-from vlsplit.shared.checkpoint import Checkpoint, load_strict
+from vlsplit.shared.checkpoint import Checkpoint
 from vlsplit.shared.codec import validate_payload
-from vlsplit.shared.errors import CheckpointError, CorruptPayload, ModelMismatch
-from vlsplit.shared.families.base import LM_HEAD
+from vlsplit.shared.errors import CheckpointError, CorruptPayload, InvalidRequest, ModelMismatch, TooLarge
 from vlsplit.shared.fingerprint import compute_fingerprint
 from vlsplit.shared.payload import EmbeddingPayload
-from vlsplit.shared.processor import Message, PromptBuilder, PromptInputs
+from vlsplit.shared.processor import Message, PromptBuilder, validate_messages
 
+from .block_manager import BlockManager, root_hash
 from .detokenizer import Detokenizer
+from .model_runner import Chunk, ModelRunner
 from .positions import mrope_positions
-from .prefix_cache import PrefixCache, PrefixKey
-from .sampling import Sampler, SamplingParams
+from .request import END, ClassifyRequest, GenerateRequest, LabelScore, NeedPayload, Request, TokenEvent, Usage
+from .sampling import Sampler, SamplingParams, sample
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import ImageSpan, Prompt, Sequence
 
 log = logging.getLogger("vlsplit.decoder")
 MAX_REMEMBERED_IMAGES = 100_000  # image_id -> grid entries kept for warm starts (a few MB)
-PREFILL_TOKENS = Counter("vlsplit_decoder_prefill_tokens", "Prompt tokens run through the model (prefix hits skip theirs)")
+STEP_SECONDS = Histogram("vlsplit_decoder_step_seconds", "Wall time of one engine step (schedule, forward, outputs)",
+                         ["kind"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+STEP_ROWS = Histogram("vlsplit_decoder_batch_size", "Sequences advanced by one step",
+                      buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128))
+
+__all__ = ["DecoderEngine", "EngineConfig", "GenerationRequest", "LabelScore", "NeedPayload", "TokenEvent", "Usage"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's budget and the bounds it enforces itself (each named in its error)."""
+
+    kv_cache_bytes: int = 1 << 30  # the KV pool, allocated once: running sequences and cached prefixes
+    block_size: int = 16  # tokens per KV block (the granularity of prefix reuse)
+    max_batch: int = 64  # sequences running at once
+    max_step_tokens: int = 2048  # tokens one step computes (decode rows + prefill chunks)
+    max_queue: int = 64  # requests waiting for admission
+    max_model_len: int = 0  # prompt + new tokens; 0 = the model's max_position_embeddings
+    max_new_tokens_limit: int = 4096
+    max_images: int = 16  # images per request
+    max_rows: int = 64  # conversations (AskMany questions) per request
+    max_labels: int = 64  # labels per Classify check
+    max_label_tokens: int = 32
+    max_checks: int = 16  # checks per Classify/Moderate request
+    max_stop: int = 16  # stop strings per request
+    max_stop_chars: int = 256  # characters per stop string
+    max_request_blocks: int = 0  # KV blocks one request may need; 0 = the whole pool
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """One conversation (system prompt, images anywhere, several turns) to answer."""
+
     messages: list[Message]
     payloads: list[EmbeddingPayload]  # one per image part of `messages`, in order
     sampling: SamplingParams = SamplingParams()
-    image_ids: tuple[str, ...] = ()  # content ids of the payloads' images: enables prefix-KV reuse
-    warm: "WarmStart | None" = None  # from `warm_start`: then `payloads` may be empty
+    image_ids: tuple[str, ...] = ()  # content ids of the images (payloads carry theirs too)
 
 
 @dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int  # image tokens included
-    image_tokens: int
-    completion_tokens: int  # generated, the final EOS not counted
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One step of a streamed generation. The last event has `finish_reason` and `usage` set."""
-
-    token_id: int | None  # None on a final event that adds no token (EOS)
-    text: str  # text delta, "" while held back
-    finish_reason: str | None = None  # "stop" (EOS or stop string) | "length"
-    usage: Usage | None = None
+class StepRecord:
+    seconds: float
+    prefill: dict[int, int]  # sequence id -> prompt tokens computed
+    decode: list[int]  # sequence ids that computed one token
 
 
 @dataclass
-class KVState:
-    """A sequence's decoding state: its KV cache and where the next token goes."""
-
-    cache: DynamicCache
-    next_positions: torch.Tensor  # [4]: text position, then the 3 M-RoPE axes, of the next token
-
-    @property
-    def length(self) -> int:
-        return self.cache.get_seq_length()
-
-
-@dataclass(frozen=True)
-class WarmStart:
-    """What a request without payloads starts from: its images' grids and the cached prefix state."""
-
-    grids: list[tuple[int, int, int]]
-    state: KVState
-
-
-@dataclass(frozen=True)
-class Prompt:
-    ids: torch.Tensor  # [L]
-    embeds: torch.Tensor  # [1, L, hidden], image embeddings scattered in
-    positions: torch.Tensor  # [4, 1, L]
-    visual_mask: torch.Tensor  # [1, L] bool
-    deepstack: list[torch.Tensor]  # per level [n_image_tokens, hidden]; empty if not Qwen3-VL
-    prefix_len: int  # tokens up to the last image's <|vision_end|>: what every question about it shares
-    grids: tuple[tuple[int, int, int], ...] = ()  # the images' grids, in order
-
-    @property
-    def suffix_len(self) -> int:
-        return len(self.ids) - self.prefix_len
+class EngineStats:
+    steps: int = 0
+    records: deque = field(default_factory=lambda: deque(maxlen=10_000))
 
 
 class DecoderEngine:
-    def __init__(
-        self,
-        checkpoint: str | Path,
-        dtype: torch.dtype = torch.float32,
-        device: str = "cpu",
-        attn_implementation: str = "sdpa",
-        max_new_tokens_limit: int = 4096,
-        prefix_cache_bytes: int = 1 << 30,
-    ):
+    def __init__(self, checkpoint: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                 config: EngineConfig | None = None, **overrides):
         start = time.perf_counter()
+        self.config = dataclasses.replace(config or EngineConfig(), **overrides)
         self.checkpoint = Checkpoint(checkpoint)
         self.family = self.checkpoint.family
-        self.config = self.checkpoint.config
         self.dtype, self.device = dtype, torch.device(device)
-        self.max_new_tokens_limit = max_new_tokens_limit
-        self.text_model, self.lm_head = self._load(attn_implementation)
-        self.merge_size: int = self.config.vision_config.spatial_merge_size
+        text = self.checkpoint.config.text_config
+        self.max_len = min(self.config.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
+        self.runner = ModelRunner(self.checkpoint, dtype, self.device, self.config.kv_cache_bytes, self.config.block_size)
+        self.merge_size: int = self.checkpoint.config.vision_config.spatial_merge_size
         self.prompts = PromptBuilder.from_pretrained(self.checkpoint.path, self.merge_size)
         self.eos_ids = _eos_ids(self.checkpoint.path, self.prompts.tokenizer)
         self.fingerprint = compute_fingerprint(self.checkpoint.path)
-        self.deepstack_levels = len(getattr(self.config.vision_config, "deepstack_visual_indexes", None) or [])
-        self.prefix_cache = PrefixCache(prefix_cache_bytes)
-        # One forward at a time: concurrent forwards only oversubscribe the cores (each torch op
-        # already uses all intra-op threads); concurrency comes from batching, not from threads.
-        self.compute = threading.Lock()
-        self.image_grids: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # image_id -> grid, for warm starts
+        self.hidden_size = text.hidden_size
+        self.deepstack_levels = len(getattr(self.checkpoint.config.vision_config, "deepstack_visual_indexes", None) or [])
         self.vision_end_id = self.prompts.tokenizer.convert_tokens_to_ids("<|vision_end|>")
-        log.info("decoder %s loaded in %.2fs (%s, %s, fingerprint %s)", self.family.model_type,
-                 time.perf_counter() - start, dtype, device, self.fingerprint)
+        self.root = root_hash(self.fingerprint, str(dtype), self.config.block_size)
+        self.blocks = BlockManager(self.runner.pool.num_blocks, self.config.block_size, self.runner.pool.copy_block)
+        self.scheduler = Scheduler(self.blocks, SchedulerConfig(self.config.max_batch, self.config.max_step_tokens,
+                                                                self.config.max_queue))
+        self.image_grids: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # image_id -> grid, for warm starts
+        self.stats = EngineStats()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="decoder-engine", daemon=True)
+        self._thread.start()
+        log.info("decoder %s loaded in %.2fs (%s, %s, fingerprint %s, %d KV blocks of %d tokens)",
+                 self.family.model_type, time.perf_counter() - start, dtype, device, self.fingerprint,
+                 self.blocks.num_blocks, self.config.block_size)
 
-    def _load(self, attn_implementation: str) -> tuple[nn.Module, nn.Linear]:
-        text_config = self.config.text_config
-        text_config._attn_implementation = attn_implementation
-        names = self.checkpoint.language_names()
-        head_names = {n: n for n in names if n == LM_HEAD}
-        body_names = {n: m for n, m in names.items() if n != LM_HEAD}
-        with no_init_weights():
-            text_model = self.family.text_class._from_config(text_config, dtype=torch.float32)
-        load_strict(text_model, self.checkpoint.read(body_names, self.dtype))
-        # On the meta device: its weight is replaced just below, so never allocate or init it.
-        lm_head = nn.Linear(text_config.hidden_size, text_config.vocab_size, bias=False, device="meta")
-        # A stored head wins even under a tied config, as in transformers' from_pretrained.
-        if head_names:
-            lm_head.weight = nn.Parameter(self.checkpoint.read(head_names, self.dtype)[LM_HEAD], requires_grad=False)
-        elif self.config.tie_word_embeddings:
-            lm_head.weight = text_model.embed_tokens.weight
+    @property
+    def max_new_tokens_limit(self) -> int:
+        return self.config.max_new_tokens_limit
+
+    @property
+    def request_block_limit(self) -> int:
+        return min(self.config.max_request_blocks or self.blocks.num_blocks, self.blocks.num_blocks)
+
+    def close(self) -> None:
+        self._closed = True
+        self.scheduler.wake()
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def prepare(self, conversations: list[list[Message]], payloads: list[EmbeddingPayload] | None,
+                sampling: SamplingParams | list[SamplingParams] = SamplingParams(),
+                image_ids: tuple[str, ...] = (), labels: list[list[str]] | None = None) -> Request:
+        """A validated request. Without payloads the images' KV must be cached (else NeedPayload)."""
+        kind = "check" if labels is not None else "conversation"
+        limit = self.config.max_checks if labels is not None else self.config.max_rows
+        if not conversations:
+            raise InvalidRequest(f"at least one {kind} is required")
+        if len(conversations) > limit:
+            raise TooLarge(f"{len(conversations)} {kind}s in one request; the limit is {limit}")
+        images = self._image_count(conversations)
+        grids, keys, embeddings, deepstack = self._images(images, payloads, image_ids)
+        prompts = [self._prompt(c, grids, keys, embeddings, deepstack) for c in conversations]
+        if labels is not None:
+            request = self._classify_request(prompts, labels)
         else:
-            raise CheckpointError(f"{self.checkpoint.path}: tie_word_embeddings is false but {LM_HEAD} is missing")
-        return text_model.eval().to(self.device), lm_head.eval().to(self.device)
+            request = self._generate_request(prompts, sampling)
+        self._check_blocks(request)
+        if payloads is None:
+            self._check_cached(request)
+        return request
 
-    # ---- prompt --------------------------------------------------------------------------------
+    def submit(self, request: Request, sink) -> Request:
+        """Queue a prepared request; outputs go to `sink` from the engine's thread (see request.py)."""
+        request.sink = sink
+        self.scheduler.add(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        request.cancel()
+        self.scheduler.wake()
+
+    def stream(self, request: Request) -> Iterator[object]:
+        """Submit and yield the request's outputs (blocking); leaving early cancels it."""
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        self.submit(request, outputs.put)
+        try:
+            while (item := outputs.get()) is not END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancel(request)
+
+    def generate(self, request: GenerationRequest) -> Iterator[TokenEvent]:
+        """Stream tokens for one conversation. Greedy unless a temperature is given."""
+        prepared = self.prepare([request.messages], request.payloads, request.sampling, request.image_ids)
+        for _, event in self.stream(prepared):
+            yield event
+
+    def generate_batch(self, requests: list[GenerationRequest]) -> Iterator[tuple[int, TokenEvent]]:
+        """Stream (index, event) for conversations about the same images, as one request."""
+        first = requests[0]
+        prepared = self.prepare([r.messages for r in requests], first.payloads, [r.sampling for r in requests],
+                                first.image_ids)
+        yield from self.stream(prepared)
+
+    def classify(self, request: GenerationRequest, labels: list[str]) -> list[LabelScore]:
+        """Scores for `labels` as answers to the conversation, most likely first."""
+        [(_, scores)] = self.classify_many([request.messages], request.payloads, [labels], request.image_ids)
+        return scores
+
+    def classify_many(self, conversations: list[list[Message]], payloads: list[EmbeddingPayload] | None,
+                      labels: list[list[str]], image_ids: tuple[str, ...] = ()) -> list[tuple[int, list[LabelScore]]]:
+        prepared = self.prepare(conversations, payloads, image_ids=image_ids, labels=labels)
+        return sorted(self.stream(prepared), key=lambda item: item[0])
+
+    # ---- the step loop -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._closed:
+            self.scheduler.wait_for_work(timeout=1.0)
+            if self.scheduler.has_work():
+                self.step()
+
+    def step(self) -> StepRecord | None:
+        """Advance every scheduled sequence once (engine thread only)."""
+        start = time.perf_counter()
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return None
+        try:
+            logits = self.runner.run(chunks)
+        except Exception as exc:  # noqa: BLE001 - a bug must not wedge every request: fail this step's
+            log.exception("engine step failed; failing its %d sequences' requests", len(chunks))
+            for request in {id(c.seq.request): c.seq.request for c in chunks}.values():
+                self.scheduler.abort(request, exc)
+            return None
+        for chunk in chunks:
+            self.scheduler.computed(chunk)
+        self._outputs(chunks, logits)
+        return self._record(chunks, time.perf_counter() - start)
+
+    def _outputs(self, chunks: list[Chunk], logits: list[torch.Tensor | None]) -> None:
+        ready = [(c.seq, x) for c, x in zip(chunks, logits) if x is not None]
+        generating = [(seq, x) for seq, x in ready if isinstance(seq.request, GenerateRequest)]
+        if generating:
+            tokens = sample(torch.stack([x for _, x in generating]),
+                            [seq.request.samplers[seq.index] for seq, _ in generating])
+            for (seq, _), token in zip(generating, tokens):
+                self._safely(seq, lambda s=seq, t=token: s.request.on_token(s, t) and self.scheduler.finish(s))
+        for seq, x in ready:
+            if isinstance(seq.request, ClassifyRequest):
+                self._safely(seq, lambda s=seq, x=x: self._scored(s, x))
+
+    def _scored(self, seq: Sequence, logits: torch.Tensor) -> None:
+        request: ClassifyRequest = seq.request
+        if seq.label < 0:
+            for label, tokens in request.on_prompt(seq, logits):
+                self.scheduler.fork(seq, tokens, label)
+        else:
+            request.on_label(seq, logits)
+        self.scheduler.finish(seq)
+
+    def _safely(self, seq: Sequence, action) -> None:
+        if seq.request.cancelled:
+            return
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - e.g. a sink that broke: that request only
+            log.exception("request output failed")
+            self.scheduler.abort(seq.request, exc)
+
+    def _record(self, chunks: list[Chunk], seconds: float) -> StepRecord:
+        prefill = {c.seq.id: c.n for c in chunks if c.end <= len(c.seq.prompt)}
+        decode = [c.seq.id for c in chunks if c.seq.id not in prefill]
+        record = StepRecord(seconds, prefill, decode)
+        self.stats.steps += 1
+        self.stats.records.append(record)
+        kind = "mixed" if prefill and decode else "prefill" if prefill else "decode"
+        STEP_SECONDS.labels(kind).observe(seconds)
+        STEP_ROWS.observe(len(chunks))
+        return record
+
+    # ---- building requests ---------------------------------------------------------------------
+
+    def _image_count(self, conversations: list[list[Message]]) -> int:
+        for conversation in conversations:
+            validate_messages(conversation)
+        counts = {sum(isinstance(m["content"], list) and part.get("type") == "image"
+                      for m in c for part in (m["content"] if isinstance(m["content"], list) else []))
+                  for c in conversations}
+        if len(counts) != 1:
+            raise InvalidRequest("every conversation of a request must hold the same images")
+        images = counts.pop()
+        if images > self.config.max_images:
+            raise TooLarge(f"the messages hold {images} images; the limit is {self.config.max_images} "
+                           "(VLSPLIT_MAX_IMAGES)")
+        return images
+
+    def _images(self, images: int, payloads: list[EmbeddingPayload] | None, image_ids: tuple[str, ...]):
+        """(grids, keys, embeddings, deepstack) of the request's images, from payloads or remembered grids."""
+        if image_ids and len(image_ids) != images:
+            raise InvalidRequest(f"the messages hold {images} images but {len(image_ids)} image ids were given")
+        if payloads is None:
+            grids = [self.image_grids.get(i) for i in image_ids]
+            if len(grids) != images or None in grids:
+                raise NeedPayload("the images' grids are unknown to this decoder")
+            return grids, list(image_ids), None, ()
+        if len(payloads) != images:
+            raise InvalidRequest(f"the messages hold {images} images but {len(payloads)} payloads were given")
+        keys = []
+        for i, payload in enumerate(payloads):
+            self.check_payload(payload)
+            if image_ids and payload.image_id != image_ids[i]:
+                raise InvalidRequest(f"payload {i} is for image {payload.image_id or '(unnamed)'}, "
+                                     f"but it was sent for image {image_ids[i]}")
+            keys.append(payload.image_id or f"unnamed:{id(payload)}:{time.monotonic_ns()}")
+            if payload.image_id:
+                self._remember(payload.image_id, payload.grid_thw)
+        if not payloads:
+            return [], [], None, ()
+        embeddings = torch.cat([p.embeddings for p in payloads]).to(self.device, self.dtype)
+        deepstack = tuple(torch.cat([p.deepstack[level] for p in payloads]).to(self.device, self.dtype)
+                          for level in range(self.deepstack_levels))
+        return [p.grid_thw for p in payloads], keys, embeddings, deepstack
 
     def check_payload(self, payload: EmbeddingPayload) -> None:
         if payload.fingerprint != self.fingerprint:
@@ -161,162 +324,124 @@ class DecoderEngine:
                 f"embeddings were made by model {payload.fingerprint}, this decoder serves {self.fingerprint}"
             )
         # grid divisible by the merge size, n_tokens matching it, hidden size, deepstack shapes
-        validate_payload(payload, self.merge_size, self.config.text_config.hidden_size)
+        validate_payload(payload, self.merge_size, self.hidden_size)
         if len(payload.deepstack) != self.deepstack_levels:
             raise CorruptPayload(f"payload has {len(payload.deepstack)} deepstack levels, model needs {self.deepstack_levels}")
 
-    @torch.inference_mode()
-    def build_prompt(self, messages: list[Message], payloads: list[EmbeddingPayload],
-                     grids: list[tuple[int, int, int]] | None = None) -> Prompt:
-        """The prompt's ids, embeddings and positions. Without payloads but with `grids` (a warm
-        start), image positions keep placeholder embeddings: their KV comes from the prefix cache."""
-        for payload in payloads:
-            self.check_payload(payload)
-        grids = [p.grid_thw for p in payloads] if payloads else list(grids or [])
-        inputs: PromptInputs = self.prompts(messages, grids)
-        ids = inputs.input_ids.to(self.device)
-        mask = inputs.mm_token_type_ids.bool().to(self.device)
-        embeds = self.text_model.embed_tokens(ids)[None]  # [1, L, hidden]
-        if payloads:
-            embeds[0, mask] = torch.cat([p.embeddings for p in payloads]).to(self.device, embeds.dtype)
-        deepstack = [
-            torch.cat([p.deepstack[level] for p in payloads]).to(self.device, embeds.dtype)
-            for level in range(self.deepstack_levels if payloads else 0)
-        ]
-        rope, _ = mrope_positions(inputs.mm_token_type_ids, grids, self.merge_size)
-        positions = torch.cat([torch.arange(len(ids))[None], rope])[:, None].to(self.device)  # [4, 1, L]
-        return Prompt(ids, embeds, positions, mask[None], deepstack, self._prefix_len(inputs), tuple(grids))
+    def _remember(self, image_id: str, grid: tuple[int, int, int]) -> None:
+        self.image_grids[image_id] = tuple(grid)
+        self.image_grids.move_to_end(image_id)
+        while len(self.image_grids) > MAX_REMEMBERED_IMAGES:
+            self.image_grids.popitem(last=False)
 
-    def _prefix_len(self, inputs: PromptInputs) -> int:
-        image_positions = inputs.mm_token_type_ids.nonzero()
-        if len(image_positions) == 0:
-            return 0
-        end = int(image_positions[-1]) + 1
-        return end + 1 if end < len(inputs.input_ids) and inputs.input_ids[end] == self.vision_end_id else end
+    def _prompt(self, messages: list[Message], grids, keys, embeddings, deepstack) -> Prompt:
+        inputs = self.prompts(messages, grids)
+        ids, mm = inputs.input_ids.tolist(), inputs.mm_token_type_ids
+        positions, _ = mrope_positions(mm, grids, self.merge_size)
+        spans, row = [], 0
+        starts = [i for i in range(len(ids)) if mm[i] and (i == 0 or not mm[i - 1])]
+        for start, grid, key in zip(starts, grids, keys):
+            length = self.prompts.tokens_per_image(grid)
+            spans.append(ImageSpan(start, length, key, row))
+            row += length
+        end = spans[-1].start + spans[-1].length if spans else 0
+        cache_point = end + 1 if spans and end < len(ids) and ids[end] == self.vision_end_id else end
+        return Prompt(ids, positions, int(positions[:, -1].max()) + 1, tuple(spans), embeddings, tuple(deepstack),
+                      cache_point)
 
-    def request_prompt(self, request: GenerationRequest) -> Prompt:
-        grids = request.warm.grids if request.warm is not None else None
-        return self.build_prompt(request.messages, request.payloads, grids)
+    def _sequence(self, prompt: Prompt, index: int, max_new_tokens: int, worst: int) -> Sequence:
+        return Sequence(prompt, self.root, self.config.block_size, max_new_tokens, index=index, worst=worst)
 
-    # ---- steps ---------------------------------------------------------------------------------
+    def _generate_request(self, prompts: list[Prompt], sampling) -> GenerateRequest:
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        params = [self._validate_sampling(p) for p in params]
+        seqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            self._check_length(len(prompt), p.max_new_tokens, "max_new_tokens")
+            seqs.append(self._sequence(prompt, i, p.max_new_tokens, -(-(len(prompt) + p.max_new_tokens) // self.config.block_size)))
+        tokenizer = self.prompts.tokenizer.backend_tokenizer
+        return GenerateRequest(seqs, [Sampler(p, self.device) for p in params],
+                               [Detokenizer(tokenizer, p.stop) for p in params], self.eos_ids, self.max_len)
 
-    @torch.inference_mode()
-    def warm_start(self, messages: list[Message], image_ids: tuple[str, ...]) -> WarmStart | None:
-        """A start that needs no payload: the prompt's image prefix state is in the prefix cache.
+    def _classify_request(self, prompts: list[Prompt], labels: list[list[str]]) -> ClassifyRequest:
+        if len(labels) != len(prompts):
+            raise InvalidRequest(f"{len(prompts)} checks but {len(labels)} label lists")
+        bs, seqs, checks = self.config.block_size, [], []
+        for i, (prompt, check_labels) in enumerate(zip(prompts, labels)):
+            ids = self._tokenize_labels(check_labels)
+            self._check_length(len(prompt), max(len(x) for x in ids), "the longest label")
+            rows = sum(-(-(len(prompt) + len(x) - 1) // bs) - len(prompt) // bs for x in ids if len(x) > 1)
+            seqs.append(self._sequence(prompt, i, 0, -(-len(prompt) // bs) + rows))
+            checks.append((list(check_labels), ids))
+        return ClassifyRequest(seqs, checks)
 
-        The returned state is a fork, so it stays valid even if the entry is evicted meanwhile.
-        """
-        grids = [self.image_grids.get(i) for i in image_ids]
-        if not image_ids or None in grids:
-            return None
-        prompt = self.build_prompt(messages, [], grids)
-        cached = self.prefix_cache.get(PrefixKey.of(self.fingerprint, image_ids, prompt.ids[: prompt.prefix_len].cpu()))
-        return None if cached is None else WarmStart(grids, KVState(*cached))
+    def _tokenize_labels(self, labels: list[str]) -> list[list[int]]:
+        if not labels:
+            raise InvalidRequest("at least one label is required")
+        if len(labels) > self.config.max_labels:
+            raise TooLarge(f"{len(labels)} labels; the limit is {self.config.max_labels} (VLSPLIT_MAX_LABELS)")
+        if len(set(labels)) != len(labels):
+            raise InvalidRequest("labels must be distinct")
+        out = []
+        for label in labels:
+            if not isinstance(label, str) or not label.strip():
+                raise InvalidRequest("labels must be non-empty")
+            ids = self.prompts.tokenizer(label, add_special_tokens=False)["input_ids"]
+            if len(ids) > self.config.max_label_tokens:
+                raise TooLarge(f"label {label[:40]!r} is {len(ids)} tokens; the limit is "
+                               f"{self.config.max_label_tokens} (VLSPLIT_MAX_LABEL_TOKENS)")
+            out.append(ids)
+        return out
 
-    @torch.inference_mode()
-    def prefill(self, prompt: Prompt, image_ids: tuple[str, ...] = (),
-                warm: WarmStart | None = None) -> tuple[KVState, torch.Tensor]:
-        """Run the prompt; return its state and the logits [vocab] of the next token.
+    def _validate_sampling(self, params: SamplingParams) -> SamplingParams:
+        params = params.validate(self.config.max_new_tokens_limit)
+        if len(params.stop) > self.config.max_stop:
+            raise TooLarge(f"{len(params.stop)} stop strings; the limit is {self.config.max_stop} (VLSPLIT_MAX_STOP)")
+        for stop in params.stop:
+            if len(stop) > self.config.max_stop_chars:
+                raise TooLarge(f"a stop string is {len(stop)} characters; the limit is "
+                               f"{self.config.max_stop_chars} (VLSPLIT_MAX_STOP_CHARS)")
+        return params
 
-        A prompt with images is prefilled in two chunks, the image prefix then the question's own
-        tokens, whether or not the prefix state is cached, so a warm answer is computed exactly as
-        a cold one. With `image_ids` the prefix state is looked up in / stored into the prefix cache.
-        """
-        if prompt.prefix_len == 0:
-            return self._prefill_chunk(prompt, 0, len(prompt.ids), self._new_state(prompt))
-        state = warm.state if warm is not None else self.prefix_state(prompt, image_ids)
-        return self._prefill_chunk(prompt, prompt.prefix_len, len(prompt.ids), state)
+    def _check_length(self, prompt_tokens: int, new_tokens: int, what: str) -> None:
+        if prompt_tokens + new_tokens > self.max_len:
+            raise TooLarge(f"the prompt is {prompt_tokens} tokens and {what} adds up to {new_tokens}: over the "
+                           f"context limit of {self.max_len} tokens (max_model_len)")
 
-    def prefix_state(self, prompt: Prompt, image_ids: tuple[str, ...] = ()) -> KVState:
-        """The state after the prompt's image prefix: from the prefix cache, or prefilled (and stored)."""
-        key = PrefixKey.of(self.fingerprint, image_ids, prompt.ids[: prompt.prefix_len].cpu()) if image_ids else None
-        cached = self.prefix_cache.get(key) if key else None
-        if cached is not None:
-            return KVState(*cached)
-        state, _ = self._prefill_chunk(prompt, 0, prompt.prefix_len, self._new_state(prompt))
-        if key:
-            self.prefix_cache.put(key, state.cache, state.next_positions)
-            for img_id, grid in zip(image_ids, prompt.grids):
-                self.image_grids[img_id] = grid
-                self.image_grids.move_to_end(img_id)
-            while len(self.image_grids) > MAX_REMEMBERED_IMAGES:
-                self.image_grids.popitem(last=False)
-        return state
+    def _check_blocks(self, request: Request) -> None:
+        """A request that could never fit in the pool is refused now (it would wait forever)."""
+        bs = self.config.block_size
+        shared = _common_prefix([s.prompt.ids for s in request.seqs]) // bs
+        need = shared + sum(s.worst - shared for s in request.seqs)
+        limit = self.request_block_limit
+        if need > limit:
+            raise TooLarge(f"the request needs up to {need} KV blocks ({need * bs} tokens); the limit is {limit} "
+                           f"blocks ({'the whole KV pool, VLSPLIT_KV_CACHE_BYTES' if limit == self.blocks.num_blocks else 'VLSPLIT_MAX_REQUEST_BLOCKS'})")
 
-    def _new_state(self, prompt: Prompt) -> KVState:
-        return KVState(DynamicCache(config=self.config.text_config), prompt.positions[:, 0, 0])
+    def _check_cached(self, request: Request) -> None:
+        """Without payloads, every image token must lie in cached blocks (a warm start)."""
+        for seq in request.seqs:
+            prompt = seq.prompt
+            match = self.blocks.match(seq.root, seq.hashes[:len(prompt) // seq.block_size], seq.partial_hash,
+                                      limit=len(prompt) - 1)
+            if match.tokens < prompt.image_end:
+                raise NeedPayload(f"the KV of the images is not cached ({match.tokens} of {prompt.image_end} tokens)")
 
-    def _prefill_chunk(self, prompt: Prompt, start: int, end: int, state: KVState) -> tuple[KVState, torch.Tensor]:
-        """Append prompt tokens [start, end) to `state`; logits [vocab] after the last of them."""
-        extra = {}
-        if prompt.deepstack and start == 0:  # every image token lies in the first chunk
-            extra = {"visual_pos_masks": prompt.visual_mask[:, start:end], "deepstack_visual_embeds": prompt.deepstack}
-        PREFILL_TOKENS.inc(end - start)
-        logits = self._forward(prompt.embeds[:, start:end], prompt.positions[:, :, start:end], state.cache, **extra)
-        return KVState(state.cache, prompt.positions[:, 0, end - 1] + 1), logits
+    @property
+    def prefilled_tokens(self) -> int:
+        """Prompt tokens computed so far (tokens reused from cached blocks are not)."""
+        return self.scheduler.prefilled
 
-    @torch.inference_mode()
-    def decode_step(self, state: KVState, token_id: int) -> torch.Tensor:
-        """Append one token to the sequence; return the logits [vocab] of the one after it."""
-        embeds = self.text_model.embed_tokens(torch.tensor([[token_id]], device=self.device))
-        logits = self._forward(embeds, state.next_positions.view(4, 1, 1), state.cache)
-        state.next_positions = state.next_positions + 1
-        return logits
 
-    def _forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache, **extra) -> torch.Tensor:
-        # embeds [1, n, hidden], positions [4, 1, n] -> logits [vocab] after the last position
-        total = cache.get_seq_length() + embeds.shape[1]
-        attention_mask = torch.ones(1, total, dtype=torch.long, device=self.device)
-        return self.forward_batch(embeds, positions, cache, attention_mask, **extra)[0]
-
-    @torch.inference_mode()
-    def forward_batch(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
-                      attention_mask: torch.Tensor, **extra) -> torch.Tensor:
-        """embeds [B, n, hidden], positions [4, B, n], attention_mask [B, past + n] -> logits [B, vocab]."""
-        return self.lm_head(self.hidden_states(embeds, positions, cache, attention_mask, **extra)[:, -1]).float()
-
-    @torch.inference_mode()
-    def hidden_states(self, embeds: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
-                      attention_mask: torch.Tensor, **extra) -> torch.Tensor:
-        """The text model's last hidden states [B, n, hidden]; `cache` grows by n positions."""
-        with self.compute:
-            return self.text_model(
-                inputs_embeds=embeds, position_ids=positions, past_key_values=cache,
-                attention_mask=attention_mask.to(self.device), use_cache=True, **extra,
-            ).last_hidden_state
-
-    # ---- generation ----------------------------------------------------------------------------
-
-    def generate(self, request: GenerationRequest, cancelled: Callable[[], bool] = lambda: False,
-                 ) -> Iterator[TokenEvent]:
-        """Stream tokens for one request. Greedy unless a temperature is given.
-
-        `cancelled` is polled between tokens (the client went away): generation then simply stops.
-        The final event carries `usage`.
-        """
-        params = request.sampling.validate(self.max_new_tokens_limit)
-        prompt = self.request_prompt(request)
-        sampler = Sampler(params)
-        detok = Detokenizer(self.prompts.decode, params.stop)
-        state, logits = self.prefill(prompt, request.image_ids, request.warm)
-        usage = Usage(len(prompt.ids), int(prompt.visual_mask.sum()), 0)
-        for step in range(params.max_new_tokens):
-            if cancelled():
-                return
-            token = sampler(logits)
-            if token in self.eos_ids:
-                yield TokenEvent(None, detok.flush(), "stop", usage)
-                return
-            usage = dataclasses.replace(usage, completion_tokens=step + 1)
-            delta = detok.add(token)
-            if detok.stopped:
-                yield TokenEvent(token, delta, "stop", usage)
-                return
-            if step == params.max_new_tokens - 1:
-                yield TokenEvent(token, delta + detok.flush(), "length", usage)
-                return
-            yield TokenEvent(token, delta)
-            logits = self.decode_step(state, token)
+def _common_prefix(lists: list[list[int]]) -> int:
+    first, n = lists[0], len(lists[0])
+    for other in lists[1:]:
+        n = min(n, len(other))
+        for i in range(n):
+            if other[i] != first[i]:
+                n = i
+                break
+    return n
 
 
 def _eos_ids(path: Path, tokenizer) -> frozenset[int]:

@@ -1,113 +1,250 @@
-"""Continuous batching: one thread decodes every running generation together, one token per step.
+"""The scheduler: which sequences a step advances, and by how many tokens.
 
-A request is prefilled on its own (its image prefix possibly from the prefix cache) and then joins
-the running batch at the next step boundary instead of waiting for the others to finish; finished
-and cancelled rows leave at step boundaries. Rows of any lengths mix: each row is left-padded
-(masked) to the batch's length and keeps its own M-RoPE positions, sampler and detokenizer.
-
-Callers use `stream(request, cancelled)`: a blocking iterator of that request's TokenEvents, fed
-by the scheduler thread (the servicer runs it in a worker thread, as it did `engine.generate`).
+Policy, every step:
+1. Drop every sequence of a cancelled request, wherever it is (waiting: never prefilled).
+2. Decode first: each running sequence with one token pending gets it.
+3. Prefill with what is left of the step's token budget, oldest first, in chunks (a 16k-token
+   image prompt takes several steps, and running streams get a token in each). A chunk never
+   crosses a prompt's cache point (the end of its last image), so the prefix state there is the
+   same whether it was computed or reused.
+4. Admit waiting sequences (oldest first) while rows and the budget allow and their worst-case
+   blocks can be promised. A sequence whose image prefix another sequence is computing right now
+   waits for it, then reuses its blocks (64 questions about a new image compute it once).
+Nothing is ever preempted: an admitted sequence's blocks are promised up front.
 """
 
 from __future__ import annotations
 
-import logging
-import queue
 import threading
+from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
-from prometheus_client import Histogram
+from prometheus_client import Counter, Gauge
 
-from .batch import Batch, Row, advance
-from .detokenizer import Detokenizer
-from .engine import DecoderEngine, GenerationRequest, TokenEvent, Usage
-from .sampling import Sampler
+from vlsplit.shared.errors import Overloaded
 
-log = logging.getLogger("vlsplit.decoder.scheduler")
-BATCH_SIZE = Histogram("vlsplit_decoder_batch_size", "Sequences advanced by one decode step",
-                       buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64))
-_END = object()
+from .block_manager import HIT_TOKENS, MISS_TOKENS, BlockManager, Hash
+from .model_runner import Chunk
+from .request import NeedPayload, Request
+from .sequence import Sequence, Status
+
+WAITING = Gauge("vlsplit_decoder_waiting", "Requests waiting for admission (KV blocks or rows)")
+RUNNING = Gauge("vlsplit_decoder_running", "Sequences admitted (prefilling or decoding)")
+DROPPED = Counter("vlsplit_decoder_cancelled_sequences", "Sequences dropped because their client went away",
+                  ["where"])
 
 
-@dataclass
-class _Job:
-    request: GenerationRequest
-    out: queue.Queue
-    cancelled: Callable[[], bool]
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch: int  # sequences running at once (a step advances at most this many)
+    max_step_tokens: int  # tokens one step computes: decode tokens plus prefill chunks
+    max_queue: int  # requests waiting for admission; one more gets RESOURCE_EXHAUSTED
 
 
 class Scheduler:
-    def __init__(self, engine: DecoderEngine, max_batch: int):
-        self.engine, self.max_batch = engine, max_batch
-        self.inbox: queue.Queue[_Job] = queue.Queue()
-        self.batch: Batch | None = None
-        threading.Thread(target=self._run, name="decode-scheduler", daemon=True).start()
+    def __init__(self, blocks: BlockManager, config: SchedulerConfig):
+        self.blocks, self.config = blocks, config
+        self.block_size = blocks.block_size
+        self.inbox: list[Request] = []
+        self.queued = 0  # requests with a sequence not admitted yet
+        self.waiting: deque[Sequence] = deque()
+        self.forked: deque[Sequence] = deque()  # label rows: blocks already held, waiting for a row
+        self.running: list[Sequence] = []
+        self.computing: dict[Hash, Sequence] = {}  # cache key -> the sequence computing that prefix
+        self.changed = threading.Condition()
+        self.prefilled = 0  # prompt tokens computed (not reused), for tests and benchmarks
 
-    def stream(self, request: GenerationRequest, cancelled: Callable[[], bool] = lambda: False,
-               ) -> Iterator[TokenEvent]:
-        out: queue.Queue = queue.Queue()
-        self.inbox.put(_Job(request, out, cancelled))
-        while (item := out.get()) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finish_reason is not None:
-                return
+    # ---- from any thread ----------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while True:
-            self._admit(block=self.batch is None)
-            if self.batch is not None:
-                try:
-                    self._step()
-                except Exception as exc:  # noqa: BLE001 - a bug must not wedge every request
-                    log.exception("decode step failed; failing the running batch")
-                    for row in self.batch.rows:
-                        row.emit(exc)
-                    self.batch = None
+    def add(self, request: Request) -> None:
+        with self.changed:
+            if self.queued >= self.config.max_queue:
+                raise Overloaded(f"decoder queue full: {self.queued} requests wait for KV blocks or rows "
+                                 f"(limit VLSPLIT_MAX_QUEUE={self.config.max_queue}); retry with backoff")
+            self.queued += 1
+            request.unadmitted = len(request.seqs)
+            self.inbox.append(request)
+            self.changed.notify()
 
-    def _admit(self, block: bool) -> None:
-        """Prefill waiting requests (all of them, up to max_batch rows) and add them to the batch."""
-        while self.batch is None or len(self.batch.rows) < self.max_batch:
-            try:
-                job = self.inbox.get(block=block and self.batch is None)
-            except queue.Empty:
-                return
-            try:
-                self._join(job)
-            except Exception as exc:  # noqa: BLE001 - validation, ModelMismatch, ...: that request only
-                job.out.put(exc)
+    def wake(self) -> None:
+        """A request was cancelled: let the loop drop it even if nothing else runs."""
+        with self.changed:
+            self.changed.notify()
 
-    def _join(self, job: _Job) -> None:
-        engine, request = self.engine, job.request
-        params = request.sampling.validate(engine.max_new_tokens_limit)
-        prompt = engine.request_prompt(request)
-        state, logits = engine.prefill(prompt, request.image_ids, request.warm)
-        row = Row(0, Sampler(params), Detokenizer(engine.prompts.decode, params.stop), params.max_new_tokens,
-                  Usage(len(prompt.ids), int(prompt.visual_mask.sum()), 0), state.next_positions, logits,
-                  emit=job.out.put, cancelled=job.cancelled)
-        if self.batch is None:
-            self.batch = Batch(engine, [row], [state], prefix_len=0)
-        else:
-            self.batch.add(row, state)
+    def wait_for_work(self, timeout: float | None = None) -> None:
+        with self.changed:
+            if not self.has_work():
+                self.changed.wait(timeout)
 
-    def _step(self) -> None:
-        batch = self.batch
-        keep, tokens = [], []
-        for position, row in enumerate(batch.rows):
-            if row.cancelled():
-                row.emit(_END)
-                continue
-            token, event = advance(self.engine, row)
-            row.emit(event)
-            if event.finish_reason is None:
-                keep.append(position)
-                tokens.append(token)
-        batch.keep(keep)
-        if not batch.rows:
-            self.batch = None
-            return
-        batch.trim()
-        BATCH_SIZE.observe(len(batch.rows))
-        batch.step(tokens)
+    def has_work(self) -> bool:
+        return bool(self.inbox or self.waiting or self.forked or self.running)
+
+    # ---- from the engine's thread ---------------------------------------------------------------
+
+    def schedule(self) -> list[Chunk]:
+        with self.changed:
+            new, self.inbox = self.inbox, []
+        for request in new:
+            self.waiting.extend(request.seqs)
+        self._drop_cancelled()
+        budget = self.config.max_step_tokens
+        chunks: list[Chunk] = []
+        for seq in sorted(self.running, key=lambda s: s.pending > 1):  # decode rows first, stable otherwise
+            n = self._chunk(seq, budget)
+            if n:
+                chunks.append(Chunk(seq, seq.computed, n))
+                budget -= n
+        while self.forked and len(self.running) < self.config.max_batch and budget > 0:
+            seq = self.forked.popleft()
+            self._run(seq)
+            n = self._chunk(seq, budget)
+            chunks.append(Chunk(seq, seq.computed, n))
+            budget -= n
+        for seq in list(self.waiting):
+            if len(self.running) >= self.config.max_batch or budget <= 0:
+                break
+            if seq.status is Status.WAITING and self._admit(seq):
+                n = self._chunk(seq, budget)
+                chunks.append(Chunk(seq, seq.computed, n))
+                budget -= n
+        for chunk in chunks:
+            self._allocate(chunk.seq, chunk.end)
+        RUNNING.set(len(self.running))
+        WAITING.set(self.queued)
+        return chunks
+
+    def computed(self, chunk: Chunk) -> None:
+        """The step computed `chunk`: register its full blocks and its cache point."""
+        seq, bs = chunk.seq, self.block_size
+        before, seq.computed = seq.computed, chunk.end
+        if chunk.end <= len(seq.prompt):
+            self.prefilled += chunk.n
+            MISS_TOKENS.inc(chunk.n)
+        for b in range(before // bs, seq.computed // bs):
+            self.blocks.register_full(seq.block_table[b], seq.hashes[b])
+        point = seq.prompt.cache_point
+        if before < point <= seq.computed:
+            if point % bs:
+                b = point // bs
+                parent = seq.parent_hash(b)
+                self.blocks.snapshot_partial(seq.block_table[b], parent, seq.partial_hash(parent, b * bs, point % bs),
+                                             point % bs)
+            if self.computing.get(seq.cache_key) is seq:
+                del self.computing[seq.cache_key]
+
+    def fork(self, parent: Sequence, tokens: list[int], label: int) -> Sequence:
+        """A row continuing `parent` with `tokens`: its full blocks shared, its last partial block copied."""
+        bs = self.block_size
+        child = Sequence(parent.prompt, parent.root, bs, 0, index=parent.index, label=label, logits="all",
+                         tokens=parent.tokens + tokens, computed=parent.computed, request=parent.request)
+        full = parent.computed // bs
+        child.block_table = parent.block_table[:full]
+        self.blocks.acquire(child.block_table)
+        child.promise = child.blocks_for(len(child)) - full
+        parent.promise -= child.promise  # promised with the parent at its admission
+        if parent.computed % bs:
+            child.block_table.append(self.blocks.copy(parent.block_table[full]))
+            self._spend(child)
+        parent.request.open += 1
+        self.forked.append(child)
+        return child
+
+    def finish(self, seq: Sequence) -> None:
+        """The sequence is done: cache its last partial block, release its blocks and promise."""
+        bs = self.block_size
+        if seq.computed % bs and seq.block_table:
+            b = seq.computed // bs
+            parent = seq.parent_hash(b)
+            self.blocks.register_partial(seq.block_table[b], parent, seq.partial_hash(parent, b * bs, seq.computed % bs),
+                                         seq.computed % bs)
+        self._free(seq)
+        seq.request.sequence_done()
+
+    def abort(self, request: Request, exc: BaseException) -> None:
+        """End a request with an error: its client gets `exc`, every sequence of it is dropped."""
+        request.fail(exc)
+        request.cancel()
+        self._drop_cancelled()
+
+    # ---- internals ------------------------------------------------------------------------------
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        n = min(seq.pending, budget)
+        point = seq.prompt.cache_point
+        if seq.computed < point < seq.computed + n:
+            n = point - seq.computed
+        return max(n, 0)
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Admit `seq` if its blocks can be promised; False leaves it waiting."""
+        key = seq.cache_key
+        if key is not None and key in self.computing:
+            return False  # another sequence is computing this image prefix: reuse it next
+        prompt = seq.prompt
+        match = self.blocks.match(seq.root, seq.hashes[:len(prompt) // self.block_size], seq.partial_hash,
+                                  limit=len(prompt) - 1)
+        need = seq.worst - len(match.blocks)
+        newly = sum(self.blocks.blocks[b].ref == 0 for b in match.blocks)
+        if not self.blocks.can_promise(need + newly):
+            return False
+        if prompt.embeddings is None and match.tokens < prompt.image_end:
+            self.abort(seq.request, NeedPayload("the images' cached KV was evicted before admission"))
+            return False
+        self.blocks.acquire(match.blocks)
+        seq.block_table, seq.computed = list(match.blocks), len(match.blocks) * self.block_size
+        seq.promise = need
+        self.blocks.promise(need)
+        if match.partial is not None:
+            seq.block_table.append(self.blocks.copy(match.partial))
+            self._spend(seq)
+            seq.computed += match.partial_tokens
+        HIT_TOKENS.inc(seq.computed)
+        if key is not None and seq.computed < prompt.cache_point:
+            self.computing.setdefault(key, seq)
+        self.waiting.remove(seq)
+        self._run(seq)
+        self._left_queue(seq.request)
+        return True
+
+    def _left_queue(self, request: Request) -> None:
+        request.unadmitted -= 1
+        if request.unadmitted == 0:
+            self.queued -= 1
+
+    def _run(self, seq: Sequence) -> None:
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+
+    def _allocate(self, seq: Sequence, end: int) -> None:
+        while len(seq.block_table) * self.block_size < end:
+            seq.block_table.append(self.blocks.allocate())
+            self._spend(seq)
+
+    def _spend(self, seq: Sequence) -> None:
+        """One of the sequence's promised blocks is now allocated."""
+        seq.promise -= 1
+        self.blocks.promise(-1)
+
+    def _free(self, seq: Sequence) -> None:
+        self.blocks.release(seq.block_table)
+        seq.block_table = []
+        self.blocks.promise(-seq.promise)
+        seq.promise = 0
+        seq.status = Status.FINISHED
+        if seq in self.running:
+            self.running.remove(seq)
+        if self.computing.get(seq.cache_key) is seq:
+            del self.computing[seq.cache_key]
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self.waiting if s.request.cancelled]:
+            self.waiting.remove(seq)
+            self._left_queue(seq.request)
+            seq.status = Status.FINISHED
+            DROPPED.labels("waiting").inc()
+        for queue_name, seqs in (("running", self.running), ("forked", self.forked)):
+            for seq in [s for s in seqs if s.request.cancelled]:
+                if queue_name == "forked":
+                    self.forked.remove(seq)
+                self._free(seq)
+                DROPPED.labels(queue_name).inc()

@@ -168,6 +168,8 @@ class CachedEncoder:
         payload = decode_payload(blob)
         if payload.fingerprint != self.fingerprint:
             raise CorruptPayload(f"entry was made by model {payload.fingerprint}, this is {self.fingerprint}")
+        if payload.image_id != image_id:
+            raise CorruptPayload(f"entry under {image_id} holds the payload of image {payload.image_id or '(unnamed)'}")
         return Encoded(image_id, blob, payload.fingerprint, payload.grid_thw, payload.n_tokens,
                        dtype_name(payload.dtype), cache_hit=True, encode_ms=0.0)
 
@@ -196,7 +198,7 @@ class CachedEncoder:
     def _encoded(self, image_id: str, payload: EmbeddingPayload, seconds: float, batch: int) -> Encoded:
         """One image of a batch; its encode time is the batch's forward time."""
         metrics.ENCODE_SECONDS.observe(seconds)
-        blob = encode_payload(payload, self.payload_dtype)
+        blob = encode_payload(payload.named(image_id), self.payload_dtype)
         log.info("encoded %s: grid %s, %d tokens in %.0f ms (batch of %d)", image_id[:12], list(payload.grid_thw),
                  payload.n_tokens, seconds * 1000, batch,
                  extra={"image_id": image_id, "encode_ms": round(seconds * 1000, 1), "batch": batch})
