@@ -54,14 +54,29 @@ class DecoderConfig(ServerConfig):
     model: str = ""
     dtype: str = "float32"
     device: str = "cpu"
+    torch_threads: int = 0  # torch intra-op threads; 0 = torch's default (one per physical core)
+    # The engine (services/llm_decoder/engine.py, EngineConfig): its KV budget and scheduler.
+    kv_cache_bytes: int = 2048 * MiB  # the KV block pool, allocated once: running sequences + cached prefixes
+    block_size: int = 16  # tokens per KV block: the granularity of prefix reuse
+    max_batch: int = 64  # sequences running at once (decoded together, one token each per step)
+    max_step_tokens: int = 2048  # tokens one step computes; long prompts are prefilled in chunks of this
+    max_queue: int = 64  # requests waiting for admission; one more -> RESOURCE_EXHAUSTED
+    # Bounds the decoder enforces itself; a request past one gets INVALID_ARGUMENT naming it.
+    max_model_len: int = 0  # prompt + max_new_tokens; 0 = the model's max_position_embeddings
     max_new_tokens_limit: int = 4096
     default_max_new_tokens: int = 64
-    max_concurrent: int = 16  # generations admitted at once (they decode together: continuous batching)
-    max_queue: int = 64  # waiting generations beyond that; more -> RESOURCE_EXHAUSTED
-    max_batch: int = 16  # sequences advanced by one decode step
-    max_payload_bytes: int = 512 * MiB  # all images of one request together
-    prefix_cache_bytes: int = 2048 * MiB  # KV state of recent images' prompt prefixes; 0 = off
-    max_images: int = 16
+    max_images: int = 16  # images per request
+    max_rows: int = 64  # conversations (AskMany questions) per request
+    max_labels: int = 64  # labels per Classify check
+    max_label_tokens: int = 32
+    max_checks: int = 16  # checks per Classify/Moderate request
+    max_stop: int = 16  # stop strings per request
+    max_stop_chars: int = 256  # characters per stop string
+    max_request_blocks: int = 0  # KV blocks one request may need; 0 = the whole pool
+    # The payload stream.
+    max_payload_bytes: int = 0  # one request's payloads; 0 = the largest image's float32 payload (>= 512 MiB)
+    max_receiving_bytes: int = 0  # payload bytes of all calls in progress; 0 = 4 x max_payload_bytes
+    stream_idle_s: float = 30.0  # a call whose request stream is silent this long is dropped
 
 
 @dataclass(frozen=True)

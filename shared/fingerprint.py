@@ -124,6 +124,13 @@ def processor_settings(preprocessor_config: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
+def largest_image_tokens(ckpt: str | Path) -> int:
+    """Tokens of the largest image the checkpoint's processor allows (max_pixels, after the merge)."""
+    settings = processor_settings(processor_config(Path(ckpt)))
+    side = settings["patch_size"] * settings["merge_size"]
+    return settings["max_pixels"] // (side * side)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -134,7 +141,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _processor_config(ckpt: Path) -> dict[str, Any]:
+def processor_config(ckpt: Path) -> dict[str, Any]:
     """preprocessor_config.json, or the `image_processor` section of a transformers-5
     processor_config.json."""
     if (ckpt / "preprocessor_config.json").is_file():
@@ -184,7 +191,7 @@ def _fingerprint_uncached(ckpt: Path) -> str:
         "algorithm": _ALGORITHM,
         "model_type": config.get("model_type"),
         "vision_config": vision_config,
-        "processor": processor_settings(_processor_config(ckpt)),
+        "processor": processor_settings(processor_config(ckpt)),
         "tensors": [[k, e.dtype, list(e.shape), digests[k]] for k, e in sorted(entries.items())],
     }
     canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))

@@ -16,7 +16,7 @@ def chunks(data: bytes, size: int = CHUNK_BYTES) -> Iterator[bytes]:
 
 
 class Assembler:
-    """Reassembles a sequence of payloads of announced sizes from chunks."""
+    """Reassembles a sequence of payloads of announced sizes from chunks, into one buffer."""
 
     def __init__(self, sizes: list[int], limit: int):
         if any(s <= 0 for s in sizes):
@@ -24,22 +24,26 @@ class Assembler:
         if sum(sizes) > limit:
             raise TooLarge(f"payloads total {sum(sizes)} bytes; the limit is {limit} bytes")
         self.sizes = list(sizes)
-        self.buffer = bytearray()
+        self.total = sum(sizes)
+        self.buffer = bytearray(self.total)  # allocated once: chunks are copied in place
+        self.filled = 0
 
     def add(self, chunk: bytes) -> None:
-        if len(self.buffer) + len(chunk) > sum(self.sizes):
-            raise InvalidRequest(f"more payload bytes than the announced {sum(self.sizes)}")
-        self.buffer += chunk
+        if self.filled + len(chunk) > self.total:
+            raise InvalidRequest(f"more payload bytes than the announced {self.total}")
+        self.buffer[self.filled:self.filled + len(chunk)] = chunk
+        self.filled += len(chunk)
 
     @property
     def complete(self) -> bool:
-        return len(self.buffer) == sum(self.sizes)
+        return self.filled == self.total
 
-    def payloads(self) -> list[bytes]:
+    def payloads(self) -> list[memoryview]:
+        """Each payload's bytes, as views of the buffer (no copy)."""
         if not self.complete:
-            raise InvalidRequest(f"got {len(self.buffer)} payload bytes, announced {sum(self.sizes)}")
-        out, start = [], 0
+            raise InvalidRequest(f"got {self.filled} payload bytes, announced {self.total}")
+        out, start, view = [], 0, memoryview(self.buffer)
         for size in self.sizes:
-            out.append(bytes(self.buffer[start:start + size]))
+            out.append(view[start:start + size])
             start += size
         return out

@@ -24,12 +24,20 @@ def reference_model(path: str):
     return model.eval()
 
 
-def reference_inputs(path: str, images: list[Image.Image], question: str) -> dict:
+def reference_inputs(path: str, images: list[Image.Image], question: str | list[dict]) -> dict:
+    """Model inputs for one question after the images, or for a whole conversation (a list of
+    messages whose image parts take `images` in order)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
-    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True)
+    if isinstance(question, str):
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+    else:
+        messages = question
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not images:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": torch.zeros_like(ids)}
     vision = image_processor(images=images, return_tensors="pt")
     merge = image_processor.merge_size ** 2
     for grid in vision["image_grid_thw"]:  # as Qwen2VLProcessor does: one placeholder per merged patch
@@ -47,9 +55,10 @@ def reference_inputs(path: str, images: list[Image.Image], question: str) -> dic
 
 
 @torch.inference_mode()
-def reference_tokens(path: str, images: list[Image.Image], question: str, max_new_tokens: int = 20,
+def reference_tokens(path: str, images: list[Image.Image], question: str | list[dict], max_new_tokens: int = 20,
                      encoder_outputs: list | None = None) -> list[int]:
     """Greedy token ids of the monolithic model: generated only, final EOS removed.
+    `question`: one question after the images, or a whole conversation (see reference_inputs).
 
     encoder_outputs: optional list of our payloads to feed as `mm_encoder_outputs` instead of
     pixel values (to compare against embeddings that went through a lossy dtype).

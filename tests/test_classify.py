@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_image
 from reference import reference_inputs, reference_model
-from test_prefix_cache import engines
+from engines import engines
 from vlsplit.services.llm_decoder.classify import classify
 from vlsplit.services.llm_decoder.engine import GenerationRequest
 from vlsplit.shared.errors import InvalidRequest, TooLarge

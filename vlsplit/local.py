@@ -38,16 +38,20 @@ class LocalPipeline:
         self.limits = limits
 
     def ask(self, image_bytes: bytes, questions: Iterable[str], sampling: SamplingParams) -> Iterator[Answer]:
+        """Answers one after another; the image is encoded once, and its KV is computed once (the
+        decoder reuses the image's cached blocks for every further question)."""
         start = time.perf_counter()
+        img_id = image_id(image_bytes)
         [payload] = self.encoder.encode([load_image(image_bytes, self.limits)])
+        payload = payload.named(img_id)
         encode_ms = (time.perf_counter() - start) * 1000
         for question in questions:
-            yield self._answer(question, payload, sampling, image_id(image_bytes), encode_ms)
+            yield self._answer(question, payload, sampling, img_id, encode_ms)
             encode_ms = 0.0  # the image was encoded once, for the first question
 
     def _answer(self, question, payload, sampling, img_id, encode_ms) -> Answer:
         start = time.perf_counter()
-        request = GenerationRequest(question_messages(question), [payload], sampling)
+        request = GenerationRequest(question_messages(question), [payload], sampling, (img_id,))
         ids, text, ttft, finish = [], [], None, "length"
         for event in self.decoder.generate(request):
             ttft = ttft if ttft is not None else (time.perf_counter() - start) * 1000

@@ -108,20 +108,36 @@ class Pipeline:
     async def call(self, rpc: str, header: llm_decoder_pb2.GenerateHeader, fetch: "ImageFetch", timeout: float,
                    ) -> AsyncIterator:
         """Run `rpc` (Generate or Classify) on the image's decoder. The decoder gets only the image id
-        and asks for the payload if it does not hold the image's prefix. A payload it finds corrupt
-        (DATA_LOSS) that came from the cache is dropped from it and re-encoded, once."""
+        and asks for the payload if it does not hold the image's KV. Once per call, before any reply:
+        a payload it finds corrupt (DATA_LOSS) that came from the cache is dropped and re-encoded; a
+        payload of another model (FAILED_PRECONDITION: the model was redeployed) makes the gateway
+        fetch the fingerprint again and the payload under it."""
         header.image_ids[:] = [fetch.source.image_id]
         try:
             async for reply in self._routed(rpc, header, fetch, timeout):
                 yield reply
         except Upstream as exc:
-            if exc.grpc_code != "DATA_LOSS" or fetch.emb is None or not fetch.emb.cache_hit:
-                raise
-            log.warning("cached payload of %s is corrupt (%s); dropping it and re-encoding", fetch.source.image_id, exc)
-            await self.cache.delete(embedding_key(await self.fingerprint(timeout), fetch.source.image_id))
-            fetch.emb = await self.encode(fetch.source, timeout)
+            await self._recover(exc, fetch, timeout)
             async for reply in self._routed(rpc, header, fetch, timeout):
                 yield reply
+
+    async def _recover(self, exc: Upstream, fetch: "ImageFetch", timeout: float) -> None:
+        """Make the retry after `exc` meaningful, or raise it."""
+        image_id = fetch.source.image_id
+        if exc.grpc_code == "DATA_LOSS" and fetch.emb is not None and fetch.emb.cache_hit:
+            log.warning("cached payload of %s is corrupt (%s); dropping it and re-encoding", image_id, exc)
+            await self.cache.delete(embedding_key(await self.fingerprint(timeout), image_id))
+            fetch.emb = await self.encode(fetch.source, timeout)
+        elif exc.grpc_code == "FAILED_PRECONDITION" and fetch.emb is not None:
+            stale = self._fingerprint
+            self._fingerprint = None
+            if await self.fingerprint(timeout) == stale:
+                raise exc
+            log.warning("the served model changed (%s -> %s); fetching %s's payload again", stale,
+                        self._fingerprint, image_id)
+            fetch.emb = None
+        else:
+            raise exc
 
     async def _routed(self, rpc: str, header: llm_decoder_pb2.GenerateHeader, fetch: "ImageFetch", timeout: float,
                       ) -> AsyncIterator:

@@ -56,32 +56,35 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return gateway_pb2.AskManyResponse(answers=[finals[i] for i in range(len(finals))])
 
     async def Classify(self, request, context):
-        source = self._source(request.image)
-        fetch = self.pipeline.fetcher(source, self._timeout(context))
-        return await self._classify(fetch, request.question, list(request.labels), context)
+        [result] = await self._checks(request.image, [(request.question, list(request.labels))], context)
+        return result
 
     async def Moderate(self, request, context):
-        """Every check shares one image fetch (at most one payload transfer) and the decoder's prefix."""
+        """Every check goes to the decoder in one Classify call: one image fetch (at most one payload
+        transfer), the image's prefix computed once, all checks' labels scored in one scheduler."""
         if not request.checks:
             raise InvalidRequest("at least one check is required")
-        self._check_questions([check.question for check in request.checks])
-        fetch = self.pipeline.fetcher(self._source(request.image), self._timeout(context))
-        results = [await self._classify(fetch, check.question, list(check.labels), context)
-                   for check in request.checks]
+        results = await self._checks(request.image, [(c.question, list(c.labels)) for c in request.checks], context)
         return gateway_pb2.ModerateResponse(results=results)
 
-    async def _classify(self, fetch: ImageFetch, question: str, labels: list[str], context):
+    async def _checks(self, image: gateway_pb2.ImageRef, checks: list[tuple[str, list[str]]], context,
+                      ) -> list[gateway_pb2.ClassifyResponse]:
         start = time.perf_counter()
-        self._check_questions([question])
-        if not labels:
+        source = self._source(image)
+        self._check_questions([question for question, _ in checks])
+        if not all(labels for _, labels in checks):
             raise InvalidRequest("at least one label is required")
-        header = llm_decoder_pb2.GenerateHeader(messages=[question_message(question)], labels=labels)
-        scores = [reply async for reply in self.pipeline.call("Classify", header, fetch, self._timeout(context))]
+        header = llm_decoder_pb2.GenerateHeader(batch=[
+            llm_decoder_pb2.Conversation(messages=[question_message(question)], labels=labels)
+            for question, labels in checks])
+        fetch = self.pipeline.fetcher(source, self._timeout(context))
+        scores = {reply.index: reply.scores
+                  async for reply in self.pipeline.call("Classify", header, fetch, self._timeout(context))}
         elapsed = (time.perf_counter() - start) * 1000
-        return gateway_pb2.ClassifyResponse(
-            question=question, labels=scores[-1].scores, image_id=fetch.source.image_id,
-            cache=CACHE_STATUS[fetch.cache_hit],
+        return [gateway_pb2.ClassifyResponse(
+            question=question, labels=scores[i], image_id=source.image_id, cache=CACHE_STATUS[fetch.cache_hit],
             timings=gateway_pb2.Timings(encode_ms=fetch.encode_ms, ttft_ms=elapsed, total_ms=elapsed))
+            for i, (question, _) in enumerate(checks)]
 
     async def _ask(self, image: gateway_pb2.ImageRef, questions: list[str], sampling: common_pb2.SamplingParams,
                    context) -> AsyncIterator[tuple[object, gateway_pb2.Answer | None]]:

@@ -2,15 +2,17 @@
 
 The pool (kv_pool.py) is allocated once; this module only hands out block ids. A block is
 - *referenced* while a sequence's block table holds it (ref > 0),
-- *cached* when its tokens are known by hash: a full block by the chain hash of every token up to
-  its end (image positions hashed by image id, the chain rooted in the model fingerprint), or a
-  *partial* block (a snapshot at an image end, or the tail a finished sequence leaves behind) by
-  its parent's hash and its own tokens,
+- *cached* when its tokens are known: a full block under the chain hash of every token up to its
+  end (image positions hashed by image id; the chain is rooted in the model fingerprint), or a
+  partial block (a snapshot at an image's end, or the tail a finished sequence leaves) under its
+  parent block's hash, with the tokens it holds,
 - *evictable* when cached and unreferenced: kept for reuse, reclaimed least recently used first.
 
-A sequence's prompt reuses the longest chain of cached full blocks, then at most one partial block,
-which it copies (copy on write: every block a sequence writes into is its own). Sequences that fork
-(Classify's label rows) share every full block of their parent and copy its last partial block.
+A prompt reuses the longest chain of cached full blocks, then the cached block after that chain
+whose leading tokens continue it furthest (tokens compared with the image and offset of each image
+token), so a second turn reuses the first turn up to its first differing token. That last block is
+copied (copy on write: a sequence only ever writes into blocks of its own). Classify's label rows
+fork their check's sequence: its full blocks shared, its last partial block copied.
 
 Admission keeps one invariant, so allocation never fails and nothing is ever preempted:
     referenced blocks + blocks promised to admitted sequences <= pool size.
@@ -22,16 +24,9 @@ import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
-from prometheus_client import Counter, Gauge
-
-HIT_TOKENS = Counter("vlsplit_kv_cache_hit_tokens", "Prompt tokens whose KV came from cached blocks")
-MISS_TOKENS = Counter("vlsplit_kv_cache_miss_tokens", "Prompt tokens whose KV had to be computed")
-EVICTIONS = Counter("vlsplit_kv_cache_evictions", "Cached KV blocks reclaimed for new tokens")
-BLOCKS_USED = Gauge("vlsplit_kv_blocks_used", "KV blocks referenced by running sequences")
-BLOCKS_CACHED = Gauge("vlsplit_kv_blocks_cached", "Unreferenced KV blocks kept for prefix reuse (evictable)")
-BLOCKS_FREE = Gauge("vlsplit_kv_blocks_free", "KV blocks holding nothing")
+from .metrics import BLOCKS_CACHED, BLOCKS_FREE, BLOCKS_USED, EVICTIONS
 
 Hash = bytes
 
@@ -42,8 +37,8 @@ def root_hash(*parts: object) -> Hash:
 
 
 def block_hash(parent: Hash, tokens: list[int], extras: tuple = ()) -> Hash:
-    """Hash of a block (or a partial block's tokens) after `parent`. `extras` names the images whose
-    tokens the block holds, as (image key, offset of the block's first token of it in the image)."""
+    """Hash of a block's tokens after `parent`. `extras` names the images whose tokens the block
+    holds, as (image key, offset of the block's first token of it in the image)."""
     h = hashlib.blake2b(parent, digest_size=16)
     h.update(b"".join(t.to_bytes(4, "little") for t in tokens))
     if extras:
@@ -51,22 +46,34 @@ def block_hash(parent: Hash, tokens: list[int], extras: tuple = ()) -> Hash:
     return h.digest()
 
 
+Content = list[tuple]  # per token: (token id, None) or (token id, (image key, index in the image))
+
+
+class Prompted(Protocol):
+    """What matching needs of a sequence."""
+
+    root: Hash
+    hashes: list[Hash]
+
+    def content(self, start: int, end: int) -> Content: ...
+
+
 @dataclass
 class Block:
     id: int
     ref: int = 0
-    hash: Hash | None = None  # set while registered as a cached full block
-    partial: tuple[Hash, Hash] | None = None  # (parent, own hash) while registered as a partial block
-    tokens: int = 0  # how many tokens a partial block holds
+    parent: Hash | None = None  # set while cached: the hash of the block before it (or the root)
+    hash: Hash | None = None  # a cached full block's chain hash
+    content: Content = field(default_factory=list)  # what it holds while cached
 
 
 @dataclass
 class Match:
-    """What a prompt reuses: cached full blocks, then maybe a partial block to copy."""
+    """What a prompt reuses: cached full blocks, then maybe part of one more block, to copy."""
 
     blocks: list[int] = field(default_factory=list)
-    partial: int | None = None  # a block to copy into the sequence's own next block
-    partial_tokens: int = 0
+    tail: int | None = None  # a block whose first `tail_tokens` tokens continue the prompt
+    tail_tokens: int = 0
     tokens: int = 0  # prompt tokens covered in all
 
 
@@ -77,44 +84,41 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() takes the lowest id first
         self.evictable: OrderedDict[int, None] = OrderedDict()  # LRU order: oldest first
-        self.full: dict[Hash, int] = {}
-        self.partials: dict[Hash, dict[Hash, int]] = {}  # parent hash -> {own hash: block}
+        self.full: dict[Hash, int] = {}  # chain hash -> full block
+        self.children: dict[Hash, dict[int, None]] = {}  # parent hash -> cached blocks after it
         self.referenced = 0
         self.promised = 0  # blocks admitted sequences may still allocate
         self.lock = threading.RLock()
 
     # ---- lookup -------------------------------------------------------------------------------
 
-    def match(self, root: Hash, hashes: list[Hash], partial_hash: Callable[[Hash, int, int], Hash],
-              limit: int) -> Match:
-        """The longest cached prefix of a prompt, at most `limit` tokens (nothing is referenced yet).
-
-        hashes: the chain hashes of the prompt's full blocks, rooted at `root`.
-        partial_hash(parent, start, n): the hash of the prompt's tokens [start, start + n) as a
-        partial block after a block hashing to `parent`.
-        """
+    def match(self, seq: Prompted, prompt_len: int, limit: int) -> Match:
+        """The longest cached prefix of `seq`'s first `prompt_len` tokens, at most `limit` tokens
+        (nothing is referenced yet)."""
         with self.lock:
-            out, parent = Match(), root
-            for h in hashes:
+            out, parent = Match(), seq.root
+            for h in seq.hashes[:prompt_len // self.block_size]:
                 block = self.full.get(h)
                 if block is None or out.tokens + self.block_size > limit:
                     break
                 out.blocks.append(block)
                 out.tokens += self.block_size
                 parent = h
-            best = 0
-            for h, b in self.partials.get(parent, {}).items():
-                n = self.blocks[b].tokens
-                if best < n <= limit - out.tokens and partial_hash(parent, out.tokens, n) == h:
-                    out.partial, best = b, n
-            out.partial_tokens = best
-            out.tokens += best
+            start = out.tokens
+            ours = seq.content(start, min(limit, start + self.block_size))
+            for b in self.children.get(parent, ()):
+                theirs, n = self.blocks[b].content, 0
+                while n < len(ours) and n < len(theirs) and ours[n] == theirs[n]:
+                    n += 1
+                if n > out.tail_tokens:
+                    out.tail, out.tail_tokens = b, n
+            out.tokens += out.tail_tokens
             return out
 
     # ---- references ---------------------------------------------------------------------------
 
     def acquire(self, blocks: list[int]) -> None:
-        """Reference cached blocks (a sequence reuses them, or a request pins them)."""
+        """Reference cached blocks (a sequence reuses them)."""
         with self.lock:
             for b in blocks:
                 self._ref(b)
@@ -127,7 +131,7 @@ class BlockManager:
                 block.ref -= 1
                 if block.ref == 0:
                     self.referenced -= 1
-                    if block.hash is not None or block.partial is not None:
+                    if block.parent is not None:
                         self.evictable[b] = None
                     else:
                         self.free.append(b)
@@ -159,37 +163,34 @@ class BlockManager:
 
     # ---- caching ------------------------------------------------------------------------------
 
-    def register_full(self, block: int, h: Hash) -> None:
-        """`block` now holds the full block with chain hash `h` (first writer wins)."""
+    def register(self, b: int, parent: Hash, content: Content, h: Hash | None = None) -> None:
+        """Block `b` holds `content` after the block hashing to `parent`; a full block comes with its
+        chain hash `h`. The first block registered for a content wins."""
         with self.lock:
-            if h in self.full or self.blocks[block].hash is not None:
+            block = self.blocks[b]
+            if block.parent is not None or (h is not None and h in self.full) or self._cached(parent, content):
                 return
-            self.blocks[block].hash = h
-            self.full[h] = block
+            block.parent, block.hash, block.content = parent, h, list(content)
+            self.children.setdefault(parent, {})[b] = None
+            if h is not None:
+                self.full[h] = b
+            if block.ref == 0:
+                self.evictable[b] = None
 
-    def register_partial(self, block: int, parent: Hash, h: Hash, tokens: int) -> None:
+    def snapshot(self, b: int, parent: Hash, content: Content) -> None:
+        """Keep a copy of partial block `b`, which its sequence goes on writing into (an image's
+        end). Skipped when cached already, or when the copy would need a block promised to a sequence."""
         with self.lock:
-            children = self.partials.setdefault(parent, {})
-            if h in children or self.blocks[block].partial is not None or self.blocks[block].hash is not None:
+            if self._cached(parent, content) or not self.can_promise(1):
                 return
-            children[h] = block
-            self.blocks[block].partial, self.blocks[block].tokens = (parent, h), tokens
-
-    def snapshot_partial(self, block: int, parent: Hash, h: Hash, tokens: int) -> None:
-        """Keep a copy of a partial block that its sequence goes on writing into (image ends).
-        Skipped when cached already, or when the copy would need a block promised to a sequence."""
-        with self.lock:
-            if h in self.partials.get(parent, {}) or not self.can_promise(1):
-                return
-            dst = self.copy(block)
-            self.register_partial(dst, parent, h, tokens)
+            dst = self.copy(b)
+            self.register(dst, parent, content)
             self.release([dst])
 
-    # ---- admission ----------------------------------------------------------------------------
+    def _cached(self, parent: Hash, content: Content) -> bool:
+        return any(self.blocks[s].content == content for s in self.children.get(parent, ()))
 
-    def available(self) -> int:
-        """Blocks that can be allocated now (free or evictable)."""
-        return self.num_blocks - self.referenced
+    # ---- admission ----------------------------------------------------------------------------
 
     def can_promise(self, n: int) -> bool:
         return self.referenced + self.promised + n <= self.num_blocks
@@ -198,6 +199,11 @@ class BlockManager:
         with self.lock:
             self.promised += n
 
+    @property
+    def cached_blocks(self) -> int:
+        with self.lock:
+            return sum(len(c) for c in self.children.values())
+
     # ---- internals ----------------------------------------------------------------------------
 
     def _ref(self, b: int) -> None:
@@ -205,34 +211,18 @@ class BlockManager:
         if block.ref == 0:
             self.referenced += 1
             self.evictable.pop(b, None)
-        elif b in self.evictable:  # defensive: a referenced block is never evictable
-            del self.evictable[b]
         block.ref += 1
-        if block.hash is not None or block.partial is not None:
-            self.touch(b)
-
-    def touch(self, b: int) -> None:
-        if b in self.evictable:
-            self.evictable.move_to_end(b)
 
     def _forget(self, block: Block) -> None:
-        if block.hash is not None:
-            self.full.pop(block.hash, None)
-            block.hash = None
-        if block.partial is not None:
-            parent, h = block.partial
-            children = self.partials.get(parent, {})
-            children.pop(h, None)
-            if not children:
-                self.partials.pop(parent, None)
-            block.partial, block.tokens = None, 0
+        if block.hash is not None and self.full.get(block.hash) == block.id:
+            del self.full[block.hash]
+        siblings = self.children.get(block.parent, {})
+        siblings.pop(block.id, None)
+        if not siblings:
+            self.children.pop(block.parent, None)
+        block.parent, block.hash, block.content = None, None, []
 
     def _gauges(self) -> None:
         BLOCKS_USED.set(self.referenced)
         BLOCKS_CACHED.set(len(self.evictable))
         BLOCKS_FREE.set(len(self.free))
-
-    @property
-    def cached_blocks(self) -> int:
-        with self.lock:
-            return len(self.full) + sum(len(c) for c in self.partials.values())

@@ -23,18 +23,18 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from prometheus_client import Histogram
 from transformers import GenerationConfig
 
 from vlsplit.shared.checkpoint import Checkpoint
 from vlsplit.shared.codec import validate_payload
 from vlsplit.shared.errors import CheckpointError, CorruptPayload, InvalidRequest, ModelMismatch, TooLarge
-from vlsplit.shared.fingerprint import compute_fingerprint
+from vlsplit.shared.fingerprint import compute_fingerprint, largest_image_tokens
 from vlsplit.shared.payload import EmbeddingPayload
 from vlsplit.shared.processor import Message, PromptBuilder, validate_messages
 
 from .block_manager import BlockManager, root_hash
 from .detokenizer import Detokenizer
+from .metrics import STEP_ROWS, STEP_SECONDS
 from .model_runner import Chunk, ModelRunner
 from .positions import mrope_positions
 from .request import END, ClassifyRequest, GenerateRequest, LabelScore, NeedPayload, Request, TokenEvent, Usage
@@ -44,10 +44,6 @@ from .sequence import ImageSpan, Prompt, Sequence
 
 log = logging.getLogger("vlsplit.decoder")
 MAX_REMEMBERED_IMAGES = 100_000  # image_id -> grid entries kept for warm starts (a few MB)
-STEP_SECONDS = Histogram("vlsplit_decoder_step_seconds", "Wall time of one engine step (schedule, forward, outputs)",
-                         ["kind"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
-STEP_ROWS = Histogram("vlsplit_decoder_batch_size", "Sequences advanced by one step",
-                      buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128))
 
 __all__ = ["DecoderEngine", "EngineConfig", "GenerationRequest", "LabelScore", "NeedPayload", "TokenEvent", "Usage"]
 
@@ -92,8 +88,18 @@ class StepRecord:
 
 @dataclass
 class EngineStats:
+    """What the engine did, for tests and benchmarks (the same numbers go to Prometheus)."""
+
     steps: int = 0
-    records: deque = field(default_factory=lambda: deque(maxlen=10_000))
+    records: deque = field(default_factory=lambda: deque(maxlen=10_000))  # StepRecord, newest last
+    peak_blocks: int = 0  # most KV blocks referenced at once
+    peak_committed: int = 0  # most blocks referenced + promised at once (never over the pool)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def wait(self, predicate, timeout: float = 120.0) -> bool:
+        """Block until predicate(self) holds after some step (or timeout); True if it holds."""
+        with self.changed:
+            return self.changed.wait_for(lambda: predicate(self), timeout)
 
 
 class DecoderEngine:
@@ -132,6 +138,14 @@ class DecoderEngine:
         return self.config.max_new_tokens_limit
 
     @property
+    def largest_request_payload(self) -> int:
+        """Bytes of the payload of the largest image the processor allows, in float32 (the default
+        limit of one request's payloads), or 512 MiB if that is more."""
+        tokens = largest_image_tokens(self.checkpoint.path)
+        largest = tokens * self.hidden_size * (1 + self.deepstack_levels) * 4 + (1 << 20)  # + envelope
+        return max(largest, 512 << 20)
+
+    @property
     def request_block_limit(self) -> int:
         return min(self.config.max_request_blocks or self.blocks.num_blocks, self.blocks.num_blocks)
 
@@ -144,20 +158,32 @@ class DecoderEngine:
     def prepare(self, conversations: list[list[Message]], payloads: list[EmbeddingPayload] | None,
                 sampling: SamplingParams | list[SamplingParams] = SamplingParams(),
                 image_ids: tuple[str, ...] = (), labels: list[list[str]] | None = None) -> Request:
-        """A validated request. Without payloads the images' KV must be cached (else NeedPayload)."""
+        """A validated request. Without payloads (None, or none with image ids) the images' KV must
+        be cached, else NeedPayload."""
+        if not payloads and image_ids:
+            payloads = None
         kind = "check" if labels is not None else "conversation"
         limit = self.config.max_checks if labels is not None else self.config.max_rows
         if not conversations:
             raise InvalidRequest(f"at least one {kind} is required")
         if len(conversations) > limit:
-            raise TooLarge(f"{len(conversations)} {kind}s in one request; the limit is {limit}")
+            raise TooLarge(f"{len(conversations)} {kind}s in one request; the limit is {limit} "
+                           f"({'VLSPLIT_MAX_CHECKS' if labels is not None else 'VLSPLIT_MAX_ROWS'})")
         images = self._image_count(conversations)
+        # what needs no image is checked before any payload is asked for
+        if labels is not None:
+            if len(labels) != len(conversations):
+                raise InvalidRequest(f"{len(conversations)} checks but {len(labels)} label lists")
+            label_ids = [self._tokenize_labels(check) for check in labels]
+        else:
+            params = sampling if isinstance(sampling, list) else [sampling] * len(conversations)
+            params = [self._validate_sampling(p) for p in params]
         grids, keys, embeddings, deepstack = self._images(images, payloads, image_ids)
         prompts = [self._prompt(c, grids, keys, embeddings, deepstack) for c in conversations]
         if labels is not None:
-            request = self._classify_request(prompts, labels)
+            request = self._classify_request(prompts, labels, label_ids)
         else:
-            request = self._generate_request(prompts, sampling)
+            request = self._generate_request(prompts, params)
         self._check_blocks(request)
         if payloads is None:
             self._check_cached(request)
@@ -221,7 +247,11 @@ class DecoderEngine:
         start = time.perf_counter()
         chunks = self.scheduler.schedule()
         if not chunks:
+            with self.stats.changed:  # e.g. a cancelled request was dropped
+                self.stats.changed.notify_all()
             return None
+        self.stats.peak_blocks = max(self.stats.peak_blocks, self.blocks.referenced)
+        self.stats.peak_committed = max(self.stats.peak_committed, self.blocks.referenced + self.blocks.promised)
         try:
             logits = self.runner.run(chunks)
         except Exception as exc:  # noqa: BLE001 - a bug must not wedge every request: fail this step's
@@ -268,8 +298,10 @@ class DecoderEngine:
         prefill = {c.seq.id: c.n for c in chunks if c.end <= len(c.seq.prompt)}
         decode = [c.seq.id for c in chunks if c.seq.id not in prefill]
         record = StepRecord(seconds, prefill, decode)
-        self.stats.steps += 1
-        self.stats.records.append(record)
+        with self.stats.changed:
+            self.stats.steps += 1
+            self.stats.records.append(record)
+            self.stats.changed.notify_all()
         kind = "mixed" if prefill and decode else "prefill" if prefill else "decode"
         STEP_SECONDS.labels(kind).observe(seconds)
         STEP_ROWS.observe(len(chunks))
@@ -352,28 +384,24 @@ class DecoderEngine:
     def _sequence(self, prompt: Prompt, index: int, max_new_tokens: int, worst: int) -> Sequence:
         return Sequence(prompt, self.root, self.config.block_size, max_new_tokens, index=index, worst=worst)
 
-    def _generate_request(self, prompts: list[Prompt], sampling) -> GenerateRequest:
-        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
-        params = [self._validate_sampling(p) for p in params]
+    def _generate_request(self, prompts: list[Prompt], params: list[SamplingParams]) -> GenerateRequest:
         seqs = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             self._check_length(len(prompt), p.max_new_tokens, "max_new_tokens")
-            seqs.append(self._sequence(prompt, i, p.max_new_tokens, -(-(len(prompt) + p.max_new_tokens) // self.config.block_size)))
+            worst = -(-(len(prompt) + p.max_new_tokens) // self.config.block_size)
+            seqs.append(self._sequence(prompt, i, p.max_new_tokens, worst))
         tokenizer = self.prompts.tokenizer.backend_tokenizer
         return GenerateRequest(seqs, [Sampler(p, self.device) for p in params],
                                [Detokenizer(tokenizer, p.stop) for p in params], self.eos_ids, self.max_len)
 
-    def _classify_request(self, prompts: list[Prompt], labels: list[list[str]]) -> ClassifyRequest:
-        if len(labels) != len(prompts):
-            raise InvalidRequest(f"{len(prompts)} checks but {len(labels)} label lists")
-        bs, seqs, checks = self.config.block_size, [], []
-        for i, (prompt, check_labels) in enumerate(zip(prompts, labels)):
-            ids = self._tokenize_labels(check_labels)
+    def _classify_request(self, prompts: list[Prompt], labels: list[list[str]],
+                          label_ids: list[list[list[int]]]) -> ClassifyRequest:
+        bs, seqs = self.config.block_size, []
+        for i, (prompt, ids) in enumerate(zip(prompts, label_ids)):
             self._check_length(len(prompt), max(len(x) for x in ids), "the longest label")
             rows = sum(-(-(len(prompt) + len(x) - 1) // bs) - len(prompt) // bs for x in ids if len(x) > 1)
             seqs.append(self._sequence(prompt, i, 0, -(-len(prompt) // bs) + rows))
-            checks.append((list(check_labels), ids))
-        return ClassifyRequest(seqs, checks)
+        return ClassifyRequest(seqs, [(list(check), ids) for check, ids in zip(labels, label_ids)])
 
     def _tokenize_labels(self, labels: list[str]) -> list[list[int]]:
         if not labels:
@@ -422,8 +450,7 @@ class DecoderEngine:
         """Without payloads, every image token must lie in cached blocks (a warm start)."""
         for seq in request.seqs:
             prompt = seq.prompt
-            match = self.blocks.match(seq.root, seq.hashes[:len(prompt) // seq.block_size], seq.partial_hash,
-                                      limit=len(prompt) - 1)
+            match = self.blocks.match(seq, len(prompt), limit=len(prompt) - 1)
             if match.tokens < prompt.image_end:
                 raise NeedPayload(f"the KV of the images is not cached ({match.tokens} of {prompt.image_end} tokens)")
 

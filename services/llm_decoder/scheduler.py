@@ -19,19 +19,13 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from prometheus_client import Counter, Gauge
-
 from vlsplit.shared.errors import Overloaded
 
-from .block_manager import HIT_TOKENS, MISS_TOKENS, BlockManager, Hash
+from .block_manager import BlockManager, Hash
+from .metrics import DROPPED, HIT_TOKENS, MISS_TOKENS, PREFILL_TOKENS, QUEUE_DEPTH, RUNNING
 from .model_runner import Chunk
 from .request import NeedPayload, Request
 from .sequence import Sequence, Status
-
-WAITING = Gauge("vlsplit_decoder_waiting", "Requests waiting for admission (KV blocks or rows)")
-RUNNING = Gauge("vlsplit_decoder_running", "Sequences admitted (prefilling or decoding)")
-DROPPED = Counter("vlsplit_decoder_cancelled_sequences", "Sequences dropped because their client went away",
-                  ["where"])
 
 
 @dataclass(frozen=True)
@@ -53,6 +47,8 @@ class Scheduler:
         self.computing: dict[Hash, Sequence] = {}  # cache key -> the sequence computing that prefix
         self.changed = threading.Condition()
         self.prefilled = 0  # prompt tokens computed (not reused), for tests and benchmarks
+        self.blocked = 0  # admissions put off because the pool could not promise the blocks
+        self.dropped: dict[str, int] = {"waiting": 0, "running": 0, "forked": 0}  # sequences of cancelled requests
 
     # ---- from any thread ----------------------------------------------------------------------
 
@@ -62,6 +58,7 @@ class Scheduler:
                 raise Overloaded(f"decoder queue full: {self.queued} requests wait for KV blocks or rows "
                                  f"(limit VLSPLIT_MAX_QUEUE={self.config.max_queue}); retry with backoff")
             self.queued += 1
+            QUEUE_DEPTH.set(self.queued)
             request.unadmitted = len(request.seqs)
             self.inbox.append(request)
             self.changed.notify()
@@ -110,27 +107,32 @@ class Scheduler:
         for chunk in chunks:
             self._allocate(chunk.seq, chunk.end)
         RUNNING.set(len(self.running))
-        WAITING.set(self.queued)
+        QUEUE_DEPTH.set(self.queued)
         return chunks
 
     def computed(self, chunk: Chunk) -> None:
-        """The step computed `chunk`: register its full blocks and its cache point."""
+        """The step computed `chunk`: cache its full blocks, and a copy of the block at its cache point."""
         seq, bs = chunk.seq, self.block_size
         before, seq.computed = seq.computed, chunk.end
         if chunk.end <= len(seq.prompt):
             self.prefilled += chunk.n
             MISS_TOKENS.inc(chunk.n)
+            PREFILL_TOKENS.inc(chunk.n)
         for b in range(before // bs, seq.computed // bs):
-            self.blocks.register_full(seq.block_table[b], seq.hashes[b])
+            self._register(seq, b, bs)
         point = seq.prompt.cache_point
         if before < point <= seq.computed:
             if point % bs:
                 b = point // bs
-                parent = seq.parent_hash(b)
-                self.blocks.snapshot_partial(seq.block_table[b], parent, seq.partial_hash(parent, b * bs, point % bs),
-                                             point % bs)
+                self.blocks.snapshot(seq.block_table[b], seq.parent_hash(b), seq.content(b * bs, point))
             if self.computing.get(seq.cache_key) is seq:
                 del self.computing[seq.cache_key]
+
+    def _register(self, seq: Sequence, b: int, n: int) -> None:
+        """Cache the first `n` tokens of the sequence's block `b` (all of them: a full block)."""
+        start = b * self.block_size
+        self.blocks.register(seq.block_table[b], seq.parent_hash(b), seq.content(start, start + n),
+                             seq.hashes[b] if n == self.block_size else None)
 
     def fork(self, parent: Sequence, tokens: list[int], label: int) -> Sequence:
         """A row continuing `parent` with `tokens`: its full blocks shared, its last partial block copied."""
@@ -151,12 +153,8 @@ class Scheduler:
 
     def finish(self, seq: Sequence) -> None:
         """The sequence is done: cache its last partial block, release its blocks and promise."""
-        bs = self.block_size
-        if seq.computed % bs and seq.block_table:
-            b = seq.computed // bs
-            parent = seq.parent_hash(b)
-            self.blocks.register_partial(seq.block_table[b], parent, seq.partial_hash(parent, b * bs, seq.computed % bs),
-                                         seq.computed % bs)
+        if seq.computed % self.block_size and seq.block_table:
+            self._register(seq, seq.computed // self.block_size, seq.computed % self.block_size)
         self._free(seq)
         seq.request.sequence_done()
 
@@ -181,11 +179,11 @@ class Scheduler:
         if key is not None and key in self.computing:
             return False  # another sequence is computing this image prefix: reuse it next
         prompt = seq.prompt
-        match = self.blocks.match(seq.root, seq.hashes[:len(prompt) // self.block_size], seq.partial_hash,
-                                  limit=len(prompt) - 1)
+        match = self.blocks.match(seq, len(prompt), limit=len(prompt) - 1)
         need = seq.worst - len(match.blocks)
         newly = sum(self.blocks.blocks[b].ref == 0 for b in match.blocks)
         if not self.blocks.can_promise(need + newly):
+            self.blocked += 1
             return False
         if prompt.embeddings is None and match.tokens < prompt.image_end:
             self.abort(seq.request, NeedPayload("the images' cached KV was evicted before admission"))
@@ -194,10 +192,10 @@ class Scheduler:
         seq.block_table, seq.computed = list(match.blocks), len(match.blocks) * self.block_size
         seq.promise = need
         self.blocks.promise(need)
-        if match.partial is not None:
-            seq.block_table.append(self.blocks.copy(match.partial))
+        if match.tail is not None:
+            seq.block_table.append(self.blocks.copy(match.tail))
             self._spend(seq)
-            seq.computed += match.partial_tokens
+            seq.computed += match.tail_tokens
         HIT_TOKENS.inc(seq.computed)
         if key is not None and seq.computed < prompt.cache_point:
             self.computing.setdefault(key, seq)
@@ -241,10 +239,12 @@ class Scheduler:
             self.waiting.remove(seq)
             self._left_queue(seq.request)
             seq.status = Status.FINISHED
+            self.dropped["waiting"] += 1
             DROPPED.labels("waiting").inc()
         for queue_name, seqs in (("running", self.running), ("forked", self.forked)):
             for seq in [s for s in seqs if s.request.cancelled]:
                 if queue_name == "forked":
                     self.forked.remove(seq)
                 self._free(seq)
+                self.dropped[queue_name] += 1
                 DROPPED.labels(queue_name).inc()

@@ -52,6 +52,14 @@ class Prompt:
         return tuple((s.key, max(start, s.start) - s.start) for s in self.images
                      if s.start < end and start < s.start + s.length)
 
+    def image_refs(self, start: int, end: int) -> list[tuple[str, int] | None]:
+        """Per token of [start, end) (clipped to the prompt): (image key, index in that image) or None."""
+        refs: list[tuple[str, int] | None] = [None] * (min(end, len(self.ids)) - start)
+        for s in self.images:
+            for i in range(max(start, s.start), min(end, s.start + s.length)):
+                refs[i - start] = (s.key, i - s.start)
+        return refs
+
     def image_rows(self, start: int, end: int) -> tuple[list[int], list[int]]:
         """Image tokens in [start, end): their offsets from `start` and their embedding rows."""
         offsets, rows = [], []
@@ -129,6 +137,12 @@ class Sequence:
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
+
+    def content(self, start: int, end: int) -> list[tuple]:
+        """(token id, image reference or None) of tokens [start, end): what a cached block is compared by."""
+        end = min(end, len(self.tokens))
+        refs = self.prompt.image_refs(start, end) if start < len(self.prompt) else []
+        return [(t, refs[i] if i < len(refs) else None) for i, t in enumerate(self.tokens[start:end])]
 
     @property
     def cache_key(self) -> Hash | None:

@@ -2,13 +2,20 @@
 
 `vlsplit serve decoder --model DIR` calls `main`. Health stays NOT_SERVING (and Generate answers
 UNAVAILABLE) until the engine is loaded and has generated its warm-up tokens.
+
+Threads: torch's intra-op pool (VLSPLIT_TORCH_THREADS, default one per physical core) runs every
+forward, on the engine's one step thread, so forwards never compete for cores; the event loop
+only moves bytes, and short CPU work (payload decoding, tokenizing) runs in a small worker pool.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
+
+import torch
 
 from vlsplit.shared.codec import DTYPES
 from vlsplit.shared.config import DecoderConfig
@@ -18,7 +25,7 @@ from vlsplit.shared.sampling import SamplingParams
 from vlsplit.shared.server import Service, run
 from vlsplit.v1 import llm_decoder_pb2, llm_decoder_pb2_grpc
 
-from .engine import DecoderEngine, GenerationRequest
+from .engine import DecoderEngine, EngineConfig, GenerationRequest
 from .servicer import LLMDecoderServicer
 
 log = logging.getLogger("vlsplit.decoder")
@@ -47,9 +54,10 @@ def main(config: DecoderConfig) -> None:
 
 def load_engine(config: DecoderConfig) -> DecoderEngine:
     start = time.perf_counter()
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     engine = DecoderEngine(config.model, dtype=DTYPES[config.dtype], device=config.device,
-                           prefix_cache_bytes=config.prefix_cache_bytes,
-                           max_new_tokens_limit=config.max_new_tokens_limit)
+                           config=engine_config(config))
     loaded = time.perf_counter()
     for _ in engine.generate(WARMUP):
         pass
@@ -61,12 +69,20 @@ def load_engine(config: DecoderConfig) -> DecoderEngine:
     return engine
 
 
+def engine_config(config: DecoderConfig) -> EngineConfig:
+    """The engine's settings: the DecoderConfig fields of the same names."""
+    return EngineConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(EngineConfig)})
+
+
 def _check(config: DecoderConfig) -> None:
     """Refuse a bad configuration before anything is loaded, with one clear line."""
     if not config.model:
         raise ValueError("the decoder needs a checkpoint: --model DIR or VLSPLIT_MODEL")
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype {config.dtype!r} is not one of {', '.join(DTYPES)}")
+    if config.max_step_tokens < config.max_batch:
+        raise ValueError(f"max_step_tokens {config.max_step_tokens} must be >= max_batch {config.max_batch} "
+                         "(every running sequence decodes one token a step)")
     if not 1 <= config.default_max_new_tokens <= config.max_new_tokens_limit:
         raise ValueError(f"default_max_new_tokens {config.default_max_new_tokens} must be in "
                          f"1..max_new_tokens_limit ({config.max_new_tokens_limit})")

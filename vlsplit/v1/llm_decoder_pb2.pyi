@@ -46,10 +46,12 @@ class GenerateHeader(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., payload_bytes: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., image_ids: _Optional[_Iterable[str]] = ..., batch: _Optional[_Iterable[_Union[Conversation, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Conversation(_message.Message):
-    __slots__ = ("messages",)
+    __slots__ = ("messages", "labels")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
-    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PayloadSizes(_message.Message):
     __slots__ = ("payload_bytes",)
@@ -88,11 +90,13 @@ class GenerateResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., ttft_ms: _Optional[float] = ..., need_payload: _Optional[bool] = ..., index: _Optional[int] = ..., prefix_cached: _Optional[bool] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("need_payload", "scores", "prefix_cached")
+    __slots__ = ("need_payload", "scores", "prefix_cached", "index")
     NEED_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHED_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     need_payload: bool
     scores: _containers.RepeatedCompositeFieldContainer[_common_pb2.LabelScore]
     prefix_cached: bool
-    def __init__(self, need_payload: _Optional[bool] = ..., scores: _Optional[_Iterable[_Union[_common_pb2.LabelScore, _Mapping]]] = ..., prefix_cached: _Optional[bool] = ...) -> None: ...
+    index: int
+    def __init__(self, need_payload: _Optional[bool] = ..., scores: _Optional[_Iterable[_Union[_common_pb2.LabelScore, _Mapping]]] = ..., prefix_cached: _Optional[bool] = ..., index: _Optional[int] = ...) -> None: ...

@@ -67,15 +67,18 @@ class LLMDecoderServicer:
         `payload_sizes` followed by the chunks, on the same stream.
 
         With `header.batch` set, every conversation in it is answered (they must share their images),
-        decoded as one batch; each reply's `index` says which conversation it belongs to.
+        all in the decoder's one scheduler; each reply's `index` says which conversation it belongs to.
+        The payload stream may go quiet for at most the decoder's VLSPLIT_STREAM_IDLE_S seconds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Classify(self, request_iterator, context):
-        """Score `header.labels` as answers to the header's conversation: summed log-probability of each
-        label's tokens, from one shared prefill. Same request stream and payload negotiation as Generate.
+        """Score candidate answers by their summed log-probability: `header.labels` for the header's
+        conversation, or each `batch` conversation's own `labels` (a moderation request: many checks of
+        one image, sharing its prefix). One ScoreResponse per check, tagged with its `index`. Same
+        request stream and payload negotiation as Generate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,78 @@
+"""The client side of a Generate/Classify call as the decoder reads it: a header, maybe payload
+sizes, then payload chunks; each awaited for at most `idle_s` (a stream that goes quiet is dropped),
+with the bytes a call may make the decoder hold reserved from one budget for all calls."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator, Callable
+
+from vlsplit.shared.errors import DeadlineExceeded, InvalidRequest, Overloaded
+from vlsplit.shared.transfer import Assembler
+from vlsplit.v1 import llm_decoder_pb2
+
+from .metrics import IDLE_STREAMS, RESERVED_BYTES
+
+
+
+class PayloadBudget:
+    """Payload bytes that calls in progress may hold together (received or announced)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def reserve(self, n: int) -> int:
+        if self.used + n > self.limit:
+            raise Overloaded(f"the decoder holds {self.used} payload bytes for calls in progress; {n} more would "
+                             f"pass the limit of {self.limit} (VLSPLIT_MAX_RECEIVING_BYTES); retry with backoff")
+        self.used += n
+        RESERVED_BYTES.set(self.used)
+        return n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        RESERVED_BYTES.set(self.used)
+
+
+class RequestStream:
+    def __init__(self, messages: AsyncIterator[llm_decoder_pb2.GenerateRequest], idle_s: float):
+        self.messages, self.idle_s = messages, idle_s
+        self.last_message_at = time.perf_counter()
+
+    async def next(self, what: str) -> llm_decoder_pb2.GenerateRequest | None:
+        try:
+            message = await asyncio.wait_for(anext(self.messages, None), self.idle_s)
+        except asyncio.TimeoutError:
+            IDLE_STREAMS.inc()
+            raise DeadlineExceeded(f"no {what} for {self.idle_s:g} s (VLSPLIT_STREAM_IDLE_S); "
+                                   "the call is dropped") from None
+        self.last_message_at = time.perf_counter()
+        return message
+
+    async def header(self) -> llm_decoder_pb2.GenerateHeader:
+        message = await self.next("header")
+        if message is None or message.WhichOneof("part") != "header":
+            raise InvalidRequest("the first Generate message must be the header")
+        return message.header
+
+    async def sizes(self, images: int) -> list[int]:
+        message = await self.next("payload sizes")
+        if message is None or message.WhichOneof("part") != "payload_sizes":
+            raise InvalidRequest("after need_payload, the next message must be payload_sizes")
+        sizes = list(message.payload_sizes.payload_bytes)
+        if len(sizes) != images:
+            raise InvalidRequest(f"the messages hold {images} images but payload_sizes lists {len(sizes)} payloads")
+        return sizes
+
+    async def payloads(self, assembler: Assembler) -> list[memoryview]:
+        while not assembler.complete and (message := await self.next("payload bytes")) is not None:
+            if message.WhichOneof("part") != "payload_chunk":
+                raise InvalidRequest("after the header, only payload_chunk messages may follow")
+            assembler.add(message.payload_chunk)
+        return assembler.payloads()  # InvalidRequest if the stream ended short
+
+    async def expect_end(self, fail: Callable[[BaseException], None]) -> None:
+        """The call's request is complete: anything the client sends now is an error."""
+        if await anext(self.messages, None) is not None:
+            fail(InvalidRequest("more payload bytes (or messages) than the header announced"))
