@@ -7,8 +7,7 @@ import torch
 
 from conftest import make_image
 from reference import reference_inputs, reference_model
-from engines import engines
-from vlsplit.services.llm_decoder.classify import classify
+from engines import engines, image_payload
 from vlsplit.services.llm_decoder.engine import GenerationRequest
 from vlsplit.shared.errors import InvalidRequest, TooLarge
 from vlsplit.shared.images import image_id, load_image
@@ -42,13 +41,13 @@ def test_probabilities_equal_monolithic_logits(tiny_model):
     image = load_image(data)
     payload = encoder.encode([image])[0]
     request = GenerationRequest(question_messages(QUESTION), [payload], image_ids=(image_id(data),))
-    scores = {s.label: s for s in classify(decoder, request, LABELS)}
+    scores = {s.label: s for s in decoder.classify(request, LABELS)}
     expected = reference_logprobs(tiny_model, image, QUESTION, LABELS)
     expected_probs = torch.softmax(torch.tensor(expected, dtype=torch.float64), 0).tolist()
     for label, logprob, prob in zip(LABELS, expected, expected_probs):
         assert scores[label].logprob == pytest.approx(logprob, abs=1e-4)
         assert scores[label].prob == pytest.approx(prob, abs=1e-4)
-    ordered = classify(decoder, request, LABELS)
+    ordered = decoder.classify(request, LABELS)
     assert [s.logprob for s in ordered] == sorted((s.logprob for s in ordered), reverse=True)
     assert sum(s.prob for s in ordered) == pytest.approx(1.0)
 
@@ -60,4 +59,20 @@ def test_bad_labels_are_rejected(tiny_models, labels, error):
     encoder, decoder = engines(tiny_models["qwen2_vl"])
     payload = encoder.encode([load_image(make_image(64, 64))])[0]
     with pytest.raises(error):
-        classify(decoder, GenerationRequest(question_messages(QUESTION), [payload]), labels)
+        decoder.classify(GenerationRequest(question_messages(QUESTION), [payload]), labels)
+
+
+def test_checks_of_one_request_equal_each_check_alone(tiny_models):
+    """Moderate: several checks about one image in one request (its prefix computed once)."""
+    path = tiny_models["qwen3_vl"]
+    _, decoder = engines(path)
+    payload, img_id, _ = image_payload(path, seed=43)
+    checks = [("Is there violence?", ["yes", "no"]), ("Is there text?", ["yes", "no", "maybe so"]),
+              ("What colour dominates?", ["red", "green", "blue", "something else entirely"])]
+    together = decoder.classify_many([question_messages(q) for q, _ in checks], [payload],
+                                     [labels for _, labels in checks], (img_id,))
+    assert [index for index, _ in together] == [0, 1, 2]
+    for (_, scores), (question, labels) in zip(together, checks):
+        alone = decoder.classify(GenerationRequest(question_messages(question), [payload]), labels)
+        assert [s.label for s in scores] == [s.label for s in alone]
+        assert [s.logprob for s in scores] == pytest.approx([s.logprob for s in alone], abs=1e-4)

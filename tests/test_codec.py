@@ -29,20 +29,20 @@ def make_payload(dtype=torch.float32, levels=0, grid=(1, 4, 6), hidden=8) -> Emb
     gen = torch.Generator().manual_seed(0)
     emb = torch.randn(n_tokens, hidden, generator=gen).to(dtype)
     ds = tuple(torch.randn(n_tokens, hidden, generator=gen).to(dtype) for _ in range(levels))
-    return EmbeddingPayload(emb, grid, "0123456789abcdef", ds)
+    return EmbeddingPayload(emb, grid, "0123456789abcdef", ds, "ab" * 32)
 
 
 def reseal(envelope: dict) -> bytes:
     """Re-pack a tampered envelope with a valid checksum, to reach the checks behind it."""
     records = [envelope["emb"], *envelope["ds"]]
     envelope["sum"] = codec._checksum(
-        envelope["v"], envelope["fp"], envelope["grid"], envelope["dtype"], records
+        envelope["v"], envelope["fp"], envelope["id"], envelope["grid"], envelope["dtype"], records
     )
     return msgpack.packb(envelope)
 
 
 def assert_same(a: EmbeddingPayload, b: EmbeddingPayload) -> None:
-    assert a.grid_thw == b.grid_thw and a.fingerprint == b.fingerprint
+    assert a.grid_thw == b.grid_thw and a.fingerprint == b.fingerprint and a.image_id == b.image_id
     assert a.embeddings.dtype == b.embeddings.dtype
     assert torch.equal(a.embeddings, b.embeddings)
     assert len(a.deepstack) == len(b.deepstack)
@@ -114,7 +114,7 @@ def test_flipped_byte_anywhere_in_a_tensor_fails_checksum(levels):
 
 def test_changed_metadata_fails_checksum():
     envelope = msgpack.unpackb(encode_payload(make_payload()))
-    for key, value in (("fp", "fedcba9876543210"), ("grid", [1, 6, 4])):
+    for key, value in (("fp", "fedcba9876543210"), ("grid", [1, 6, 4]), ("id", "cd" * 32)):
         with pytest.raises(CorruptPayload, match="checksum mismatch"):
             decode_payload(msgpack.packb({**envelope, key: value}))
     reshaped = {**envelope, "emb": {**envelope["emb"], "shape": [8, 6]}}
@@ -151,8 +151,8 @@ def test_deepstack_shape_must_match_embeddings():
 
 def test_wrong_version_is_named():
     envelope = msgpack.unpackb(encode_payload(make_payload()))
-    envelope["v"] = 2
-    with pytest.raises(CorruptPayload, match="payload format v2, this server reads v1"):
+    envelope["v"] = FORMAT_VERSION - 1
+    with pytest.raises(CorruptPayload, match=f"payload format v{FORMAT_VERSION - 1}, this server reads v{FORMAT_VERSION}"):
         decode_payload(msgpack.packb(envelope))
 
 
@@ -177,7 +177,7 @@ def test_record_dtype_must_match_payload_dtype():
         (b"", "not valid msgpack"),
         (msgpack.packb([1, 2, 3]), "msgpack list, expected a map"),
         (msgpack.packb({"fp": "x"}), "no format version"),
-        (msgpack.packb({"v": 1, "fp": "x"}), r"missing keys \['grid', 'dtype', 'emb', 'ds'"),
+        (msgpack.packb({"v": FORMAT_VERSION, "fp": "x"}), r"missing keys \['id', 'grid', 'dtype', 'emb', 'ds'"),
     ],
 )
 def test_garbage_is_corrupt(data, message):

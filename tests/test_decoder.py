@@ -1,9 +1,8 @@
 """Decoder engine: streaming, EOS and stop strings, sampling, validation, payload checks,
-concurrency, the KV state as a value, and M-RoPE positions against transformers."""
+concurrency, and M-RoPE positions against transformers."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -18,7 +17,7 @@ from transformers import AutoTokenizer
 
 from conftest import make_image
 from reference import reference_inputs, reference_model, reference_tokens
-from vlsplit.services.llm_decoder.engine import DecoderEngine, GenerationRequest, Prompt
+from vlsplit.services.llm_decoder.engine import DecoderEngine, GenerationRequest
 from vlsplit.services.llm_decoder.positions import mrope_positions
 from vlsplit.services.llm_decoder.sampling import Sampler, SamplingParams
 from vlsplit.services.vision_encoder.engine import VisionEngine
@@ -375,69 +374,6 @@ def test_concurrent_generations_equal_each_run_alone(tiny_model):
     assert len({tuple(r) for r in alone}) == len(jobs)  # the jobs really differ
 
 
-# ---- KV state as a value -------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def extended(engine: DecoderEngine, prompt: Prompt, token: int) -> Prompt:
-    """`prompt` with one text token appended, built from scratch (position = L + rope delta)."""
-    length = prompt.ids.shape[0]
-    rope_next = int(prompt.positions[1:].max()) + 1  # == L + delta on every M-RoPE axis
-    position = torch.tensor([length, rope_next, rope_next, rope_next]).view(4, 1, 1)
-    embed = engine.text_model.embed_tokens(torch.tensor([[token]]))
-    return Prompt(
-        ids=torch.cat([prompt.ids, torch.tensor([token])]),
-        embeds=torch.cat([prompt.embeds, embed], dim=1),
-        positions=torch.cat([prompt.positions, position], dim=2),
-        visual_mask=torch.cat([prompt.visual_mask, torch.zeros(1, 1, dtype=torch.bool)], dim=1),
-        deepstack=prompt.deepstack,
-        prefix_len=prompt.prefix_len,
-    )
-
-
-def test_kv_state_copies_continue_independently(tiny_model):
-    engine = engines(tiny_model)[1]
-    prompt = engine.build_prompt(question_messages(QUESTION), payloads(tiny_model, DEFAULT_IMAGE))
-    state, logits = engine.prefill(prompt)
-    length = state.length
-    assert length == prompt.ids.shape[0]
-    a, b = logits.topk(2).indices.tolist()
-
-    copy_a, copy_b = copy.deepcopy(state), copy.deepcopy(state)
-    after_a = engine.decode_step(copy_a, a)
-    after_b = engine.decode_step(copy_b, b)
-    c = int(after_a.argmax())
-    after_ac = engine.decode_step(copy_a, c)
-    after_b_again = engine.decode_step(copy_b, b)
-
-    assert state.length == length  # the original is untouched by its copies
-    assert copy_a.length == copy_b.length == length + 2
-    # one step from a copy == a fresh prefill of prompt + that token
-    assert torch.allclose(after_a, fresh_prefill(engine, prompt, a), atol=1e-5)
-    assert torch.allclose(after_b, fresh_prefill(engine, prompt, b), atol=1e-5)
-    assert not torch.allclose(after_a, after_b, atol=1e-3)  # the two branches really differ
-    # two steps from a copy == the same steps replayed on a fresh state, to the bit; a full
-    # prefill of prompt + 2 tokens differs from stepping only by fp32 summation order (~1e-5)
-    assert torch.equal(after_ac, replay(engine, prompt, a, c))
-    assert torch.equal(after_b_again, replay(engine, prompt, b, b))
-    assert torch.allclose(after_ac, fresh_prefill(engine, prompt, a, c), atol=1e-4)
-    # the original still continues as a fresh prefill would
-    assert torch.allclose(engine.decode_step(state, b), fresh_prefill(engine, prompt, b), atol=1e-5)
-
-
-def fresh_prefill(engine: DecoderEngine, prompt: Prompt, *tokens: int) -> torch.Tensor:
-    for token in tokens:
-        prompt = extended(engine, prompt, token)
-    return engine.prefill(prompt)[1]
-
-
-def replay(engine: DecoderEngine, prompt: Prompt, *tokens: int) -> torch.Tensor:
-    state, logits = engine.prefill(prompt)
-    for token in tokens:
-        logits = engine.decode_step(state, token)
-    return logits
-
-
 # ---- positions -----------------------------------------------------------------------------------
 
 
@@ -466,11 +402,12 @@ def test_mrope_positions_equal_transformers_rope_index(tiny_model, images):
     assert torch.equal(positions, expected[:, 0])
     assert delta == int(expected_delta)
 
-    # the decoder builds the same prompt ids, and starts decoding at L + delta
+    # the decoder builds the same prompt ids, and starts decoding at L + delta on every axis
     engine = engines(tiny_model)[1]
-    prompt = engine.build_prompt(question_messages(QUESTION, len(pics)), payloads(tiny_model, *images))
-    assert torch.equal(prompt.ids, inputs["input_ids"][0])
-    assert torch.equal(prompt.positions[1:, 0], expected[:, 0])
-    state, _ = engine.prefill(prompt)
-    length = prompt.ids.shape[0]
-    assert state.next_positions.tolist() == [length] + [length + delta] * 3
+    seq = engine.prepare([question_messages(QUESTION, len(pics))], payloads(tiny_model, *images)).seqs[0]
+    assert seq.prompt.ids == inputs["input_ids"][0].tolist()
+    assert torch.equal(seq.prompt.positions, expected[:, 0])
+    length = len(seq.prompt)
+    assert seq.prompt.next_position == length + delta
+    seq.append(7)
+    assert seq.positions(length, 1).tolist() == [[length + delta]] * 3

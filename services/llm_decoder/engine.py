@@ -17,6 +17,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,12 +338,13 @@ class DecoderEngine:
         keys = []
         for i, payload in enumerate(payloads):
             self.check_payload(payload)
-            if image_ids and payload.image_id != image_ids[i]:
-                raise InvalidRequest(f"payload {i} is for image {payload.image_id or '(unnamed)'}, "
-                                     f"but it was sent for image {image_ids[i]}")
-            keys.append(payload.image_id or f"unnamed:{id(payload)}:{time.monotonic_ns()}")
-            if payload.image_id:
-                self._remember(payload.image_id, payload.grid_thw)
+            claimed = image_ids[i] if image_ids else ""
+            if claimed and payload.image_id and payload.image_id != claimed:
+                raise InvalidRequest(f"payload {i} is for image {payload.image_id}, but it was sent for image {claimed}")
+            key = payload.image_id or claimed
+            keys.append(key or f"unnamed:{uuid.uuid4()}")  # an unnamed image is never reused
+            if key:
+                self._remember(key, payload.grid_thw)
         if not payloads:
             return [], [], None, ()
         embeddings = torch.cat([p.embeddings for p in payloads]).to(self.device, self.dtype)
