@@ -57,7 +57,8 @@ class DecoderConfig(ServerConfig):
     torch_threads: int = 0  # torch intra-op threads; 0 = torch's default (one per physical core)
     # The engine (services/llm_decoder/engine.py, EngineConfig): its KV budget and scheduler.
     kv_cache_bytes: int = 2048 * MiB  # the KV block pool, allocated once: running sequences + cached prefixes
-    block_size: int = 16  # tokens per KV block: the granularity of prefix reuse
+    block_size: int = 16  # tokens per KV block
+    prefix_caching: bool = True  # reuse the KV of any earlier prompt sharing a prefix (image, turns, system)
     max_batch: int = 64  # sequences running at once (decoded together, one token each per step)
     max_step_tokens: int = 2048  # tokens one step computes; long prompts are prefilled in chunks of this
     max_queue: int = 64  # requests waiting for admission; one more -> RESOURCE_EXHAUSTED

@@ -339,7 +339,7 @@ def test_client_cancel_stops_the_generation(decoders, tiny_models):
 def small_decoder(tiny_models, tmp_path_factory):
     """A decoder that runs one generation at a time and queues at most one more."""
     service = Service("decoder", "--model", tiny_models[LONG_FAMILY], log_dir=tmp_path_factory.mktemp("small"),
-                      env={"VLSPLIT_MAX_CONCURRENT": "1", "VLSPLIT_MAX_QUEUE": "1"})
+                      env={"VLSPLIT_MAX_BATCH": "1", "VLSPLIT_MAX_QUEUE": "1"})
     try:
         yield service.start()
     finally:

@@ -28,6 +28,7 @@ from vlsplit.services.vision_encoder.singleflight import SingleFlight
 from vlsplit.shared.cache import embedding_key, image_key
 from vlsplit.shared.codec import decode_payload
 from vlsplit.shared.images import image_id, load_image
+from vlsplit.shared.version import PAYLOAD_FORMAT
 from vlsplit.v1 import common_pb2, vision_encoder_pb2 as pb, vision_encoder_pb2_grpc
 
 MiB = 1 << 20
@@ -159,7 +160,7 @@ def test_encode_equals_local_engine(request, tiny_models, which, family):
 
 def test_model_info(encoder, fingerprint):
     info = stub(encoder).GetModelInfo(common_pb2.ModelInfoRequest())
-    assert (info.model_type, info.dtype, info.payload_format) == ("qwen2_vl", "float32", 1)
+    assert (info.model_type, info.dtype, info.payload_format) == ("qwen2_vl", "float32", PAYLOAD_FORMAT)
     assert info.fingerprint == fingerprint
 
 
@@ -173,7 +174,7 @@ def test_second_encode_hits_cache(encoder, redis_client, fingerprint):
     assert second.encode_ms == 0 and second.blob == first.blob
     assert encoder.metric(ENCODES) == encodes
     assert encoder.metric("vlsplit_cache_requests_total", result="hit") == hits + 1
-    key = f"vlsplit:emb:v1:{fingerprint}:{image_id(data)}"
+    key = f"vlsplit:emb:v{PAYLOAD_FORMAT}:{fingerprint}:{image_id(data)}"
     assert key == embedding_key(fingerprint, image_id(data))
     assert redis_client.get(key) == first.blob
     assert CACHE_TTL_S - 60 < redis_client.ttl(key) <= CACHE_TTL_S

@@ -212,9 +212,9 @@ def test_bf16_engines_keep_rotary_frequencies_in_float32(tiny_model):
     encoder = VisionEngine(tiny_model, dtype=torch.bfloat16)
     decoder = DecoderEngine(tiny_model, dtype=torch.bfloat16)
 
-    for module in (encoder.tower, decoder.text_model, decoder.lm_head):
+    for module in (encoder.tower, decoder.runner.text_model, decoder.runner.lm_head):
         assert {p.dtype for p in module.parameters()} == {torch.bfloat16}
-    for module in (encoder.tower, decoder.text_model):
+    for module in (encoder.tower, decoder.runner.text_model):
         inv_freq = {name: b.dtype for name, b in module.named_buffers() if "inv_freq" in name}
         assert inv_freq, f"{type(module).__name__} has no inv_freq buffer"
         assert set(inv_freq.values()) == {torch.float32}, inv_freq
@@ -309,7 +309,7 @@ def test_untied_head_is_used_and_matches_reference(tiny_model, copy_of):
     ours, _ = split_tokens(path, images)
     decoder = DecoderEngine(path)
 
-    assert decoder.lm_head.weight.data_ptr() != decoder.text_model.embed_tokens.weight.data_ptr()
+    assert decoder.runner.lm_head.weight.data_ptr() != decoder.runner.text_model.embed_tokens.weight.data_ptr()
     assert ours == reference_tokens(str(path), images, QUESTION, max_new_tokens=MAX_NEW_TOKENS)
     assert ours != split_tokens(tiny_model, images)[0]  # the head really changed the answer
 

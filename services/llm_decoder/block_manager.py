@@ -78,8 +78,9 @@ class Match:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, copy_block: Callable[[int, int], None]):
+    def __init__(self, num_blocks: int, block_size: int, copy_block: Callable[[int, int], None], caching: bool = True):
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.caching = caching  # False: nothing is kept for reuse (forks still share their parent's blocks)
         self.copy_block = copy_block  # (src, dst): copies a block's KV in the pool
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() takes the lowest id first
@@ -168,7 +169,7 @@ class BlockManager:
         chain hash `h`. The first block registered for a content wins."""
         with self.lock:
             block = self.blocks[b]
-            if block.parent is not None or (h is not None and h in self.full) or self._cached(parent, content):
+            if not self.caching or block.parent is not None or (h is not None and h in self.full) or self._cached(parent, content):
                 return
             block.parent, block.hash, block.content = parent, h, list(content)
             self.children.setdefault(parent, {})[b] = None
@@ -181,7 +182,7 @@ class BlockManager:
         """Keep a copy of partial block `b`, which its sequence goes on writing into (an image's
         end). Skipped when cached already, or when the copy would need a block promised to a sequence."""
         with self.lock:
-            if self._cached(parent, content) or not self.can_promise(1):
+            if not self.caching or self._cached(parent, content) or not self.can_promise(1):
                 return
             dst = self.copy(b)
             self.register(dst, parent, content)

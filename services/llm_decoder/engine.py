@@ -54,7 +54,8 @@ class EngineConfig:
     """The engine's budget and the bounds it enforces itself (each named in its error)."""
 
     kv_cache_bytes: int = 1 << 30  # the KV pool, allocated once: running sequences and cached prefixes
-    block_size: int = 16  # tokens per KV block (the granularity of prefix reuse)
+    block_size: int = 16  # tokens per KV block
+    prefix_caching: bool = True  # keep computed blocks for reuse by later prompts sharing their prefix
     max_batch: int = 64  # sequences running at once
     max_step_tokens: int = 2048  # tokens one step computes (decode rows + prefill chunks)
     max_queue: int = 64  # requests waiting for admission
@@ -122,7 +123,8 @@ class DecoderEngine:
         self.deepstack_levels = len(getattr(self.checkpoint.config.vision_config, "deepstack_visual_indexes", None) or [])
         self.vision_end_id = self.prompts.tokenizer.convert_tokens_to_ids("<|vision_end|>")
         self.root = root_hash(self.fingerprint, str(dtype), self.config.block_size)
-        self.blocks = BlockManager(self.runner.pool.num_blocks, self.config.block_size, self.runner.pool.copy_block)
+        self.blocks = BlockManager(self.runner.pool.num_blocks, self.config.block_size, self.runner.pool.copy_block,
+                                   caching=self.config.prefix_caching)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(self.config.max_batch, self.config.max_step_tokens,
                                                                 self.config.max_queue))
         self.image_grids: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # image_id -> grid, for warm starts

@@ -106,8 +106,6 @@ class Scheduler:
                 budget -= n
         for chunk in chunks:
             self._allocate(chunk.seq, chunk.end)
-        RUNNING.set(len(self.running))
-        QUEUE_DEPTH.set(self.queued)
         return chunks
 
     def computed(self, chunk: Chunk) -> None:
@@ -208,10 +206,12 @@ class Scheduler:
         request.unadmitted -= 1
         if request.unadmitted == 0:
             self.queued -= 1
+            QUEUE_DEPTH.set(self.queued)
 
     def _run(self, seq: Sequence) -> None:
         seq.status = Status.RUNNING
         self.running.append(seq)
+        RUNNING.set(len(self.running))
 
     def _allocate(self, seq: Sequence, end: int) -> None:
         while len(seq.block_table) * self.block_size < end:
@@ -231,6 +231,7 @@ class Scheduler:
         seq.status = Status.FINISHED
         if seq in self.running:
             self.running.remove(seq)
+            RUNNING.set(len(self.running))
         if self.computing.get(seq.cache_key) is seq:
             del self.computing[seq.cache_key]
 
