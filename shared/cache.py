@@ -4,6 +4,11 @@ Keys (ARCHITECTURE.md contract 3):
   vlsplit:emb:v<format>:<fingerprint>:<image_id>   encoded embedding payload (shared/codec.py)
   vlsplit:img:<image_id>                           uploaded image bytes, for Ask(image_id)
 
+Redis refuses a value over its proto-max-bulk-len (512 MB by default), and the largest image's
+float32 payload can pass that (Qwen3-VL-2B: 537 MB). A value over `part_bytes` is stored as parts
+under `<key>:part:<nonce>:<i>` with a small manifest under `<key>`, all in one MULTI/EXEC with the
+same TTL; a read with any part missing is a miss.
+
 A cache must never fail a request: when Redis is down or slow (short socket timeouts), reads are
 misses and writes are skipped; the first failure is logged, every failure is counted in
 `vlsplit_cache_errors_total`, and recovery is logged once when Redis answers again.
@@ -11,7 +16,9 @@ misses and writes are skipped; the first failure is logged, every failure is cou
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from typing import Protocol
@@ -23,6 +30,8 @@ from . import metrics
 from .version import PAYLOAD_FORMAT
 
 log = logging.getLogger("vlsplit.cache")
+PART_BYTES = 64 << 20  # Redis values above this are stored in parts
+MANIFEST = b"vlsplit-parts:1\n"  # never the start of a payload (a msgpack map) or an image file
 
 
 def embedding_key(fingerprint: str, image_id: str) -> str:
@@ -76,28 +85,58 @@ class MemoryStore:
 
 
 class RedisStore:
-    def __init__(self, url: str, timeout_s: float):
-        self.url = url
+    def __init__(self, url: str, timeout_s: float, part_bytes: int = PART_BYTES):
+        self.url, self.part_bytes = url, part_bytes
         self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
 
     async def get(self, key: str) -> bytes | None:
-        return await self.client.get(key)
+        value = await self.client.get(key)
+        parts = _part_keys(key, value)
+        if parts is None:
+            return value
+        pieces = await self.client.mget(parts[0])
+        if any(piece is None for piece in pieces):
+            return None  # a part expired or was evicted before its manifest
+        data = b"".join(pieces)
+        return data if len(data) == parts[1] else None
 
     async def set(self, key: str, value: bytes, ttl_s: int) -> None:
-        await self.client.set(key, value, ex=ttl_s)
+        if len(value) <= self.part_bytes:
+            await self.client.set(key, value, ex=ttl_s)
+            return
+        nonce = secrets.token_hex(8)
+        count = -(-len(value) // self.part_bytes)
+        view = memoryview(value)
+        async with self.client.pipeline(transaction=True) as pipe:
+            for i in range(count):
+                pipe.set(f"{key}:part:{nonce}:{i}", view[i * self.part_bytes:(i + 1) * self.part_bytes], ex=ttl_s)
+            pipe.set(key, MANIFEST + json.dumps({"nonce": nonce, "parts": count, "bytes": len(value)}).encode(), ex=ttl_s)
+            await pipe.execute()
 
     async def delete(self, key: str) -> None:
-        await self.client.delete(key)
+        parts = _part_keys(key, await self.client.get(key))
+        await self.client.delete(key, *(parts[0] if parts else []))
 
     async def close(self) -> None:
         await self.client.aclose()
 
 
-def open_store(url: str, timeout_s: float, memory_bytes: int) -> Store:
+def _part_keys(key: str, value: bytes | None) -> tuple[list[str], int] | None:
+    """For a manifest value: the keys of its parts and the value's total size; else None."""
+    if value is None or not value.startswith(MANIFEST):
+        return None
+    try:
+        meta = json.loads(value[len(MANIFEST):])
+        return [f"{key}:part:{meta['nonce']}:{i}" for i in range(int(meta["parts"]))], int(meta["bytes"])
+    except (ValueError, KeyError, TypeError):
+        return [], -1  # a broken manifest reads as a miss
+
+
+def open_store(url: str, timeout_s: float, memory_bytes: int, part_bytes: int = PART_BYTES) -> Store:
     """`memory` -> in-process LRU; `redis://...` -> Redis (connects lazily)."""
     if url == "memory":
         return MemoryStore(memory_bytes)
-    return RedisStore(url, timeout_s)
+    return RedisStore(url, timeout_s, part_bytes)
 
 
 class SafeStore:

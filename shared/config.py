@@ -43,6 +43,8 @@ class EncoderConfig(ServerConfig):
     max_image_bytes: int = 32 * MiB
     max_image_pixels: int = 8192 * 8192
     redis_timeout_s: float = 0.5
+    cache_part_bytes: int = 64 * MiB  # Redis values above this are stored in parts (Redis's bulk limit is 512 MB)
+    torch_threads: int = 0  # torch intra-op threads; 0 = torch's default (one per physical core)
     # Dynamic batching (services/vision_encoder/batcher.py): different images, one tower forward.
     encode_max_batch: int = 8  # images per forward; 1 = no batching
     encode_max_wait_ms: float = 20.0  # how long an image waits for others; 0 = batch only behind a busy tower
@@ -90,6 +92,7 @@ class GatewayConfig(ServerConfig):
     decoder_down_s: float = 5.0  # a decoder replica found unreachable is tried last for this long
     redis_url: str = "memory"
     redis_timeout_s: float = 0.5
+    cache_part_bytes: int = 64 * MiB  # Redis values above this are stored in parts (Redis's bulk limit is 512 MB)
     memory_cache_bytes: int = 512 * MiB
     cache_ttl_s: int = 24 * 3600  # "memory" backend only: entries the gateway keeps itself
     max_image_bytes: int = 32 * MiB

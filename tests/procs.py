@@ -24,15 +24,16 @@ READY_TIMEOUT_S = 120
 
 
 class Redis:
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, *options: str):
         if shutil.which("redis-server") is None:
             raise RuntimeError("redis-server is not on PATH: install it (Debian: apt-get install redis-server)")
+        self.options = options
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Redis":
-        self.proc = start_redis(self.port)
+        self.proc = start_redis(self.port, *self.options)
         return self
 
     def stop(self) -> None:

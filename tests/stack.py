@@ -20,20 +20,34 @@ class Stack:
     decoder_env: dict = field(default_factory=dict)
     gateway_env: dict = field(default_factory=dict)
     memory_cache: bool = False  # "--redis memory" everywhere instead of a redis-server
+    redis_options: tuple = ()  # extra redis-server flags
 
     def start(self) -> "Stack":
-        self.redis = None if self.memory_cache else Redis().start()
+        self.redis = None if self.memory_cache else Redis(None, *self.redis_options).start()
         url = "memory" if self.memory_cache else self.redis.url
-        self.encoder = Service("encoder", "--model", self.model, "--redis", url,
-                               env=self.encoder_env, log_dir=self.log_dir).start()
-        self.decoder = Service("decoder", "--model", self.decoder_model or self.model, env=self.decoder_env,
-                               log_dir=self.log_dir).start()
+        self.url = url
+        self.encoder = self.start_encoder(self.model)
+        self.decoder = self.start_decoder(self.decoder_model or self.model)
         self.gateway = Service("gateway", "--encoder", self.encoder.address, "--decoder", self.decoder.address,
                                "--redis", url, env=self.gateway_env, log_dir=self.log_dir).start()
         self.channel = grpc.insecure_channel(self.gateway.address,
                                              options=[("grpc.max_send_message_length", 64 << 20)])
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
         return self
+
+    def start_encoder(self, model: str, port: int | None = None) -> Service:
+        return Service("encoder", "--model", model, "--redis", self.url, port=port, env=self.encoder_env,
+                       log_dir=self.log_dir).start()
+
+    def start_decoder(self, model: str, port: int | None = None) -> Service:
+        return Service("decoder", "--model", model, port=port, env=self.decoder_env, log_dir=self.log_dir).start()
+
+    def redeploy(self, model: str) -> None:
+        """Encoder and decoder replaced by ones serving `model`, at the same addresses (the gateway stays)."""
+        for name, start in (("encoder", self.start_encoder), ("decoder", self.start_decoder)):
+            old = getattr(self, name)
+            old.kill()
+            setattr(self, name, start(model, old.port))
 
     def stop(self) -> None:
         self.channel.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -259,19 +260,67 @@ def test_corrupt_cache_entry_is_dropped_and_recomputed_never_served(fresh_stack)
     decode_payload(client.get(key))  # the entry was replaced by a valid one
 
 
-@pytest.mark.parametrize("stack", ["qwen2_vl"], indirect=True)
-def test_largest_image_the_processor_allows_crosses_the_whole_stack(stack):
-    """Qwen2-VL: max_pixels 12845056 -> 3584x3584 -> 16384 image tokens (payload > 4 MiB)."""
+def largest_image(model: str) -> bytes:
+    """A JPEG of exactly the most pixels the checkpoint's processor allows (square)."""
     import io
 
     from PIL import Image
 
-    image = Image.radial_gradient("L").resize((3584, 3584)).convert("RGB")
+    from vlsplit.shared.fingerprint import largest_image_tokens, processor_config, processor_settings
+
+    settings = processor_settings(processor_config(Path(model)))
+    side = int(largest_image_tokens(model) ** 0.5) * settings["patch_size"] * settings["merge_size"]
+    image = Image.radial_gradient("L").resize((side, side)).convert("RGB")
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=85)
-    answer = stack.ask(buf.getvalue(), QUESTIONS[0], max_new_tokens=4, timeout=600)
+    return buf.getvalue()
+
+
+def test_largest_image_the_processor_allows_crosses_the_whole_stack(stack):
+    """Every family at default settings: Qwen2/2.5-VL 3584x3584, Qwen3-VL 4096x4096 -> 16384 image
+    tokens each; the payload (> 4 MiB; Qwen3-VL with deepstack 4x that) crosses in chunks."""
+    data = largest_image(stack.model)
+    answer = stack.ask(data, QUESTIONS[0], max_new_tokens=4, timeout=600)
     assert answer.usage.image_tokens == 16384
-    assert list(answer.token_ids) == reference_tokens(stack.model, [load_image(buf.getvalue())], QUESTIONS[0], 4)
+    assert list(answer.token_ids) == reference_tokens(stack.model, [load_image(data)], QUESTIONS[0], 4)
+
+
+def test_payload_over_redis_bulk_limit_is_cached_in_parts(tiny_models, tmp_path):
+    """Known bug: Qwen3-VL's largest fp32 payload passes Redis's 512 MB bulk limit, so it was never
+    cached. At test scale: a Redis refusing values over 1 MB, parts of 512 KiB, a 16.8 MB payload."""
+    import redis
+
+    parts = {"VLSPLIT_CACHE_PART_BYTES": str(512 << 10)}
+    s = Stack(tiny_models["qwen3_vl"], tmp_path, redis_options=("--proto-max-bulk-len", "1mb"),
+              encoder_env=parts, gateway_env=parts, decoder_env=NO_PREFIX_CACHE).start()
+    try:
+        data = largest_image(s.model)
+        first = s.ask(data, QUESTIONS[0], max_new_tokens=4, timeout=600)
+        encodes = s.encodes()
+        second = s.ask(data, QUESTIONS[1], max_new_tokens=4, timeout=600)
+        assert (first.cache, second.cache) == (gateway_pb2.CACHE_STATUS_MISS, gateway_pb2.CACHE_STATUS_HIT)
+        assert s.encodes() == encodes  # served from Redis, not encoded again
+        assert s.gateway.metric("vlsplit_cache_errors_total") == s.encoder.metric("vlsplit_cache_errors_total") == 0
+        client = redis.Redis.from_url(s.redis.url)
+        assert len(client.keys(f"vlsplit:emb:*:{first.image_id}:part:*")) > 16
+        assert list(second.token_ids) == reference_tokens(s.model, [load_image(data)], QUESTIONS[1], 4)
+    finally:
+        s.stop()
+
+
+def test_gateway_refetches_the_fingerprint_after_the_model_changes(fresh_stack, tmp_path):
+    """Known bug: the gateway kept the first fingerprint forever, so after a redeploy with another
+    checkpoint it sent cached payloads of the old model and every ask failed FAILED_PRECONDITION."""
+    from vlsplit.make_model import make_model
+
+    s = fresh_stack()
+    data = make_image(200, 160, seed=26)
+    s.ask(data, QUESTIONS[0])  # cached under the first model's fingerprint
+    other = str(make_model(tmp_path / "other", "qwen2_vl", "tiny", seed=1))
+    s.redeploy(other)
+    answer = s.ask(data, QUESTIONS[0])
+    assert list(answer.token_ids) == reference_tokens(other, [load_image(data)], QUESTIONS[0], 12)
+    assert answer.cache == gateway_pb2.CACHE_STATUS_MISS  # encoded by the new model
 
 
 @pytest.mark.parametrize("stack", ["qwen2_5_vl"], indirect=True)
@@ -301,7 +350,9 @@ def test_classify_and_moderate_through_the_gateway(stack):
     assert result.labels[0].logprob >= result.labels[1].logprob
     checks = [gateway_pb2.ModerationCheck(question="Safe?", labels=["yes", "no"]),
               gateway_pb2.ModerationCheck(question="Violent?", labels=["yes", "no", "unclear"])]
+    calls = stack.decoder.metric("vlsplit_requests_total", method="Classify")
     moderated = stack.stub.Moderate(gateway_pb2.ModerateRequest(image=image, checks=checks), timeout=60)
+    assert stack.decoder.metric("vlsplit_requests_total", method="Classify") == calls + 1  # all checks, one call
     assert [len(r.labels) for r in moderated.results] == [2, 3]
     assert [s.label for s in moderated.results[0].labels] == [s.label for s in result.labels]
     assert [s.logprob for s in moderated.results[0].labels] == pytest.approx([s.logprob for s in result.labels],

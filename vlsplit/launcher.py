@@ -30,11 +30,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_redis(port: int) -> subprocess.Popen:
-    """A private, non-persistent redis-server on 127.0.0.1:`port`, returned once it accepts
-    connections (its own "Ready to accept connections" log line: no polling)."""
+def start_redis(port: int, *options: str) -> subprocess.Popen:
+    """A private, non-persistent redis-server on 127.0.0.1:`port` (plus `options`, e.g.
+    "--proto-max-bulk-len", "1mb"), returned once it accepts connections (its own "Ready to accept
+    connections" log line: no polling)."""
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             "--appendonly", "no", *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     for line in proc.stdout:
         if "Ready to accept connections" in line:
             threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining its log

@@ -28,7 +28,8 @@ def build(config: GatewayConfig) -> Service:
 
     async def start() -> None:
         # Channels and the Redis client bind to the running event loop, so they are made here.
-        store = SafeStore(open_store(config.redis_url, config.redis_timeout_s, config.memory_cache_bytes))
+        store = SafeStore(open_store(config.redis_url, config.redis_timeout_s, config.memory_cache_bytes,
+                                  config.cache_part_bytes))
         decoders = DecoderPool(config.retry_attempts, len(router.targets), close_grace_s=config.deadline_s)
         pipeline = Pipeline(EncoderClient(config.encoder, config.retry_attempts), decoders, router,
                             store, config.cache_ttl_s, write_back=config.redis_url == "memory")

@@ -19,6 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
+import torch
+
 from vlsplit.shared.cache import SafeStore, open_store
 from vlsplit.shared.codec import DTYPES
 from vlsplit.shared.config import MiB, EncoderConfig
@@ -67,9 +69,12 @@ def encoder_service(config: EncoderConfig) -> Service:
 async def _open(config: EncoderConfig, executor: ThreadPoolExecutor) -> CachedEncoder:
     loop = asyncio.get_running_loop()
     start = time.perf_counter()
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)  # the tower's forwards run one at a time (batcher.py)
     engine = await loop.run_in_executor(executor, VisionEngine, config.model, DTYPES[config.dtype], config.device)
     loaded_s = time.perf_counter() - start
-    store = SafeStore(open_store(config.redis_url, config.redis_timeout_s, config.memory_cache_bytes))
+    store = SafeStore(open_store(config.redis_url, config.redis_timeout_s, config.memory_cache_bytes,
+                                  config.cache_part_bytes))
     encoder = CachedEncoder(
         engine, executor, store,
         payload_dtype=config.payload_dtype or config.dtype,
