@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: all setup test test-slow demo bench-load bench-ask bench-many protos clean
+.PHONY: all setup test test-slow demo bench-load bench-ask bench-many bench-decode protos clean
 
 all: test
 
@@ -52,6 +52,9 @@ bench-ask: setup
 
 bench-many: setup
 	$(BIN)/python bench/many.py
+
+bench-decode: setup
+	$(BIN)/python bench/decode_steps.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

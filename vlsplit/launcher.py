@@ -65,6 +65,7 @@ class Stack:
     host: str = "127.0.0.1"
     dtype: str = "float32"
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+    metrics_ports: dict[str, int] = field(default_factory=dict)  # service -> its Prometheus port
 
     def start(self) -> str:
         redis_url = self._redis()
@@ -90,8 +91,9 @@ class Stack:
 
     def _serve(self, name: str, address: str, *args: str) -> None:
         host, port = address.rsplit(":", 1)
+        self.metrics_ports[name] = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "vlsplit.cli", "serve", name, "--host", host,
-                                 "--port", port, "--metrics-port", "0", *args])
+                                 "--port", port, "--metrics-port", str(self.metrics_ports[name]), *args])
         self.procs.append((name, proc))
         start = time.perf_counter()
         wait_serving(address, proc, name)

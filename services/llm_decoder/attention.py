@@ -84,26 +84,28 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, vls
 
 
 def _cascade(q: torch.Tensor, pool: KVPool, layer: int, group: Cascade, scale: float) -> torch.Tensor:
-    """q [Hq, N, D] -> [R, n, Hq, D] for the group's query grid (padding rows included)."""
-    kp, vp = pool.gather(layer, group.prefix_slots)  # [Hkv, P, D], read once for all rows
+    """q [Hq, N, D] -> [R, n, Hq, D] for the group's query grid (padding rows included).
+
+    Computed in float32 whatever the model's dtype: these matmuls are small, float32 keeps the
+    softmax exact, and CPUs without bf16 instructions run bf16 batched matmuls far slower."""
+    kp, vp = (t.float() for t in pool.gather(layer, group.prefix_slots))  # [Hkv, P, D], read once for all rows
     kv_heads, prefix, dim = kp.shape
     rows, n = group.queries.shape
     own = group.own_slots.shape[1]
     groups = q.shape[0] // kv_heads
     # [Hq, R*n, D] -> [Hkv, R, n, G, D]: query heads grouped under their KV head
-    qs = q[:, group.queries.reshape(-1)].view(kv_heads, groups, rows, n, dim).permute(0, 2, 3, 1, 4)
-    ko, vo = pool.gather(layer, group.own_slots.reshape(-1))
-    ko, vo = ko.view(kv_heads, rows, own, dim), vo.view(kv_heads, rows, own, dim)
-    sp = torch.matmul(qs.reshape(kv_heads, rows * n * groups, dim), kp.transpose(1, 2)).float() * scale
-    so = torch.matmul(qs.reshape(kv_heads, rows, n * groups, dim), ko.transpose(2, 3)).float() * scale
+    qs = q[:, group.queries.reshape(-1)].float().view(kv_heads, groups, rows, n, dim).permute(0, 2, 3, 1, 4)
+    ko, vo = (t.float().view(kv_heads, rows, own, dim) for t in pool.gather(layer, group.own_slots.reshape(-1)))
+    sp = torch.matmul(qs.reshape(kv_heads, rows * n * groups, dim), kp.transpose(1, 2)) * scale
+    so = torch.matmul(qs.reshape(kv_heads, rows, n * groups, dim), ko.transpose(2, 3)) * scale
     sp = sp.view(kv_heads, rows, n, groups, prefix)
     so = so.view(kv_heads, rows, n, groups, own).masked_fill(~group.visible[None, :, :, None, :], float("-inf"))
     top = torch.maximum(sp.amax(-1), so.amax(-1))[..., None]  # [Hkv, R, n, G, 1]
     ep, eo = torch.exp(sp - top), torch.exp(so - top)
     total = ep.sum(-1, keepdim=True) + eo.sum(-1, keepdim=True)
-    out = torch.matmul(ep.view(kv_heads, rows * n * groups, prefix).to(vp.dtype), vp).view(kv_heads, rows, n, groups, dim)
-    out = out + torch.matmul(eo.view(kv_heads, rows, n * groups, own).to(vo.dtype), vo).view(kv_heads, rows, n, groups, dim)
-    out = (out.float() / total).to(q.dtype)
+    out = torch.matmul(ep.view(kv_heads, rows * n * groups, prefix), vp).view(kv_heads, rows, n, groups, dim)
+    out = out + torch.matmul(eo.view(kv_heads, rows, n * groups, own), vo).view(kv_heads, rows, n, groups, dim)
+    out = (out / total).to(q.dtype)
     return out.permute(1, 2, 0, 3, 4).reshape(rows, n, kv_heads * groups, dim)
 
 

@@ -12,12 +12,14 @@ tests use them). Nothing request-specific lives on the model: the KV is in the b
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import queue
 import threading
 import time
 import uuid
+import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +134,7 @@ class DecoderEngine:
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="decoder-engine", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
         log.info("decoder %s loaded in %.2fs (%s, %s, fingerprint %s, %d KV blocks of %d tokens)",
                  self.family.model_type, time.perf_counter() - start, dtype, device, self.fingerprint,
                  self.blocks.num_blocks, self.config.block_size)
@@ -153,8 +156,11 @@ class DecoderEngine:
         return min(self.config.max_request_blocks or self.blocks.num_blocks, self.blocks.num_blocks)
 
     def close(self) -> None:
+        """Stop the step loop (after the step in progress); requests still queued get no more output."""
         self._closed = True
         self.scheduler.wake()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
 
     # ---- requests ------------------------------------------------------------------------------
 
@@ -462,6 +468,16 @@ class DecoderEngine:
     def prefilled_tokens(self) -> int:
         """Prompt tokens computed so far (tokens reused from cached blocks are not)."""
         return self.scheduler.prefilled
+
+
+_LIVE: "weakref.WeakSet[DecoderEngine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Let every step loop end before the interpreter tears torch down."""
+    for engine in list(_LIVE):
+        engine.close()
 
 
 def _common_prefix(lists: list[list[int]]) -> int:
