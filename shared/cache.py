@@ -1,6 +1,6 @@
 """The embedding cache and the upload store: Redis, or an in-process LRU ("memory").
 
-Keys (ARCHITECTURE.md contract 3):
+Keys:
   vlsplit:emb:v<format>:<fingerprint>:<image_id>   encoded embedding payload (shared/codec.py)
   vlsplit:img:<image_id>                           uploaded image bytes, for Ask(image_id)
 

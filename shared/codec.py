@@ -116,6 +116,14 @@ def _checksum(version: int, fp: str, image_id: str, grid: list, name: str, recor
     return crc
 
 
+ENVELOPE_BYTES = 4096  # the most an envelope adds to its tensors' bytes (keys, fingerprint, id, shapes, checksum)
+
+
+def payload_size(n_tokens: int, hidden: int, deepstack_levels: int, dtype: torch.dtype = torch.float32) -> int:
+    """An upper bound on the encoded size of one image's payload."""
+    return n_tokens * hidden * (1 + deepstack_levels) * dtype.itemsize + ENVELOPE_BYTES
+
+
 def encode_payload(payload: EmbeddingPayload, dtype: torch.dtype | None = None) -> bytes:
     """Payload -> msgpack bytes. `dtype` casts every tensor first (e.g. bf16 on the wire);
     by default deepstack tensors travel in the embeddings' dtype."""

@@ -52,22 +52,18 @@ class EncoderConfig(ServerConfig):
 
 
 @dataclass(frozen=True)
-class DecoderConfig(ServerConfig):
-    model: str = ""
-    dtype: str = "float32"
-    device: str = "cpu"
-    torch_threads: int = 0  # torch intra-op threads; 0 = torch's default (one per physical core)
-    # The engine (services/llm_decoder/engine.py, EngineConfig): its KV budget and scheduler.
+class EngineConfig:
+    """The decoder engine's KV budget, its scheduler, and the bounds it enforces itself (a request
+    past one gets INVALID_ARGUMENT naming it). Also usable alone, by the in-process engine."""
+
     kv_cache_bytes: int = 2048 * MiB  # the KV block pool, allocated once: running sequences + cached prefixes
     block_size: int = 16  # tokens per KV block
     prefix_caching: bool = True  # reuse the KV of any earlier prompt sharing a prefix (image, turns, system)
     max_batch: int = 64  # sequences running at once (decoded together, one token each per step)
     max_step_tokens: int = 2048  # tokens one step computes; long prompts are prefilled in chunks of this
     max_queue: int = 64  # requests waiting for admission; one more -> RESOURCE_EXHAUSTED
-    # Bounds the decoder enforces itself; a request past one gets INVALID_ARGUMENT naming it.
     max_model_len: int = 0  # prompt + max_new_tokens; 0 = the model's max_position_embeddings
     max_new_tokens_limit: int = 4096
-    default_max_new_tokens: int = 64
     max_images: int = 16  # images per request
     max_rows: int = 64  # conversations (AskMany questions) per request
     max_labels: int = 64  # labels per Classify check
@@ -76,6 +72,15 @@ class DecoderConfig(ServerConfig):
     max_stop: int = 16  # stop strings per request
     max_stop_chars: int = 256  # characters per stop string
     max_request_blocks: int = 0  # KV blocks one request may need; 0 = the whole pool
+
+
+@dataclass(frozen=True)
+class DecoderConfig(ServerConfig, EngineConfig):
+    model: str = ""
+    dtype: str = "float32"
+    device: str = "cpu"
+    torch_threads: int = 0  # torch intra-op threads; 0 = torch's default (one per physical core)
+    default_max_new_tokens: int = 64
     # The payload stream.
     max_payload_bytes: int = 0  # one request's payloads; 0 = the largest image's float32 payload (>= 512 MiB)
     max_receiving_bytes: int = 0  # payload bytes of all calls in progress; 0 = 4 x max_payload_bytes
@@ -139,4 +144,4 @@ def env_get(name: str, default: str | None = None) -> str | None:
     return os.environ.get(PREFIX + name, default)
 
 
-__all__ = ["DecoderConfig", "EncoderConfig", "GatewayConfig", "ServerConfig", "cache_dir", "env_get", "load"]
+__all__ = ["DecoderConfig", "EncoderConfig", "EngineConfig", "GatewayConfig", "ServerConfig", "cache_dir", "env_get", "load"]

@@ -50,7 +50,7 @@ class ImageLimits:
 
 
 def image_id(data: bytes) -> str:
-    """Content id of the uploaded bytes: lowercase hex sha256 (ARCHITECTURE contract 3)."""
+    """Content id of the uploaded bytes: lowercase hex sha256 (what clients may re-use across models)."""
     return hashlib.sha256(data).hexdigest()
 
 

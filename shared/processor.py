@@ -104,7 +104,7 @@ class PromptBuilder:
 
 
 def question_messages(question: str, n_images: int = 1) -> list[Message]:
-    """The one-turn prompt of ARCHITECTURE.md: the image(s), then the question."""
+    """The one-turn prompt: the image(s), then the question."""
     content: list[dict] = [{"type": "image"} for _ in range(n_images)]
     return [{"role": "user", "content": content + [{"type": "text", "text": question}]}]
 

@@ -11,9 +11,11 @@ import torch
 
 from vlsplit.shared import codec
 from vlsplit.shared.codec import (
+    ENVELOPE_BYTES,
     FORMAT_VERSION,
     decode_payload,
     encode_payload,
+    payload_size,
     tensor_from_record,
     tensor_to_record,
     validate_payload,
@@ -208,3 +210,32 @@ def test_zero_copy_framing_matches_msgpack(n_bytes):
     parts: list = []
     codec._pack_parts(obj, parts, msgpack.Packer())
     assert b"".join(parts) == msgpack.packb(obj)
+
+
+def test_payload_size_bounds_the_encoded_size():
+    for levels in (0, 3):
+        payload = make_payload(torch.float32, levels=levels, grid=(1, 8, 12), hidden=16)
+        size = len(encode_payload(payload))
+        assert size <= payload_size(payload.n_tokens, 16, levels) < size + ENVELOPE_BYTES
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_default_limits_carry_the_largest_image_at_real_widths(family):
+    """Known bug: Qwen3-VL's largest float32 payload (16384 tokens x 2048 x 4 levels = 537 MB at
+    2B widths) passed the decoder's 512 MiB default and Redis's 512 MB bulk limit."""
+    from vlsplit.services.llm_decoder.engine import default_payload_limit
+    from vlsplit.shared.cache import PART_BYTES
+    from vlsplit.shared.families import get_family
+
+    fam = get_family(family)
+    widths, processor = fam.sizes["bench"], fam.preprocessor
+    side = processor["patch_size"] * processor["merge_size"]
+    tokens = processor["max_pixels"] // (side * side)
+    hidden = widths.vision.get("out_hidden_size", widths.text["hidden_size"])
+    levels = len(widths.vision.get("deepstack_visual_indexes", []))
+    size = payload_size(tokens, hidden, levels)
+    assert tokens == 16384
+    assert size <= default_payload_limit(tokens, hidden, levels)  # the decoder accepts it by default
+    assert PART_BYTES < 512_000_000  # and Redis stores it, in parts each under its bulk limit
+    if family == "qwen3_vl":
+        assert size > 512 << 20  # what the old fixed defaults refused

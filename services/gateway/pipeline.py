@@ -200,7 +200,7 @@ class ImageFetch:
 
 
 def question_message(question: str) -> llm_decoder_pb2.ChatMessage:
-    """The one-turn prompt of ARCHITECTURE.md: the image, then the question."""
+    """The one-turn prompt: the image, then the question."""
     return llm_decoder_pb2.ChatMessage(role="user", content=[
         llm_decoder_pb2.ContentPart(image=llm_decoder_pb2.ImagePlaceholder()),
         llm_decoder_pb2.ContentPart(text=question),

@@ -29,7 +29,8 @@ import torch
 from transformers import GenerationConfig
 
 from vlsplit.shared.checkpoint import Checkpoint
-from vlsplit.shared.codec import validate_payload
+from vlsplit.shared.codec import payload_size, validate_payload
+from vlsplit.shared.config import EngineConfig
 from vlsplit.shared.errors import CheckpointError, CorruptPayload, InvalidRequest, ModelMismatch, TooLarge
 from vlsplit.shared.fingerprint import compute_fingerprint, largest_image_tokens
 from vlsplit.shared.payload import EmbeddingPayload
@@ -49,28 +50,6 @@ log = logging.getLogger("vlsplit.decoder")
 MAX_REMEMBERED_IMAGES = 100_000  # image_id -> grid entries kept for warm starts (a few MB)
 
 __all__ = ["DecoderEngine", "EngineConfig", "GenerationRequest", "LabelScore", "NeedPayload", "TokenEvent", "Usage"]
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """The engine's budget and the bounds it enforces itself (each named in its error)."""
-
-    kv_cache_bytes: int = 1 << 30  # the KV pool, allocated once: running sequences and cached prefixes
-    block_size: int = 16  # tokens per KV block
-    prefix_caching: bool = True  # keep computed blocks for reuse by later prompts sharing their prefix
-    max_batch: int = 64  # sequences running at once
-    max_step_tokens: int = 2048  # tokens one step computes (decode rows + prefill chunks)
-    max_queue: int = 64  # requests waiting for admission
-    max_model_len: int = 0  # prompt + new tokens; 0 = the model's max_position_embeddings
-    max_new_tokens_limit: int = 4096
-    max_images: int = 16  # images per request
-    max_rows: int = 64  # conversations (AskMany questions) per request
-    max_labels: int = 64  # labels per Classify check
-    max_label_tokens: int = 32
-    max_checks: int = 16  # checks per Classify/Moderate request
-    max_stop: int = 16  # stop strings per request
-    max_stop_chars: int = 256  # characters per stop string
-    max_request_blocks: int = 0  # KV blocks one request may need; 0 = the whole pool
 
 
 @dataclass(frozen=True)
@@ -145,11 +124,8 @@ class DecoderEngine:
 
     @property
     def largest_request_payload(self) -> int:
-        """Bytes of the payload of the largest image the processor allows, in float32 (the default
-        limit of one request's payloads), or 512 MiB if that is more."""
-        tokens = largest_image_tokens(self.checkpoint.path)
-        largest = tokens * self.hidden_size * (1 + self.deepstack_levels) * 4 + (1 << 20)  # + envelope
-        return max(largest, 512 << 20)
+        """The default limit of one request's payloads: see `default_payload_limit`."""
+        return default_payload_limit(largest_image_tokens(self.checkpoint.path), self.hidden_size, self.deepstack_levels)
 
     @property
     def request_block_limit(self) -> int:
@@ -247,9 +223,9 @@ class DecoderEngine:
 
     def _loop(self) -> None:
         while not self._closed:
-            self.scheduler.wait_for_work(timeout=1.0)
-            if self.scheduler.has_work():
-                self.step()
+            seen = self.scheduler.version
+            if self.step() is None:  # nothing could run: sleep until a request arrives or is cancelled
+                self.scheduler.wait_for_change(seen, timeout=1.0)
 
     def step(self) -> StepRecord | None:
         """Advance every scheduled sequence once (engine thread only)."""
@@ -468,6 +444,12 @@ class DecoderEngine:
     def prefilled_tokens(self) -> int:
         """Prompt tokens computed so far (tokens reused from cached blocks are not)."""
         return self.scheduler.prefilled
+
+
+def default_payload_limit(largest_image_tokens: int, hidden: int, deepstack_levels: int) -> int:
+    """One request's payload bytes by default: room for the float32 payload of the largest image
+    the processor allows, and never less than 512 MiB."""
+    return max(payload_size(largest_image_tokens, hidden, deepstack_levels), 512 << 20)
 
 
 _LIVE: "weakref.WeakSet[DecoderEngine]" = weakref.WeakSet()

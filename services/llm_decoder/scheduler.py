@@ -46,6 +46,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.computing: dict[Hash, Sequence] = {}  # cache key -> the sequence computing that prefix
         self.changed = threading.Condition()
+        self.version = 0  # bumped by every add and wake: the engine loop sleeps until it changes
         self.prefilled = 0  # prompt tokens computed (not reused), for tests and benchmarks
         self.blocked = 0  # admissions put off because the pool could not promise the blocks
         self.dropped: dict[str, int] = {"waiting": 0, "running": 0, "forked": 0}  # sequences of cancelled requests
@@ -61,17 +62,19 @@ class Scheduler:
             QUEUE_DEPTH.set(self.queued)
             request.unadmitted = len(request.seqs)
             self.inbox.append(request)
+            self.version += 1
             self.changed.notify()
 
     def wake(self) -> None:
-        """A request was cancelled: let the loop drop it even if nothing else runs."""
+        """A request was cancelled (or the engine closes): let the loop look again."""
         with self.changed:
+            self.version += 1
             self.changed.notify()
 
-    def wait_for_work(self, timeout: float | None = None) -> None:
+    def wait_for_change(self, seen: int, timeout: float) -> None:
+        """Sleep until something was added or woken since `seen` (or `timeout` passed)."""
         with self.changed:
-            if not self.has_work():
-                self.changed.wait(timeout)
+            self.changed.wait_for(lambda: self.version != seen, timeout)
 
     def has_work(self) -> bool:
         return bool(self.inbox or self.waiting or self.forked or self.running)
@@ -179,10 +182,13 @@ class Scheduler:
         prompt = seq.prompt
         match = self.blocks.match(seq, len(prompt), limit=len(prompt) - 1)
         need = seq.worst - len(match.blocks)
-        newly = sum(self.blocks.blocks[b].ref == 0 for b in match.blocks)
+        newly = sum(self.blocks.blocks[b].ref == 0 for b in match.blocks)  # cached blocks it takes out of the LRU
         if not self.blocks.can_promise(need + newly):
             self.blocked += 1
             return False
+        if match.tail is not None and self.blocks.blocks[match.tail].ref == 0 and not self.blocks.can_promise(
+                need + newly + 1):  # copying the tail holds its source too: without room, recompute it
+            match.tokens, match.tail, match.tail_tokens = match.tokens - match.tail_tokens, None, 0
         if prompt.embeddings is None and match.tokens < prompt.image_end:
             self.abort(seq.request, NeedPayload("the images' cached KV was evicted before admission"))
             return False

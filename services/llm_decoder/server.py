@@ -18,14 +18,14 @@ import time
 import torch
 
 from vlsplit.shared.codec import DTYPES
-from vlsplit.shared.config import DecoderConfig
+from vlsplit.shared.config import DecoderConfig, EngineConfig
 from vlsplit.shared.logs import setup_logging
 from vlsplit.shared.processor import question_messages
 from vlsplit.shared.sampling import SamplingParams
 from vlsplit.shared.server import Service, run
 from vlsplit.v1 import llm_decoder_pb2, llm_decoder_pb2_grpc
 
-from .engine import DecoderEngine, EngineConfig, GenerationRequest
+from .engine import DecoderEngine, GenerationRequest
 from .servicer import LLMDecoderServicer
 
 log = logging.getLogger("vlsplit.decoder")
