@@ -84,7 +84,8 @@ class DecoderConfig(ServerConfig, EngineConfig):
     # The payload stream.
     max_payload_bytes: int = 0  # one request's payloads; 0 = the largest image's float32 payload (>= 512 MiB)
     max_receiving_bytes: int = 0  # payload bytes of all calls in progress; 0 = 4 x max_payload_bytes
-    stream_idle_s: float = 30.0  # a call whose request stream is silent this long is dropped
+    stream_idle_s: float = 30.0  # a call whose header or payload chunks stall this long is dropped
+    payload_wait_s: float = 600.0  # after need_payload, how long the client may take to fetch/encode the payloads
 
 
 @dataclass(frozen=True)

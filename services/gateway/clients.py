@@ -121,7 +121,11 @@ class DecoderClient(_Client):
             await call.write(llm_decoder_pb2.GenerateRequest(header=header))
             while (reply := await call.read()) is not grpc.aio.EOF:
                 if reply.need_payload:
-                    await _send_payloads(call, await fetch())
+                    payloads = await fetch()
+                    try:
+                        await _send_payloads(call, payloads)
+                    except asyncio.InvalidStateError:  # the decoder ended the call meanwhile: say why
+                        raise upstream_error("decoder", self.address, await _ended(call)) from None
                     writing = False
                     continue
                 if writing:
@@ -132,6 +136,12 @@ class DecoderClient(_Client):
             raise upstream_error("decoder", self.address, exc) from None
         finally:
             call.cancel()  # no-op when finished; stops the decoder when our client went away
+
+
+async def _ended(call) -> grpc.aio.AioRpcError:
+    """The error a finished call ended with."""
+    return grpc.aio.AioRpcError(await call.code(), await call.initial_metadata(), await call.trailing_metadata(),
+                                await call.details())
 
 
 async def _send_payloads(call, payloads: list[bytes]) -> None:

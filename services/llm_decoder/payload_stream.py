@@ -1,6 +1,8 @@
 """The client side of a Generate/Classify call as the decoder reads it: a header, maybe payload
-sizes, then payload chunks; each awaited for at most `idle_s` (a stream that goes quiet is dropped),
-with the bytes a call may make the decoder hold reserved from one budget for all calls."""
+sizes, then payload chunks. The header and each chunk are awaited for at most `idle_s` (a stream
+that goes quiet is dropped); the sizes after `need_payload` for at most `wait_s`, since the client
+may have to run the vision tower first (it holds nothing meanwhile). The bytes a call announces are
+reserved from one budget for all calls."""
 
 from __future__ import annotations
 
@@ -36,17 +38,17 @@ class PayloadBudget:
 
 
 class RequestStream:
-    def __init__(self, messages: AsyncIterator[llm_decoder_pb2.GenerateRequest], idle_s: float):
-        self.messages, self.idle_s = messages, idle_s
+    def __init__(self, messages: AsyncIterator[llm_decoder_pb2.GenerateRequest], idle_s: float, wait_s: float):
+        self.messages, self.idle_s, self.wait_s = messages, idle_s, wait_s
         self.last_message_at = time.perf_counter()
 
-    async def next(self, what: str) -> llm_decoder_pb2.GenerateRequest | None:
+    async def next(self, what: str, setting: str = "VLSPLIT_STREAM_IDLE_S") -> llm_decoder_pb2.GenerateRequest | None:
+        timeout = self.wait_s if setting == "VLSPLIT_PAYLOAD_WAIT_S" else self.idle_s
         try:
-            message = await asyncio.wait_for(anext(self.messages, None), self.idle_s)
+            message = await asyncio.wait_for(anext(self.messages, None), timeout)
         except asyncio.TimeoutError:
             IDLE_STREAMS.inc()
-            raise DeadlineExceeded(f"no {what} for {self.idle_s:g} s (VLSPLIT_STREAM_IDLE_S); "
-                                   "the call is dropped") from None
+            raise DeadlineExceeded(f"no {what} for {timeout:g} s ({setting}); the call is dropped") from None
         self.last_message_at = time.perf_counter()
         return message
 
@@ -57,7 +59,7 @@ class RequestStream:
         return message.header
 
     async def sizes(self, images: int) -> list[int]:
-        message = await self.next("payload sizes")
+        message = await self.next("payload sizes", "VLSPLIT_PAYLOAD_WAIT_S")
         if message is None or message.WhichOneof("part") != "payload_sizes":
             raise InvalidRequest("after need_payload, the next message must be payload_sizes")
         sizes = list(message.payload_sizes.payload_bytes)

@@ -80,7 +80,7 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
                                     dtype=self.config.dtype, payload_format=FORMAT_VERSION)
 
     async def Generate(self, requests, context):
-        stream = RequestStream(aiter(requests), self.config.stream_idle_s)
+        stream = RequestStream(aiter(requests), self.config.stream_idle_s, self.config.payload_wait_s)
         first = None
         async for item, cached in self._run(stream, context, classify=False):
             if item is NEED_PAYLOAD:
@@ -101,7 +101,7 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
             yield response
 
     async def Classify(self, requests, context):
-        stream = RequestStream(aiter(requests), self.config.stream_idle_s)
+        stream = RequestStream(aiter(requests), self.config.stream_idle_s, self.config.payload_wait_s)
         async for item, cached in self._run(stream, context, classify=True):
             if item is NEED_PAYLOAD:
                 yield llm_decoder_pb2.ScoreResponse(need_payload=True)
