@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import grpc
 import pytest
@@ -50,8 +51,8 @@ def pb_messages(messages: list[dict]) -> list[pb.ChatMessage]:
 class Negotiation:
     """A bidi call whose requests are written one by one, so the client can react to need_payload."""
 
-    def __init__(self, method, header: pb.GenerateHeader, payload: bytes):
-        self.payload = payload
+    def __init__(self, method, header: pb.GenerateHeader, payload: bytes, fetch_s: float = 0.0):
+        self.payload, self.fetch_s = payload, fetch_s
         self.requests: queue.Queue = queue.Queue()
         self.requests.put(pb.GenerateRequest(header=header))
         self.asked = False
@@ -62,6 +63,7 @@ class Negotiation:
             for reply in self.call:
                 if reply.need_payload:
                     self.asked = True
+                    time.sleep(self.fetch_s)  # a client that has to encode the image first
                     self.requests.put(pb.GenerateRequest(payload_sizes=pb.PayloadSizes(payload_bytes=[len(self.payload)])))
                     for piece in chunks(self.payload):
                         self.requests.put(pb.GenerateRequest(payload_chunk=piece))
@@ -160,6 +162,18 @@ def test_classify_checks_equal_engine_scores(decoder, tiny_models):
         expected = engine.classify(GenerationRequest(question_messages(question), [payload]), labels)
         assert [(s.label, round(s.logprob, 4)) for s in replies[i].scores] == \
                [(s.label, round(s.logprob, 4)) for s in expected]
+
+
+def test_a_client_encoding_the_image_after_need_payload_is_not_dropped(decoder, tiny_models):
+    """The idle limit guards chunks in flight; fetching or encoding the payload may take longer."""
+    path = tiny_models["qwen2_vl"]
+    data, img_id, blob = setup_image(path, seed=57)
+    header = pb.GenerateHeader(messages=pb_messages(question_messages("What?")), image_ids=[img_id],
+                               sampling=common_pb2.SamplingParams(max_new_tokens=4))
+    talk = Negotiation(stub_of(decoder).Generate, header, blob, fetch_s=IDLE_S + 1)
+    replies = list(talk.replies())
+    assert talk.asked
+    assert [t for r in replies for t in r.token_ids] == reference_tokens(path, [load_image(data)], "What?", 4)
 
 
 def test_payload_sizes_for_the_wrong_image_count_is_invalid(decoder, tiny_models):
