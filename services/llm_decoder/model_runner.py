@@ -96,7 +96,7 @@ class ModelRunner:
 
     def _scatter_images(self, chunks: list[Chunk], hidden: torch.Tensor) -> tuple[torch.Tensor | None, list]:
         """Put image embeddings in at image positions; return those positions and their deepstack rows."""
-        offsets, rows, owners, at = [], [], [], 0
+        offsets, rows, at = [], [], 0
         for c in chunks:
             o, r = c.seq.prompt.image_rows(c.start, min(c.end, len(c.seq.prompt)))
             if o and c.seq.prompt.embeddings is None:

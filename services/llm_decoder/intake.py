@@ -1,0 +1,237 @@
+"""Intake: conversations and payloads in, a validated request out (the caller's thread).
+
+Everything about a request that can be refused is refused here, before it reaches the scheduler:
+image counts and payload checks (model, shapes, the image each payload names), sampling values,
+labels, and every bound of EngineConfig (context, images, rows, checks, labels, stop strings, KV
+blocks). Prompts are rendered with the checkpoint's chat template and their M-RoPE positions and
+image spans computed; each sequence's full blocks are hashed for prefix reuse.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+
+import torch
+
+from vlsplit.shared.codec import validate_payload
+from vlsplit.shared.config import EngineConfig
+from vlsplit.shared.errors import CorruptPayload, InvalidRequest, ModelMismatch, TooLarge
+from vlsplit.shared.payload import EmbeddingPayload
+from vlsplit.shared.processor import Message, PromptBuilder, validate_messages
+
+from .block_manager import BlockManager, Hash
+from .detokenizer import Detokenizer
+from .positions import mrope_positions
+from .request import ClassifyRequest, GenerateRequest, NeedPayload, Request
+from .sampling import Sampler, SamplingParams
+from .sequence import ImageSpan, Prompt, Sequence
+
+MAX_REMEMBERED_IMAGES = 100_000  # image_id -> grid entries kept for warm starts (a few MB)
+
+
+class Intake:
+    def __init__(self, config: EngineConfig, prompts: PromptBuilder, blocks: BlockManager, root: Hash,
+                 fingerprint: str, hidden_size: int, deepstack_levels: int, eos_ids: frozenset[int], max_len: int,
+                 device: torch.device, dtype: torch.dtype):
+        self.config, self.prompts, self.blocks, self.root = config, prompts, blocks, root
+        self.fingerprint, self.hidden_size, self.deepstack_levels = fingerprint, hidden_size, deepstack_levels
+        self.eos_ids, self.max_len, self.device, self.dtype = eos_ids, max_len, device, dtype
+        self.merge_size = prompts.merge_size
+        self.vision_end_id = prompts.tokenizer.convert_tokens_to_ids("<|vision_end|>")
+        self.image_grids: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # image_id -> grid, for warm starts
+
+    @property
+    def request_block_limit(self) -> int:
+        return min(self.config.max_request_blocks or self.blocks.num_blocks, self.blocks.num_blocks)
+
+    def prepare(self, conversations: list[list[Message]], payloads: list[EmbeddingPayload] | None,
+                sampling: SamplingParams | list[SamplingParams] = SamplingParams(),
+                image_ids: tuple[str, ...] = (), labels: list[list[str]] | None = None) -> Request:
+        """A validated request. Without payloads (None, or none with image ids) the images' KV must
+        be cached, else NeedPayload."""
+        if not payloads and image_ids:
+            payloads = None
+        kind = "check" if labels is not None else "conversation"
+        limit = self.config.max_checks if labels is not None else self.config.max_rows
+        if not conversations:
+            raise InvalidRequest(f"at least one {kind} is required")
+        if len(conversations) > limit:
+            raise TooLarge(f"{len(conversations)} {kind}s in one request; the limit is {limit} "
+                           f"({'VLSPLIT_MAX_CHECKS' if labels is not None else 'VLSPLIT_MAX_ROWS'})")
+        images = self._image_count(conversations)
+        # what needs no image is checked before any payload is asked for
+        if labels is not None:
+            if len(labels) != len(conversations):
+                raise InvalidRequest(f"{len(conversations)} checks but {len(labels)} label lists")
+            label_ids = [self._tokenize_labels(check) for check in labels]
+        else:
+            params = sampling if isinstance(sampling, list) else [sampling] * len(conversations)
+            params = [self._validate_sampling(p) for p in params]
+        grids, keys, embeddings, deepstack = self._images(images, payloads, image_ids)
+        prompts = [self._prompt(c, grids, keys, embeddings, deepstack) for c in conversations]
+        if labels is not None:
+            request = self._classify_request(prompts, labels, label_ids)
+        else:
+            request = self._generate_request(prompts, params)
+        self._check_blocks(request)
+        if payloads is None:
+            self._check_cached(request)
+        return request
+
+    def _image_count(self, conversations: list[list[Message]]) -> int:
+        for conversation in conversations:
+            validate_messages(conversation)
+        counts = {sum(isinstance(m["content"], list) and part.get("type") == "image"
+                      for m in c for part in (m["content"] if isinstance(m["content"], list) else []))
+                  for c in conversations}
+        if len(counts) != 1:
+            raise InvalidRequest("every conversation of a request must hold the same images")
+        images = counts.pop()
+        if images > self.config.max_images:
+            raise TooLarge(f"the messages hold {images} images; the limit is {self.config.max_images} "
+                           "(VLSPLIT_MAX_IMAGES)")
+        return images
+
+    def _images(self, images: int, payloads: list[EmbeddingPayload] | None, image_ids: tuple[str, ...]):
+        """(grids, keys, embeddings, deepstack) of the request's images, from payloads or remembered grids."""
+        if image_ids and len(image_ids) != images:
+            raise InvalidRequest(f"the messages hold {images} images but {len(image_ids)} image ids were given")
+        if payloads is None:
+            grids = [self.image_grids.get(i) for i in image_ids]
+            if len(grids) != images or None in grids:
+                raise NeedPayload("the images' grids are unknown to this decoder")
+            return grids, list(image_ids), None, ()
+        if len(payloads) != images:
+            raise InvalidRequest(f"the messages hold {images} images but {len(payloads)} payloads were given")
+        keys = []
+        for i, payload in enumerate(payloads):
+            self.check_payload(payload)
+            claimed = image_ids[i] if image_ids else ""
+            if claimed and payload.image_id and payload.image_id != claimed:
+                raise InvalidRequest(f"payload {i} is for image {payload.image_id}, but it was sent for image {claimed}")
+            key = payload.image_id or claimed
+            keys.append(key or f"unnamed:{uuid.uuid4()}")  # an unnamed image is never reused
+            if key:
+                self._remember(key, payload.grid_thw)
+        if not payloads:
+            return [], [], None, ()
+        embeddings = torch.cat([p.embeddings for p in payloads]).to(self.device, self.dtype)
+        deepstack = tuple(torch.cat([p.deepstack[level] for p in payloads]).to(self.device, self.dtype)
+                          for level in range(self.deepstack_levels))
+        return [p.grid_thw for p in payloads], keys, embeddings, deepstack
+
+    def check_payload(self, payload: EmbeddingPayload) -> None:
+        if payload.fingerprint != self.fingerprint:
+            raise ModelMismatch(
+                f"embeddings were made by model {payload.fingerprint}, this decoder serves {self.fingerprint}"
+            )
+        # grid divisible by the merge size, n_tokens matching it, hidden size, deepstack shapes
+        validate_payload(payload, self.merge_size, self.hidden_size)
+        if len(payload.deepstack) != self.deepstack_levels:
+            raise CorruptPayload(f"payload has {len(payload.deepstack)} deepstack levels, model needs {self.deepstack_levels}")
+
+    def _remember(self, image_id: str, grid: tuple[int, int, int]) -> None:
+        self.image_grids[image_id] = tuple(grid)
+        self.image_grids.move_to_end(image_id)
+        while len(self.image_grids) > MAX_REMEMBERED_IMAGES:
+            self.image_grids.popitem(last=False)
+
+    def _prompt(self, messages: list[Message], grids, keys, embeddings, deepstack) -> Prompt:
+        inputs = self.prompts(messages, grids)
+        ids, mm = inputs.input_ids.tolist(), inputs.mm_token_type_ids
+        positions, _ = mrope_positions(mm, grids, self.merge_size)
+        spans, row = [], 0
+        starts = [i for i in range(len(ids)) if mm[i] and (i == 0 or not mm[i - 1])]
+        for start, grid, key in zip(starts, grids, keys):
+            length = self.prompts.tokens_per_image(grid)
+            spans.append(ImageSpan(start, length, key, row))
+            row += length
+        end = spans[-1].start + spans[-1].length if spans else 0
+        cache_point = end + 1 if spans and end < len(ids) and ids[end] == self.vision_end_id else end
+        return Prompt(ids, positions, int(positions[:, -1].max()) + 1, tuple(spans), embeddings, tuple(deepstack),
+                      cache_point)
+
+    def _sequence(self, prompt: Prompt, index: int, max_new_tokens: int, worst: int) -> Sequence:
+        return Sequence(prompt, self.root, self.config.block_size, max_new_tokens, index=index, worst=worst)
+
+    def _generate_request(self, prompts: list[Prompt], params: list[SamplingParams]) -> GenerateRequest:
+        seqs = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            self._check_length(len(prompt), p.max_new_tokens, "max_new_tokens")
+            worst = -(-(len(prompt) + p.max_new_tokens) // self.config.block_size)
+            seqs.append(self._sequence(prompt, i, p.max_new_tokens, worst))
+        tokenizer = self.prompts.tokenizer.backend_tokenizer
+        return GenerateRequest(seqs, [Sampler(p, self.device) for p in params],
+                               [Detokenizer(tokenizer, p.stop) for p in params], self.eos_ids, self.max_len)
+
+    def _classify_request(self, prompts: list[Prompt], labels: list[list[str]],
+                          label_ids: list[list[list[int]]]) -> ClassifyRequest:
+        bs, seqs = self.config.block_size, []
+        for i, (prompt, ids) in enumerate(zip(prompts, label_ids)):
+            self._check_length(len(prompt), max(len(x) for x in ids), "the longest label")
+            rows = sum(-(-(len(prompt) + len(x) - 1) // bs) - len(prompt) // bs for x in ids if len(x) > 1)
+            seqs.append(self._sequence(prompt, i, 0, -(-len(prompt) // bs) + rows))
+        return ClassifyRequest(seqs, [(list(check), ids) for check, ids in zip(labels, label_ids)])
+
+    def _tokenize_labels(self, labels: list[str]) -> list[list[int]]:
+        if not labels:
+            raise InvalidRequest("at least one label is required")
+        if len(labels) > self.config.max_labels:
+            raise TooLarge(f"{len(labels)} labels; the limit is {self.config.max_labels} (VLSPLIT_MAX_LABELS)")
+        if len(set(labels)) != len(labels):
+            raise InvalidRequest("labels must be distinct")
+        out = []
+        for label in labels:
+            if not isinstance(label, str) or not label.strip():
+                raise InvalidRequest("labels must be non-empty")
+            ids = self.prompts.tokenizer(label, add_special_tokens=False)["input_ids"]
+            if len(ids) > self.config.max_label_tokens:
+                raise TooLarge(f"label {label[:40]!r} is {len(ids)} tokens; the limit is "
+                               f"{self.config.max_label_tokens} (VLSPLIT_MAX_LABEL_TOKENS)")
+            out.append(ids)
+        return out
+
+    def _validate_sampling(self, params: SamplingParams) -> SamplingParams:
+        params = params.validate(self.config.max_new_tokens_limit)
+        if len(params.stop) > self.config.max_stop:
+            raise TooLarge(f"{len(params.stop)} stop strings; the limit is {self.config.max_stop} (VLSPLIT_MAX_STOP)")
+        for stop in params.stop:
+            if len(stop) > self.config.max_stop_chars:
+                raise TooLarge(f"a stop string is {len(stop)} characters; the limit is "
+                               f"{self.config.max_stop_chars} (VLSPLIT_MAX_STOP_CHARS)")
+        return params
+
+    def _check_length(self, prompt_tokens: int, new_tokens: int, what: str) -> None:
+        if prompt_tokens + new_tokens > self.max_len:
+            raise TooLarge(f"the prompt is {prompt_tokens} tokens and {what} adds up to {new_tokens}: over the "
+                           f"context limit of {self.max_len} tokens (max_model_len)")
+
+    def _check_blocks(self, request: Request) -> None:
+        """A request that could never fit in the pool is refused now (it would wait forever)."""
+        bs = self.config.block_size
+        shared = _common_prefix([s.prompt.ids for s in request.seqs]) // bs
+        need = shared + sum(s.worst - shared for s in request.seqs)
+        limit = self.request_block_limit
+        if need > limit:
+            raise TooLarge(f"the request needs up to {need} KV blocks ({need * bs} tokens); the limit is {limit} "
+                           f"blocks ({'the whole KV pool, VLSPLIT_KV_CACHE_BYTES' if limit == self.blocks.num_blocks else 'VLSPLIT_MAX_REQUEST_BLOCKS'})")
+
+    def _check_cached(self, request: Request) -> None:
+        """Without payloads, every image token must lie in cached blocks (a warm start)."""
+        for seq in request.seqs:
+            prompt = seq.prompt
+            match = self.blocks.match(seq, len(prompt), limit=len(prompt) - 1)
+            if match.tokens < prompt.image_end:
+                raise NeedPayload(f"the KV of the images is not cached ({match.tokens} of {prompt.image_end} tokens)")
+
+
+def _common_prefix(lists: list[list[int]]) -> int:
+    first, n = lists[0], len(lists[0])
+    for other in lists[1:]:
+        n = min(n, len(other))
+        for i in range(n):
+            if other[i] != first[i]:
+                n = i
+                break
+    return n
