@@ -68,7 +68,7 @@ class EngineConfig:
     max_rows: int = 64  # conversations (AskMany questions) per request
     max_labels: int = 64  # labels per Classify check
     max_label_tokens: int = 32
-    max_checks: int = 16  # checks per Classify/Moderate request
+    max_checks: int = 64  # checks per Classify/Moderate request (the gateway's max_questions)
     max_stop: int = 16  # stop strings per request
     max_stop_chars: int = 256  # characters per stop string
     max_request_blocks: int = 0  # KV blocks one request may need; 0 = the whole pool

@@ -7,10 +7,12 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidRequest, TooLarge
 
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy decoding (dividing by it would overflow)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1 mean no truncation."""
+    """temperature 0 (or below 1e-5) means greedy; top_k 0 and top_p 1 mean no truncation."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -21,7 +23,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     def validate(self, max_new_tokens_limit: int) -> "SamplingParams":
         _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be >= 1")

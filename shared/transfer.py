@@ -19,14 +19,19 @@ class Assembler:
     """Reassembles a sequence of payloads of announced sizes from chunks, into one buffer."""
 
     def __init__(self, sizes: list[int], limit: int):
-        if any(s <= 0 for s in sizes):
-            raise InvalidRequest("payload sizes must be positive")
-        if sum(sizes) > limit:
-            raise TooLarge(f"payloads total {sum(sizes)} bytes; the limit is {limit} bytes")
+        self.check(sizes, limit)
         self.sizes = list(sizes)
         self.total = sum(sizes)
         self.buffer = bytearray(self.total)  # allocated once: chunks are copied in place
         self.filled = 0
+
+    @staticmethod
+    def check(sizes: list[int], limit: int) -> None:
+        """Refuse announced sizes before anything is allocated for them."""
+        if any(s <= 0 for s in sizes):
+            raise InvalidRequest("payload sizes must be positive")
+        if sum(sizes) > limit:
+            raise TooLarge(f"payloads total {sum(sizes)} bytes; the limit is {limit} bytes")
 
     def add(self, chunk: bytes) -> None:
         if self.filled + len(chunk) > self.total:

@@ -211,6 +211,25 @@ class Vanished:
         return grpc.StatusCode.OK
 
 
+def test_empty_chunks_do_not_keep_a_stalled_payload_alive(decoder):
+    """Only payload bytes count as progress: a trickle of empty chunks is dropped like silence."""
+    header = pb.GenerateHeader(messages=pb_messages(question_messages("hi")), payload_bytes=[1000],
+                               sampling=common_pb2.SamplingParams(max_new_tokens=2))
+    stop = threading.Event()
+
+    def requests():
+        yield pb.GenerateRequest(header=header)
+        while not stop.wait(0.5):  # an empty chunk every half second, for ever
+            yield pb.GenerateRequest(payload_chunk=b"")
+
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub_of(decoder).Generate(requests(), timeout=60))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "VLSPLIT_STREAM_IDLE_S" in err.value.details()
+    finally:
+        stop.set()
+
+
 def test_clients_that_vanish_cannot_exhaust_admission_and_time_out(decoder, tiny_models):
     channels = [grpc.insecure_channel(decoder.address) for _ in range(4)]
     vanished = [Vanished(llm_decoder_pb2_grpc.LLMDecoderStub(channels[i % 4])) for i in range(200)]

@@ -62,6 +62,20 @@ def test_another_image_id_is_a_miss(tiny_models):
     assert decoder.prefilled_tokens - before == len(prompt) - prompt.images[0].start
 
 
+def test_the_same_image_id_with_another_grid_is_a_miss(tiny_models):
+    """An image's key binds its grid: KV computed for one grid is never served for another."""
+    path = tiny_models["qwen2_vl"]
+    decoder = engines(path)[1]
+    payload, img_id, _ = image_payload(path, seed=44, width=224, height=224)
+    other, _, _ = image_payload(path, seed=45, width=448, height=224)
+    tokens(decoder.generate(request(payload, img_id, "hi", 2)))
+    before = decoder.prefilled_tokens
+    claimed = other.named(img_id)  # the same id, another grid
+    tokens(decoder.generate(request(claimed, img_id, "hi", 2)))
+    prompt = prompt_of(decoder, question_messages("hi"), [claimed])
+    assert decoder.prefilled_tokens - before == len(prompt) - prompt.images[0].start
+
+
 def test_warm_start_needs_no_payload_and_matches(tiny_model):
     decoder = engines(tiny_model)[1]
     payload, img_id, _ = image_payload(tiny_model, seed=38)

@@ -210,3 +210,73 @@ def test_kv_blocks_per_request_at_the_limit_and_one_past(tiny_models):
     assert fits.seqs
     with pytest.raises(TooLarge, match=f"the limit is {blocks} blocks .*VLSPLIT_MAX_REQUEST_BLOCKS"):
         decoder.prepare([prompt.messages], [], SamplingParams(max_new_tokens=blocks * 16 - length + 1))
+
+
+# ---- robustness (from review) -------------------------------------------------------------------
+
+
+def test_label_rows_are_never_split_across_steps(tiny_models):
+    """A label row is scored from all its positions at once, even when a step's budget is small."""
+    path = tiny_models["qwen2_vl"]
+    payload, img_id, _ = image_payload(path, seed=93)
+    labels = [f"the answer is number {i} of them all" for i in range(12)] + ["a much longer label " * 3]
+    small = DecoderEngine(path, max_step_tokens=16)  # rows of 8-9 tokens, and one longer than any step
+    scores = small.classify(request(payload, img_id, "Which?"), labels)
+    expected = engines(path)[1].classify(request(payload, img_id, "Which?"), labels)
+    assert [s.label for s in scores] == [s.label for s in expected]
+    assert [s.logprob for s in scores] == pytest.approx([s.logprob for s in expected], abs=1e-4)
+
+
+def test_tiny_temperature_is_greedy_and_the_engine_survives(tiny_models):
+    path = tiny_models["qwen2_vl"]
+    payload, img_id, _ = image_payload(path, seed=94)
+    decoder = engines(path)[1]
+    assert tokens(decoder.generate(request(payload, img_id, "What?", temperature=1e-40))) == \
+        tokens(decoder.generate(request(payload, img_id, "What?")))
+
+
+def test_an_engine_bug_fails_the_requests_it_held_and_the_engine_goes_on(tiny_models, monkeypatch):
+    path = tiny_models["qwen2_vl"]
+    decoder = DecoderEngine(path)
+    prompt = GenerationRequest(question_messages("Hello?", 0), [], SamplingParams(max_new_tokens=3))
+    original = decoder.scheduler.computed
+    monkeypatch.setattr(decoder.scheduler, "computed", lambda chunk: (_ for _ in ()).throw(KeyError("bug")))
+    with pytest.raises(KeyError, match="bug"):
+        list(decoder.generate(prompt))
+    monkeypatch.setattr(decoder.scheduler, "computed", original)
+    assert len(tokens(decoder.generate(prompt))) == 3
+    assert decoder.blocks.referenced == decoder.blocks.promised == 0
+
+
+def test_a_warm_request_holds_its_images_blocks_until_its_last_row_is_admitted(tiny_models):
+    path = tiny_models["qwen3_vl"]
+    payload, img_id, _ = image_payload(path, seed=95)
+    decoder = DecoderEngine(path, max_batch=1)  # its rows are admitted one after another
+    tokens(decoder.generate(request(payload, img_id, "First?", 2)))  # the image's blocks are cached
+    rows = [request(payload, img_id, f"Question {i}?", 4) for i in range(3)]
+    warm = decoder.prepare([r.messages for r in rows], None, [r.sampling for r in rows], (img_id,))
+    outputs = queue.SimpleQueue()
+    decoder.submit(warm, outputs.put)
+    outputs.get(timeout=60)  # the first row is running; the others wait for the one row
+    held = list(warm.held)
+    assert held and not set(held) & set(decoder.blocks.evictable)  # referenced: nothing can evict them
+    while outputs.get(timeout=60) is not END:
+        pass
+    assert warm.held == [] and decoder.blocks.referenced == 0
+
+
+def test_a_request_blocked_on_the_pool_is_not_overtaken(tiny_models):
+    path = tiny_models["qwen3_vl"]
+    per_token = engines(path)[1].runner.pool.kv[:, :, :, 0].numel() * 4
+    decoder = DecoderEngine(path, kv_cache_bytes=per_token * 16 * 40)  # 40 blocks
+    hello = question_messages("Hello?", 0)
+    running = Stream(decoder, GenerationRequest(LONG.messages, [], SamplingParams(max_new_tokens=400)))  # 26 blocks
+    running.next()
+    big = Stream(decoder, GenerationRequest(hello, [], SamplingParams(max_new_tokens=300)))  # 20: must wait
+    small = Stream(decoder, GenerationRequest(hello, [], SamplingParams(max_new_tokens=10)))  # 2: would fit
+    big_first = big.next()
+    assert big_first is not END
+    first_step = {id_: i for i, r in enumerate(decoder.stats.records) for id_ in (*r.prefill, *r.decode)}
+    assert min(first_step[s] for s in big.seq_ids) <= min(first_step[s] for s in small.seq_ids)
+    for stream in (running, big, small):
+        decoder.cancel(stream.request)

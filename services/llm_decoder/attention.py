@@ -33,17 +33,17 @@ class Alone:
 
     q0: int
     q1: int
-    start: int
     slots: torch.Tensor  # [start + n]: its whole context, the new tokens included
+    mask: torch.Tensor | None  # [1, 1, n, start + n] bottom-right causal; None: SDPA's own (or none) fits
 
-    def mask(self, device: torch.device) -> torch.Tensor | None:
-        """Bottom-right causal [1, 1, n, T] (None: the query is last, or SDPA's own causal mask fits)."""
-        n = self.q1 - self.q0
-        if self.start == 0 or n == 1:
-            return None
-        keys = torch.arange(self.start + n, device=device)
-        queries = torch.arange(self.start, self.start + n, device=device)
-        return (keys[None, :] <= queries[:, None])[None, None]
+    @classmethod
+    def of(cls, q0: int, n: int, start: int, slots: torch.Tensor) -> "Alone":
+        mask = None
+        if start and n > 1:
+            keys = torch.arange(start + n, device=slots.device)
+            queries = torch.arange(start, start + n, device=slots.device)
+            mask = (keys[None, :] <= queries[:, None])[None, None]
+        return cls(q0, q0 + n, slots, mask)
 
 
 @dataclass
@@ -52,9 +52,10 @@ class Cascade:
 
     prefix_slots: torch.Tensor  # [P]
     queries: torch.Tensor  # [R, n] packed query index, padding repeats a valid one
-    valid: torch.Tensor  # [R, n] bool
     own_slots: torch.Tensor  # [R, S] context after the prefix, padded
     visible: torch.Tensor  # [R, n, S] bool: own key s is visible to query j
+    picks: torch.Tensor  # [V] positions in the flattened [R * n] grid that are real queries
+    targets: torch.Tensor  # [V] their packed query index
 
 
 @dataclass
@@ -75,16 +76,16 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, vls
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [N, Hq, D]
     for row in step.alone:
         k, v = step.pool.gather(layer, row.slots)
-        o, _ = sdpa_attention_forward(module, query[:, :, row.q0:row.q1], k[None], v[None],
-                                      row.mask(query.device), scaling=scaling)
+        o, _ = sdpa_attention_forward(module, query[:, :, row.q0:row.q1], k[None], v[None], row.mask, scaling=scaling)
         out[row.q0:row.q1] = o[0]
     for group in step.cascades:
-        out[group.queries[group.valid]] = _cascade(query[0], step.pool, layer, group, scaling)[group.valid]
+        grid = _cascade(query[0], step.pool, layer, group, scaling)
+        out.index_copy_(0, group.targets, grid.flatten(0, 1).index_select(0, group.picks))
     return out[None], None
 
 
 def _cascade(q: torch.Tensor, pool: KVPool, layer: int, group: Cascade, scale: float) -> torch.Tensor:
-    """q [Hq, N, D] -> [R, n, Hq, D] for the group's query grid (padding rows included).
+    """q [Hq, N, D] -> [R, n, Hq, D] for the group's query grid (padding included).
 
     Computed in float32 whatever the model's dtype: these matmuls are small, float32 keeps the
     softmax exact, and CPUs without bf16 instructions run bf16 batched matmuls far slower."""

@@ -169,7 +169,8 @@ class BlockManager:
         chain hash `h`. The first block registered for a content wins."""
         with self.lock:
             block = self.blocks[b]
-            if not self.caching or block.parent is not None or (h is not None and h in self.full) or self._cached(parent, content):
+            known = h in self.full if h is not None else self._cached(parent, content)
+            if not self.caching or block.parent is not None or known:
                 return
             block.parent, block.hash, block.content = parent, h, list(content)
             self.children.setdefault(parent, {})[b] = None

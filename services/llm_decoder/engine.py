@@ -193,7 +193,13 @@ class DecoderEngine:
     def _loop(self) -> None:
         while not self._closed:
             seen = self.scheduler.version
-            if self.step() is None:  # nothing could run: sleep until a request arrives or is cancelled
+            try:
+                ran = self.step()
+            except Exception as exc:  # noqa: BLE001 - a bug outside the forward: fail what is held, go on
+                log.exception("engine step failed outside the forward pass; failing every request it held")
+                self.scheduler.abort_all(exc)
+                ran = None
+            if ran is None:  # nothing could run: sleep until a request arrives or is cancelled
                 self.scheduler.wait_for_change(seen, timeout=1.0)
 
     def step(self) -> StepRecord | None:

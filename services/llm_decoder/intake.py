@@ -145,7 +145,8 @@ class Intake:
         starts = [i for i in range(len(ids)) if mm[i] and (i == 0 or not mm[i - 1])]
         for start, grid, key in zip(starts, grids, keys):
             length = self.prompts.tokens_per_image(grid)
-            spans.append(ImageSpan(start, length, key, row))
+            # the grid is part of an image's key: its M-RoPE positions and token count depend on it
+            spans.append(ImageSpan(start, length, f"{key}/{'x'.join(map(str, grid))}", row))
             row += length
         end = spans[-1].start + spans[-1].length if spans else 0
         cache_point = end + 1 if spans and end < len(ids) and ids[end] == self.vision_end_id else end

@@ -160,12 +160,15 @@ class ModelRunner:
         in_cascade = set()
         for members in grouped.values():
             shared = self._shared_blocks([chunks[i] for i in members]) if len(members) > 1 else 0
-            if shared:
+            # worth it while the shared prefix dominates each row's own context (which is padded to
+            # the longest): rows sharing only a system prompt before different images attend alone
+            members = [i for i in members if chunks[i].end <= 2 * shared * self.block_size]
+            if shared and len(members) > 1:
                 self._add_cascades(step, [chunks[i] for i in members], [offsets[i] for i in members], shared)
                 in_cascade.update(members)
         for i, c in enumerate(chunks):
             if i not in in_cascade:
-                step.alone.append(Alone(offsets[i], offsets[i] + c.n, c.start, c.seq.slots(0, c.end).to(self.device)))
+                step.alone.append(Alone.of(offsets[i], c.n, c.start, c.seq.slots(0, c.end).to(self.device)))
         return step
 
     def _shared_blocks(self, chunks: list[Chunk]) -> int:
@@ -194,8 +197,12 @@ class ModelRunner:
                 queries[r] = at  # padding repeats the row's first query
                 queries[r, :c.n] = torch.arange(at, at + c.n)
                 valid[r, :c.n] = True
-                own_slots[r, :c.end - prefix] = c.seq.slots(prefix, c.end)
+                slots = c.seq.slots(prefix, c.end)
+                own_slots[r] = slots[0]  # padding repeats a written slot: masked, and finite (0 x V = 0)
+                own_slots[r, :c.end - prefix] = slots
                 # own key s sits at position prefix + s; query j at c.start + j
                 visible[r, :c.n, :c.end - prefix] = (torch.arange(c.end - prefix)[None, :] + prefix
                                                     <= torch.arange(c.start, c.end)[:, None])
-            step.cascades.append(Cascade(prefix_slots, *(t.to(self.device) for t in (queries, valid, own_slots, visible))))
+            picks = valid.flatten().nonzero()[:, 0]
+            step.cascades.append(Cascade(prefix_slots, *(t.to(self.device) for t in (
+                queries, own_slots, visible, picks, queries.flatten()[picks]))))

@@ -42,13 +42,16 @@ class RequestStream:
         self.messages, self.idle_s, self.wait_s = messages, idle_s, wait_s
         self.last_message_at = time.perf_counter()
 
-    async def next(self, what: str, setting: str = "VLSPLIT_STREAM_IDLE_S") -> llm_decoder_pb2.GenerateRequest | None:
-        timeout = self.wait_s if setting == "VLSPLIT_PAYLOAD_WAIT_S" else self.idle_s
+    async def next(self, what: str, setting: str = "VLSPLIT_STREAM_IDLE_S",
+                   timeout: float | None = None) -> llm_decoder_pb2.GenerateRequest | None:
+        if timeout is None:
+            timeout = self.wait_s if setting == "VLSPLIT_PAYLOAD_WAIT_S" else self.idle_s
         try:
             message = await asyncio.wait_for(anext(self.messages, None), timeout)
         except asyncio.TimeoutError:
             IDLE_STREAMS.inc()
-            raise DeadlineExceeded(f"no {what} for {timeout:g} s ({setting}); the call is dropped") from None
+            limit = self.wait_s if setting == "VLSPLIT_PAYLOAD_WAIT_S" else self.idle_s
+            raise DeadlineExceeded(f"no {what} for {limit:g} s ({setting}); the call is dropped") from None
         self.last_message_at = time.perf_counter()
         return message
 
@@ -68,10 +71,17 @@ class RequestStream:
         return sizes
 
     async def payloads(self, assembler: Assembler) -> list[memoryview]:
-        while not assembler.complete and (message := await self.next("payload bytes")) is not None:
+        """The announced bytes; `idle_s` is the longest wait for the next byte (empty chunks do not count)."""
+        progress = time.perf_counter()
+        while not assembler.complete:
+            left = max(0.0, progress + self.idle_s - time.perf_counter())
+            if (message := await self.next("payload bytes", timeout=left)) is None:
+                break
             if message.WhichOneof("part") != "payload_chunk":
                 raise InvalidRequest("after the header, only payload_chunk messages may follow")
-            assembler.add(message.payload_chunk)
+            if message.payload_chunk:
+                assembler.add(message.payload_chunk)
+                progress = time.perf_counter()
         return assembler.payloads()  # InvalidRequest if the stream ended short
 
     async def expect_end(self, fail: Callable[[BaseException], None]) -> None:

@@ -59,6 +59,7 @@ class Request:
         self.sink: Sink | None = None
         self.open = len(seqs)  # sequences not finished
         self.unadmitted = len(seqs)  # sequences not admitted yet
+        self.held: list[int] = []  # blocks its first admitted row reused, kept for its other rows
         self._cancelled = threading.Event()
         self.failed = False
 

@@ -41,6 +41,8 @@ def sample(logits: torch.Tensor, samplers: list[Sampler]) -> list[int]:
     if hot:
         index = torch.tensor(hot, device=logits.device)
         probs = _probabilities(logits[index].float(), [samplers[i].params for i in hot])
+        broken = ~torch.isfinite(probs).all(-1, keepdim=True)  # e.g. all-inf logits: take the argmax
+        probs = torch.where(broken, torch.nn.functional.one_hot(chosen[index], probs.shape[-1]).to(probs), probs)
         draws = torch.stack([torch.multinomial(p, 1, generator=samplers[i].generator)[0]
                              for p, i in zip(probs, hot)])
         chosen = chosen.index_copy(0, index, draws)

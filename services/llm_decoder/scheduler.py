@@ -7,9 +7,12 @@ Policy, every step:
    image prompt takes several steps, and running streams get a token in each). A chunk never
    crosses a prompt's cache point (the end of its last image), so the prefix state there is the
    same whether it was computed or reused.
-4. Admit waiting sequences (oldest first) while rows and the budget allow and their worst-case
-   blocks can be promised. A sequence whose image prefix another sequence is computing right now
-   waits for it, then reuses its blocks (64 questions about a new image compute it once).
+4. Admit waiting sequences, oldest first, while rows and the budget allow and their worst-case
+   blocks can be promised; the first that cannot be promised stops admission (first come, first
+   served: a large request is never starved by small ones behind it). A sequence whose image prefix
+   another sequence is computing right now waits for it, then reuses its blocks (64 questions about
+   a new image compute it once); the request holds the blocks its first admitted row reused until
+   its last row is admitted, so its other rows find them too.
 Nothing is ever preempted: an admitted sequence's blocks are promised up front.
 """
 
@@ -98,15 +101,21 @@ class Scheduler:
             seq = self.forked.popleft()
             self._run(seq)
             n = self._chunk(seq, budget)
-            chunks.append(Chunk(seq, seq.computed, n))
-            budget -= n
+            if n:
+                chunks.append(Chunk(seq, seq.computed, n))
+                budget -= n
         for seq in list(self.waiting):
             if len(self.running) >= self.config.max_batch or budget <= 0:
                 break
-            if seq.status is Status.WAITING and self._admit(seq):
-                n = self._chunk(seq, budget)
+            if seq.status is not Status.WAITING:  # dropped meanwhile (its request was aborted)
+                continue
+            admitted = self._admit(seq)
+            if admitted is None:
+                break  # the pool cannot promise its blocks now: nobody behind it goes first
+            if admitted and (n := self._chunk(seq, budget)):
                 chunks.append(Chunk(seq, seq.computed, n))
                 budget -= n
+        chunks = [c for c in chunks if c.seq.status is Status.RUNNING]  # an abort may have dropped some
         for chunk in chunks:
             self._allocate(chunk.seq, chunk.end)
         return chunks
@@ -139,7 +148,8 @@ class Scheduler:
         """A row continuing `parent` with `tokens`: its full blocks shared, its last partial block copied."""
         bs = self.block_size
         child = Sequence(parent.prompt, parent.root, bs, 0, index=parent.index, label=label, logits="all",
-                         tokens=parent.tokens + tokens, computed=parent.computed, request=parent.request)
+                         tokens=parent.tokens + tokens, hashes=list(parent.hashes), computed=parent.computed,
+                         request=parent.request)
         full = parent.computed // bs
         child.block_table = parent.block_table[:full]
         self.blocks.acquire(child.block_table)
@@ -165,34 +175,56 @@ class Scheduler:
         request.cancel()
         self._drop_cancelled()
 
+    def abort_all(self, exc: BaseException) -> None:
+        """End every request the scheduler holds with `exc` (the engine hit a bug it cannot place)."""
+        with self.changed:
+            new, self.inbox = self.inbox, []
+        self.waiting.extend(seq for request in new for seq in request.seqs)
+        requests = {id(s.request): s.request for s in [*self.waiting, *self.forked, *self.running]}
+        for request in requests.values():
+            request.fail(exc)
+            request.cancel()
+        self._drop_cancelled()
+
     # ---- internals ------------------------------------------------------------------------------
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
+        if seq.logits == "all":  # a label row is scored from all its positions at once: never split
+            fits = seq.pending <= budget or seq.pending > self.config.max_step_tokens
+            return seq.pending if fits else 0  # (one longer than any step runs whole, over the budget)
         n = min(seq.pending, budget)
         point = seq.prompt.cache_point
         if seq.computed < point < seq.computed + n:
             n = point - seq.computed
         return max(n, 0)
 
-    def _admit(self, seq: Sequence) -> bool:
-        """Admit `seq` if its blocks can be promised; False leaves it waiting."""
+    def _admit(self, seq: Sequence) -> bool | None:
+        """Admit `seq`: True; False: it waits for a prefix being computed (or its request was
+        aborted); None: the pool cannot promise its blocks now."""
         key = seq.cache_key
         if key is not None and key in self.computing:
             return False  # another sequence is computing this image prefix: reuse it next
-        prompt = seq.prompt
+        prompt, request = seq.prompt, seq.request
         match = self.blocks.match(seq, len(prompt), limit=len(prompt) - 1)
         need = seq.worst - len(match.blocks)
         newly = sum(self.blocks.blocks[b].ref == 0 for b in match.blocks)  # cached blocks it takes out of the LRU
         if not self.blocks.can_promise(need + newly):
             self.blocked += 1
-            return False
+            return None
         if match.tail is not None and self.blocks.blocks[match.tail].ref == 0 and not self.blocks.can_promise(
-                need + newly + 1):  # copying the tail holds its source too: without room, recompute it
+                need + newly + 1):  # copying the tail (and holding it for the request) needs one more block
+            if prompt.embeddings is None and match.tokens - match.tail_tokens < prompt.image_end:
+                self.blocked += 1
+                return None  # without a payload the tail cannot be recomputed: wait for room
             match.tokens, match.tail, match.tail_tokens = match.tokens - match.tail_tokens, None, 0
         if prompt.embeddings is None and match.tokens < prompt.image_end:
-            self.abort(seq.request, NeedPayload("the images' cached KV was evicted before admission"))
+            # no row of this request was admitted yet (they would hold the blocks): nothing was sent
+            self.abort(request, NeedPayload("the images' cached KV was evicted before admission"))
             return False
         self.blocks.acquire(match.blocks)
+        if request.unadmitted > 1 and not request.held and match.tokens:
+            request.held = match.blocks + ([match.tail] if match.tail is not None else [])
+            self.blocks.acquire(request.held)
         seq.block_table, seq.computed = list(match.blocks), len(match.blocks) * self.block_size
         seq.promise = need
         self.blocks.promise(need)
@@ -205,7 +237,7 @@ class Scheduler:
             self.computing.setdefault(key, seq)
         self.waiting.remove(seq)
         self._run(seq)
-        self._left_queue(seq.request)
+        self._left_queue(request)
         return True
 
     def _left_queue(self, request: Request) -> None:
@@ -213,6 +245,8 @@ class Scheduler:
         if request.unadmitted == 0:
             self.queued -= 1
             QUEUE_DEPTH.set(self.queued)
+            self.blocks.release(request.held)
+            request.held = []
 
     def _run(self, seq: Sequence) -> None:
         seq.status = Status.RUNNING
@@ -230,6 +264,8 @@ class Scheduler:
         self.blocks.promise(-1)
 
     def _free(self, seq: Sequence) -> None:
+        if seq.status is Status.FINISHED:
+            return
         self.blocks.release(seq.block_table)
         seq.block_table = []
         self.blocks.promise(-seq.promise)

@@ -9,6 +9,7 @@ hashes of its full blocks (what prefix reuse looks up).
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ from .block_manager import Hash, block_hash
 class ImageSpan:
     start: int  # token index of the image's first token in the prompt
     length: int  # its tokens
-    key: str  # content id (sha256 of the image bytes): equal keys mean equal embeddings
+    key: str  # "<image id>/<t>x<h>x<w>": equal keys mean equal embeddings and positions
     row: int  # first row of its embeddings in Prompt.embeddings
 
 
@@ -144,7 +145,7 @@ class Sequence:
         refs = self.prompt.image_refs(start, end) if start < len(self.prompt) else []
         return [(t, refs[i] if i < len(refs) else None) for i, t in enumerate(self.tokens[start:end])]
 
-    @property
+    @functools.cached_property
     def cache_key(self) -> Hash | None:
         """Identifies the prompt's prefix up to its cache point (None without images)."""
         point, bs = self.prompt.cache_point, self.block_size

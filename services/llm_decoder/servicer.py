@@ -120,22 +120,24 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
         reserved = 0
         try:
             while True:
-                cached = request is not None
+                cached, sent = request is not None, False
                 if request is None:
                     if job.negotiates:
                         yield NEED_PAYLOAD, False
                     sizes = await stream.sizes(job.images) if job.negotiates else job.payload_sizes
-                    assembler = Assembler(sizes, self.max_payload_bytes)  # checks the sizes first
-                    reserved = self.budget.reserve(sum(sizes))
-                    payloads = await stream.payloads(assembler)
+                    Assembler.check(sizes, self.max_payload_bytes)
+                    reserved = self.budget.reserve(sum(sizes))  # before a byte of it is allocated
+                    payloads = await stream.payloads(Assembler(sizes, self.max_payload_bytes))
                     PAYLOAD_BYTES.inc(sum(sizes))
                     request = await asyncio.to_thread(_prepare, engine, job, payloads)
+                    del payloads  # the request holds the tensors now; the reservation bounds them
                 try:
                     async for output in _outputs(engine, request, stream, context):
+                        sent = True
                         yield (job, output), cached
                     return
                 except NeedPayload:
-                    if not cached:
+                    if not cached or sent:
                         raise
                     request = None  # its cached KV was evicted before admission: ask for the payloads
         finally:
