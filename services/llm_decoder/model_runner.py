@@ -22,6 +22,7 @@ from vlsplit.shared.families.base import LM_HEAD
 from . import attention
 from .attention import Alone, Cascade, StepAttention
 from .kv_pool import KVPool
+from .packed_linear import MODES, PackedLinear, can_pack, pack_linears
 from .sequence import Sequence
 
 
@@ -45,10 +46,17 @@ class Chunk:
 
 class ModelRunner:
     def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, kv_cache_bytes: int,
-                 block_size: int):
+                 block_size: int, packed_linear: str = "all"):
         self.checkpoint, self.dtype, self.device = checkpoint, dtype, device
         self.config = checkpoint.config.text_config
         self.text_model, self.lm_head = self._load()
+        if packed_linear not in MODES:
+            raise ValueError(f"packed_linear must be one of {', '.join(MODES)}, not {packed_linear!r}")
+        self.packed = packed_linear if packed_linear != "off" and can_pack(dtype, device) else "off"
+        if self.packed != "off":  # weights reordered for oneDNN's small-batch kernels (packed_linear.py)
+            self.lm_head = PackedLinear(self.lm_head.weight, None)
+        if self.packed == "all":
+            pack_linears(self.text_model.layers, dense=True)
         heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
         head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // heads
         layers = self.config.num_hidden_layers

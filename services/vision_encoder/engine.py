@@ -19,6 +19,8 @@ from vlsplit.shared.fingerprint import compute_fingerprint
 from vlsplit.shared.payload import EmbeddingPayload
 from vlsplit.shared.processor import ImageInputs, ImagePreprocessor
 
+from .fast_ops import use_linear_patch_embed
+
 log = logging.getLogger("vlsplit.vision")
 
 
@@ -39,6 +41,7 @@ class VisionEngine:
         with no_init_weights():
             tower = self.family.vision_class._from_config(config, dtype=torch.float32)
         load_strict(tower, self.checkpoint.read(self.checkpoint.visual_names(), dtype))
+        use_linear_patch_embed(tower)  # fast_ops.py: the patchify Conv3d as the linear it is
         self.tower = tower.eval().to(self.device)
         self.preprocessor = ImagePreprocessor.from_pretrained(self.checkpoint.path)
         self.fingerprint = compute_fingerprint(self.checkpoint.path)

@@ -1,0 +1,73 @@
+"""Linear layers with weights pre-packed for oneDNN, for the decoder's small-M matmuls on CPU.
+
+A decode step multiplies a handful of rows by every weight matrix. torch's default CPU path (MKL
+sgemm on a plain [out, in] weight) is poorly blocked for that shape: on a 2-core AVX2 machine the
+151,936 x 1,536 head takes 50 ms for one row and 208 ms for eight, against 39 and 58 ms with the
+weight reordered once into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`) and
+multiplied with `torch.ops.mkldnn._linear_pointwise`, the kernel pair torch.compile's CPU backend
+emits for frozen linears. For many rows (a prefill chunk) it is the other way round: the dense
+kernel is 10-25 % faster from a few hundred rows on. So a layer keeps both copies and picks per
+call by row count (`DENSE_FROM_ROWS`); that costs one more copy of its weights in memory, which
+`packed_linear = "head"` avoids (only the LM head, which multiplies one row per sequence, is packed;
+a tied head keeps its dense rows anyway for the embedding lookup).
+
+Results differ from the dense kernel only in summation order (max |diff| ~5e-6 in fp32), as any
+change of batch shape already does; the equivalence suite checks greedy tokens stay identical.
+`pack_linears` leaves a model untouched where oneDNN cannot pack the weights (not on CPU, no
+oneDNN, or a dtype the CPU lacks instructions for, e.g. bf16 without AVX-512).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger("vlsplit.decoder")
+
+
+MODES = ("off", "head", "all")
+DENSE_FROM_ROWS = 256  # calls with at least this many rows use the dense weight, where one is kept
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b with W held in oneDNN's blocked layout (and, with `dense`, also as given)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dense: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        self.dense = weight.detach() if dense else None
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense is not None and x.numel() >= DENSE_FROM_ROWS * self.in_features:
+            return nn.functional.linear(x, self.dense, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether oneDNN packs `dtype` weights on this machine (tried on a tiny matrix)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        w = torch.zeros(8, 8, dtype=dtype)
+        PackedLinear(w, None)(torch.zeros(1, 8, dtype=dtype))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return True
+
+
+def pack_linears(module: nn.Module, dense: bool) -> int:
+    """Replace every nn.Linear under `module` by a PackedLinear (keeping the dense weight too, for
+    many-row calls, when `dense`). Returns how many were replaced."""
+    targets = [(name, child) for name, child in module.named_modules() if isinstance(child, nn.Linear)]
+    for name, linear in targets:
+        parent, _, attr = name.rpartition(".")
+        owner = module.get_submodule(parent) if parent else module
+        setattr(owner, attr, PackedLinear(linear.weight, linear.bias, dense=dense))
+    return len(targets)
