@@ -1,10 +1,13 @@
 """Decode milliseconds per step with a shared image prefix, at batch 1, 8 and 64.
 
     .venv/bin/python bench/decode_steps.py [--family qwen2_vl] [--dtype float32] [--batches 1,8,64]
+                                           [--packed-linear off,all]
 
 One 1024x1024 image (1369 tokens with Qwen2-VL-2B's processor) and N questions about it, asked as
 one AskMany request of the in-process engine; a step's time is taken from the engine's own step
-records, over the steps that decoded all N rows and prefilled nothing (median).
+records, over the steps that decoded all N rows and prefilled nothing (median). Each
+`--packed-linear` mode (the decoder's weight layout on CPU) gets its own engine in the same run,
+and the rounds alternate between them, so a noisy machine affects both columns alike.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--new-tokens", type=int, default=17)
+    parser.add_argument("--packed-linear", default="off,all", help="modes to compare (off, head, all)")
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     import torch
 
@@ -53,14 +58,20 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     data = photo(1024, 1024)
     [payload] = VisionEngine(model, dtype=dtype).encode([load_image(data)])
-    decoder = DecoderEngine(model, dtype=dtype)
     payload = payload.named(image_id(data))
-    decode_ms(decoder, payload, image_id(data), 2, 3)  # warm-up; the image prefix is cached from here on
+    modes = args.packed_linear.split(",")
+    decoders = {mode: DecoderEngine(model, dtype=dtype, packed_linear=mode) for mode in modes}
+    for decoder in decoders.values():
+        decode_ms(decoder, payload, image_id(data), 2, 3)  # warm-up; the image prefix is cached from here on
     print(f"{model.name}, {args.dtype}, image prefix {payload.n_tokens} tokens, torch threads {torch.get_num_threads()}")
-    print(f"{'rows':>6}{'decode ms/step':>16}{'ms/row':>9}{'steps':>7}")
+    print(f"{'rows':>6}" + "".join(f"{'ms/step ' + m:>18}" for m in modes) + f"{'steps':>7}")
     for rows in (int(b) for b in args.batches.split(",")):
-        ms, steps = decode_ms(decoder, payload, image_id(data), rows, args.new_tokens)
-        print(f"{rows:>6}{ms:>16.1f}{ms / rows:>9.2f}{steps:>7}")
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        for _ in range(args.rounds):
+            for mode, decoder in decoders.items():
+                ms, steps = decode_ms(decoder, payload, image_id(data), rows, args.new_tokens)
+                times[mode].append(ms)
+        print(f"{rows:>6}" + "".join(f"{min(v):>10.1f}-{max(v):<7.1f}" for v in times.values()) + f"{steps:>7}")
 
 
 if __name__ == "__main__":
