@@ -24,7 +24,8 @@ class ServerConfig:
     host: str = "127.0.0.1"  # listen address; 0.0.0.0 in containers
     port: int = 0  # gRPC port; 0 = pick a free one (printed at start)
     metrics_port: int = 0  # Prometheus HTTP port; 0 = pick a free one, -1 = off
-    grace_s: float = 10.0  # SIGTERM: seconds in-flight calls get to finish
+    drain_s: float = 0.0  # SIGTERM: seconds to keep serving while health says NOT_SERVING (balancers notice)
+    grace_s: float = 10.0  # SIGTERM, after the drain: seconds in-flight calls get to finish
     log_level: str = "INFO"
     log_json: bool = True  # one JSON object per log line
     port_file: str = ""  # if set, write {"port": .., "metrics_port": ..} here once serving

@@ -1,14 +1,17 @@
 """The server skeleton the three services share.
 
 Start-up order: gRPC port open with health NOT_SERVING -> weights loaded and a warm-up forward pass
-run (in a thread, so health checks are answered meanwhile) -> SERVING. On SIGTERM/SIGINT: health
-NOT_SERVING at once (load balancers stop sending), in-flight calls get `grace_s` to finish, then
-the process exits.
+run (in a thread, so health checks are answered meanwhile) -> SERVING. On SIGTERM/SIGINT, the drain:
+health NOT_SERVING at once, but new calls are still accepted for `drain_s` (load balancers and
+client-side pickers need a moment to notice; Kubernetes keeps routing to a terminating pod until
+its endpoints update), then the server stops accepting and in-flight calls get `grace_s` to finish,
+then the process exits. A second signal during the drain ends it at once (Ctrl-C twice).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -68,8 +71,14 @@ async def run(config: ServerConfig, service: Service) -> None:
         _write_port_file(config.port_file, port, metrics_port)
 
     await stopping.wait()
-    log.info("stopping: health NOT_SERVING, %.1fs grace for in-flight calls", config.grace_s)
-    await health_servicer.enter_graceful_shutdown()
+    await health_servicer.enter_graceful_shutdown()  # every service name NOT_SERVING
+    if config.drain_s > 0:
+        log.info("draining: health NOT_SERVING, still serving for %.1fs (signal again to skip)", config.drain_s)
+        stopping.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(config.drain_s):
+                await stopping.wait()
+    log.info("stopping: no new calls, %.1fs grace for in-flight calls", config.grace_s)
     await server.stop(config.grace_s)
     if service.stop:
         await service.stop()
