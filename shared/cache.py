@@ -146,6 +146,11 @@ class SafeStore:
         self.store = store
         self.healthy = True
 
+    @property
+    def redis(self):
+        """The Redis client behind the store (for coordination between replicas), or None."""
+        return getattr(self.store, "client", None)
+
     async def get(self, key: str) -> bytes | None:
         return await self._call("get", self.store.get(key))
 

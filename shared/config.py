@@ -50,6 +50,9 @@ class EncoderConfig(ServerConfig):
     encode_max_batch: int = 8  # images per forward; 1 = no batching
     encode_max_wait_ms: float = 20.0  # how long an image waits for others; 0 = batch only behind a busy tower
     encode_max_batch_patches: int = 65536  # vision patches per forward (one max-size Qwen2-VL image)
+    # Cross-replica single flight (Redis only): one replica encodes a new image, the others wait for
+    # its cache entry; a holder that dies is replaced after this many seconds. 0 = off.
+    encode_lock_s: float = 30.0
 
 
 @dataclass(frozen=True)

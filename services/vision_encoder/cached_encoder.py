@@ -15,10 +15,8 @@ batches queue up there and the event loop stays free to answer health checks and
 Concurrency: concurrent misses on one image are encoded once per process (`singleflight.py`);
 misses on different images are batched into one forward, up to the configured limits
 (`batcher.py`; batched embeddings are bit-identical to solo ones on CPU, see there).
-Across replicas nothing is coordinated: N replicas may each encode the same new image once (at
-most N encodes); the results are identical and the cache keeps one of them. A cross-replica lock
-(Redis SET NX) would save those duplicates at the price of a lock protocol with timeouts; not
-worth it while duplicates are rare and harmless.
+Across replicas sharing a Redis, a new image is encoded once: the replica that takes a short
+Redis lock computes it, the others wait for its cache entry (`replica_flight.py`).
 
 The cache never fails a request (`SafeStore`): with Redis down, look-ups are misses and writes are
 skipped. The upload store shares the backend but is not optional: PutImage fails UNAVAILABLE when
@@ -46,6 +44,7 @@ from vlsplit.shared.processor import ImageInputs
 
 from .batcher import Batcher, BatchLimits
 from .engine import VisionEngine
+from .replica_flight import ReplicaFlight
 from .singleflight import SingleFlight
 
 log = logging.getLogger("vlsplit.encoder")
@@ -89,7 +88,7 @@ class ModelInfo:
 class CachedEncoder:
     def __init__(self, engine: VisionEngine, executor: ThreadPoolExecutor, store: SafeStore, *,
                  payload_dtype: str, cache_ttl_s: int, image_ttl_s: int, limits: ImageLimits,
-                 batch_limits: BatchLimits = BatchLimits()):
+                 batch_limits: BatchLimits = BatchLimits(), replica_flight: ReplicaFlight | None = None):
         self.engine = engine
         self.executor = executor  # the one thread every tower forward runs in (the batcher's)
         self.store = store
@@ -97,6 +96,7 @@ class CachedEncoder:
         self.cache_ttl_s, self.image_ttl_s = cache_ttl_s, image_ttl_s
         self.limits = limits
         self.flights: SingleFlight[str, Encoded] = SingleFlight()
+        self.replicas = replica_flight or ReplicaFlight(None, 0)
         self.batcher: Batcher[tuple[str, ImageInputs], Encoded] = Batcher(self._run_tower, executor, batch_limits)
 
     @property
@@ -177,10 +177,15 @@ class CachedEncoder:
         cached = await self._cached(image_id)  # a flight that just ended may have filled it
         if cached is not None:
             return cached
-        inputs = await asyncio.to_thread(self._inputs, data)
-        encoded = await self.batcher.submit((image_id, inputs), cost=inputs.pixel_values.shape[0])
-        await self.store.set(embedding_key(self.fingerprint, image_id), encoded.blob, self.cache_ttl_s)
-        return encoded
+        inputs = await asyncio.to_thread(self._inputs, data)  # a bad image fails here, before any lock
+
+        async def compute() -> Encoded:
+            encoded = await self.batcher.submit((image_id, inputs), cost=inputs.pixel_values.shape[0])
+            await self.store.set(embedding_key(self.fingerprint, image_id), encoded.blob, self.cache_ttl_s)
+            return encoded
+
+        return await self.replicas.run(embedding_key(self.fingerprint, image_id), compute,
+                                       lambda: self._cached(image_id))
 
     def _inputs(self, data: bytes) -> ImageInputs:
         """Worker thread: bytes -> validated image -> pixel patches (BadImage/TooLarge here, alone)."""

@@ -32,6 +32,7 @@ from vlsplit.v1 import vision_encoder_pb2_grpc
 from .batcher import BatchLimits
 from .cached_encoder import CachedEncoder
 from .engine import VisionEngine
+from .replica_flight import ReplicaFlight
 from .servicer import SERVICE_NAME, VisionEncoderServicer
 
 log = logging.getLogger("vlsplit.encoder")
@@ -82,6 +83,7 @@ async def _open(config: EncoderConfig, executor: ThreadPoolExecutor) -> CachedEn
         image_ttl_s=config.image_ttl_s,
         limits=ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels),
         batch_limits=_batch_limits(config),
+        replica_flight=ReplicaFlight(store.redis, config.encode_lock_s),
     )
     start = time.perf_counter()
     await loop.run_in_executor(executor, encoder.warm_up)
