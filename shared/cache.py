@@ -1,8 +1,11 @@
 """The embedding cache and the upload store: Redis, or an in-process LRU ("memory").
 
 Keys:
-  vlsplit:emb:v<format>:<fingerprint>:<image_id>   encoded embedding payload (shared/codec.py)
-  vlsplit:img:<image_id>                           uploaded image bytes, for Ask(image_id)
+  vlsplit:emb:v<format>:{<fingerprint>:<image_id>}   encoded embedding payload (shared/codec.py)
+  vlsplit:img:{<image_id>}                           uploaded image bytes, for Ask(image_id)
+The braces are a Redis Cluster hash tag: an entry's parts (below) and its replica lock hash to its
+slot, so every multi-key command stays within one slot. `redis+cluster://host:port` (or
+`rediss+cluster://`) uses redis-py's cluster client; any node of the cluster will do as the seed.
 
 Redis refuses a value over its proto-max-bulk-len (512 MB by default), and the largest image's
 float32 payload can pass that (Qwen3-VL-2B: 537 MB). A value over `part_bytes` is stored as parts
@@ -24,6 +27,7 @@ from collections import OrderedDict
 from typing import Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from . import metrics
@@ -35,11 +39,11 @@ MANIFEST = b"vlsplit-parts:1\n"  # never the start of a payload (a msgpack map) 
 
 
 def embedding_key(fingerprint: str, image_id: str) -> str:
-    return f"vlsplit:emb:v{PAYLOAD_FORMAT}:{fingerprint}:{image_id}"
+    return f"vlsplit:emb:v{PAYLOAD_FORMAT}:{{{fingerprint}:{image_id}}}"
 
 
 def image_key(image_id: str) -> str:
-    return f"vlsplit:img:{image_id}"
+    return f"vlsplit:img:{{{image_id}}}"
 
 
 class Store(Protocol):
@@ -84,10 +88,19 @@ class MemoryStore:
         self.entries.clear()
 
 
+CLUSTER_SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss://"}
+
+
 class RedisStore:
     def __init__(self, url: str, timeout_s: float, part_bytes: int = PART_BYTES):
         self.url, self.part_bytes = url, part_bytes
-        self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        scheme = next((s for s in CLUSTER_SCHEMES if url.startswith(s)), None)
+        self.cluster = scheme is not None
+        if self.cluster:
+            self.client = RedisCluster.from_url(CLUSTER_SCHEMES[scheme] + url[len(scheme):], **options)
+        else:
+            self.client = aioredis.Redis.from_url(url, **options)
 
     async def get(self, key: str) -> bytes | None:
         value = await self.client.get(key)
@@ -107,7 +120,8 @@ class RedisStore:
         nonce = secrets.token_hex(8)
         count = -(-len(value) // self.part_bytes)
         view = memoryview(value)
-        async with self.client.pipeline(transaction=True) as pipe:
+        # parts before the manifest; a cluster pipeline sends them in order to the slot's node
+        async with self.client.pipeline(transaction=not self.cluster) as pipe:
             for i in range(count):
                 pipe.set(f"{key}:part:{nonce}:{i}", view[i * self.part_bytes:(i + 1) * self.part_bytes], ex=ttl_s)
             pipe.set(key, MANIFEST + json.dumps({"nonce": nonce, "parts": count, "bytes": len(value)}).encode(), ex=ttl_s)
@@ -133,7 +147,7 @@ def _part_keys(key: str, value: bytes | None) -> tuple[list[str], int] | None:
 
 
 def open_store(url: str, timeout_s: float, memory_bytes: int, part_bytes: int = PART_BYTES) -> Store:
-    """`memory` -> in-process LRU; `redis://...` -> Redis (connects lazily)."""
+    """`memory` -> in-process LRU; `redis://...` -> Redis; `redis+cluster://...` -> Redis Cluster."""
     if url == "memory":
         return MemoryStore(memory_bytes)
     return RedisStore(url, timeout_s, part_bytes)

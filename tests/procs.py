@@ -117,3 +117,35 @@ def running(*services):
 
 def port_file_ports(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+class RedisCluster:
+    """A real Redis Cluster of `masters` redis-server processes (no replicas), created with
+    `redis-cli --cluster create`, on free ports, keeping nothing on disk but its node files."""
+
+    def __init__(self, workdir: Path, masters: int = 3):
+        self.workdir, self.ports = workdir, [free_port() for _ in range(masters)]
+        self.nodes: list[Redis] = []
+        self.url = f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    def start(self) -> "RedisCluster":
+        import time
+
+        import redis
+
+        for port in self.ports:
+            self.nodes.append(Redis(port, "--cluster-enabled", "yes", "--cluster-config-file",
+                                    str(self.workdir / f"nodes-{port}.conf"), "--dir", str(self.workdir)).start())
+        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 60
+        for port in self.ports:  # each node agrees the cluster is up (its slots all assigned)
+            client = redis.Redis(port=port)
+            while client.cluster("info").get("cluster_state") != "ok":
+                assert time.monotonic() < deadline, f"cluster node {port} never reached cluster_state:ok"
+            client.close()
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

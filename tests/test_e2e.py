@@ -249,7 +249,7 @@ def test_corrupt_cache_entry_is_dropped_and_recomputed_never_served(fresh_stack)
     data = make_image(180, 140, seed=23)
     first = s.ask(data, QUESTIONS[0])
     client = redis.Redis.from_url(s.redis.url)
-    [key] = client.keys(f"vlsplit:emb:v{PAYLOAD_FORMAT}:*:{first.image_id}")
+    [key] = client.keys(f"vlsplit:emb:v{PAYLOAD_FORMAT}:*:{first.image_id}}}")
     value = bytearray(client.get(key))
     value[len(value) // 2] ^= 0xFF  # one flipped byte inside the tensor bytes
     client.set(key, bytes(value))
@@ -302,7 +302,7 @@ def test_payload_over_redis_bulk_limit_is_cached_in_parts(tiny_models, tmp_path)
         assert s.encodes() == encodes  # served from Redis, not encoded again
         assert s.gateway.metric("vlsplit_cache_errors_total") == s.encoder.metric("vlsplit_cache_errors_total") == 0
         client = redis.Redis.from_url(s.redis.url)
-        assert len(client.keys(f"vlsplit:emb:*:{first.image_id}:part:*")) >= 8
+        assert len(client.keys(f"vlsplit:emb:*:{first.image_id}}}:part:*")) >= 8
         assert list(second.token_ids) == reference_tokens(s.model, [load_image(data)], QUESTIONS[1], 4)
     finally:
         s.stop()

@@ -174,7 +174,7 @@ def test_second_encode_hits_cache(encoder, redis_client, fingerprint):
     assert second.encode_ms == 0 and second.blob == first.blob
     assert encoder.metric(ENCODES) == encodes
     assert encoder.metric("vlsplit_cache_requests_total", result="hit") == hits + 1
-    key = f"vlsplit:emb:v{PAYLOAD_FORMAT}:{fingerprint}:{image_id(data)}"
+    key = f"vlsplit:emb:v{PAYLOAD_FORMAT}:{{{fingerprint}:{image_id(data)}}}"
     assert key == embedding_key(fingerprint, image_id(data))
     assert redis_client.get(key) == first.blob
     assert CACHE_TTL_S - 60 < redis_client.ttl(key) <= CACHE_TTL_S
