@@ -97,12 +97,13 @@ class DecoderConfig(ServerConfig, EngineConfig):
 
 @dataclass(frozen=True)
 class GatewayConfig(ServerConfig):
-    encoder: str = "127.0.0.1:50052"  # encoder address
+    # encoder replicas, the same way: each encode goes to the serving one with the fewest in flight
+    encoder: str = "127.0.0.1:50052"
     # decoder replicas: host:port[,host:port...]; a name (or dns:///name:port) resolving to several
     # addresses is one replica per address. Questions about one image go to one replica.
     decoder: str = "127.0.0.1:50053"
-    decoder_resolve_s: float = 30.0  # decoder names are resolved again this often
-    decoder_down_s: float = 5.0  # a decoder replica found unreachable is tried last for this long
+    decoder_resolve_s: float = 30.0  # decoder and encoder names are resolved again this often
+    decoder_down_s: float = 5.0  # a decoder or encoder replica found unreachable is tried last for this long
     redis_url: str = "memory"
     redis_timeout_s: float = 0.5
     cache_part_bytes: int = 64 * MiB  # Redis values above this are stored in parts (Redis's bulk limit is 512 MB)

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
-from prometheus_client import Counter
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import Counter, Gauge
 
 from vlsplit.shared.errors import Unavailable, Upstream
+
+from .routing import Router
 from vlsplit.shared.transfer import chunks
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, llm_decoder_pb2_grpc, vision_encoder_pb2, vision_encoder_pb2_grpc
 
@@ -22,6 +26,10 @@ MAX_MESSAGE_BYTES = 64 << 20
 PAYLOAD_BYTES_SENT = Counter("vlsplit_gateway_payload_bytes_sent",
                              "Embedding payload bytes sent to decoders (none when a decoder holds the image)")
 Fetch = Callable[[], Awaitable[list[bytes]]]  # gets the request's image payloads when a decoder asks
+ENCODER_REQUESTS = Counter("vlsplit_gateway_encoder_requests", "Encode calls sent, by encoder replica", ["replica"])
+ENCODER_FAILOVERS = Counter("vlsplit_gateway_encoder_failovers", "Encodes moved to another encoder replica")
+ENCODERS_SERVING = Gauge("vlsplit_gateway_encoders_serving", "Encoder replicas whose health says SERVING")
+log = logging.getLogger("vlsplit.gateway")
 FAILOVER_ATTEMPTS = 2  # per decoder replica when there are several: fail over after ~0.1 s of backoff
 
 
@@ -106,6 +114,106 @@ class EncoderClient(_Client):
 
     async def put_image(self, data: bytes, timeout: float) -> vision_encoder_pb2.PutImageResponse:
         return await self._unary(self.stub.PutImage, vision_encoder_pb2.PutImageRequest(image=data), timeout)
+
+
+class EncoderPool:
+    """Several encoder replicas (a list, or names re-resolved by a `Router`): each encode goes to the
+    serving replica with the fewest requests in flight (ties: the image's rendezvous order, so
+    concurrent misses for one image tend to meet on one replica); a replica that is unreachable, or
+    dies mid-encode, is marked down and the request moves to the next within its deadline; a replica
+    whose health says NOT_SERVING (draining, or not yet loaded) gets no new work."""
+
+    def __init__(self, router: Router, attempts: int, close_grace_s: float):
+        self.router, self.close_grace_s = router, close_grace_s
+        self.attempts = attempts
+        self._clients: dict[str, EncoderClient] = {}
+        self._watches: dict[str, asyncio.Task] = {}
+        self._serving: dict[str, bool] = {}
+        self.outstanding: dict[str, int] = {}
+
+    def get(self, address: str) -> EncoderClient:
+        client = self._clients.get(address)
+        if client is None:
+            attempts = self.attempts if len(self.router.replicas) <= 1 else min(self.attempts, FAILOVER_ATTEMPTS)
+            client = self._clients[address] = EncoderClient(address, attempts)
+            self._watches[address] = asyncio.ensure_future(self._watch_health(address, client))
+        return client
+
+    def order(self, image_id: str) -> list[str]:
+        """Replicas to try: serving and up first, by fewest in flight, then the rest."""
+        ranked = self.router.order(image_id)
+        for replica in ranked:
+            self.get(replica)
+        rank = {replica: i for i, replica in enumerate(ranked)}
+        return sorted(ranked, key=lambda r: (self.router.is_down(r), not self._serving.get(r, True),
+                                             self.outstanding.get(r, 0), rank[r]))
+
+    async def encode(self, request: vision_encoder_pb2.EncodeRequest, image_id: str, timeout: float) -> Encoded:
+        deadline = asyncio.get_running_loop().time() + timeout
+        order = self.order(image_id)
+        for i, replica in enumerate(order):
+            self.outstanding[replica] = self.outstanding.get(replica, 0) + 1
+            ENCODER_REQUESTS.labels(replica).inc()
+            try:
+                encoded = await self.get(replica).encode(request, max(0.001, deadline - asyncio.get_running_loop().time()))
+                self.router.mark_up(replica)
+                return encoded
+            except Unavailable as exc:
+                if i == len(order) - 1:
+                    raise
+                self.router.mark_down(replica)
+                ENCODER_FAILOVERS.inc()
+                log.warning("encoder %s unavailable (%s); trying %s", replica, exc, order[i + 1])
+            finally:
+                self.outstanding[replica] -= 1
+        raise Unavailable("no encoder replica")  # unreachable: the loop returns or raises
+
+    async def any(self, call: Callable[[EncoderClient], Awaitable], image_id: str = ""):
+        """`call` on the first replica that answers (model info, uploads)."""
+        order = self.order(image_id)
+        for i, replica in enumerate(order):
+            try:
+                return await call(self.get(replica))
+            except Unavailable:
+                if i == len(order) - 1:
+                    raise
+                self.router.mark_down(replica)
+
+    async def model_info(self, timeout: float) -> common_pb2.ModelInfo:
+        return await self.any(lambda client: client.model_info(timeout))
+
+    async def put_image(self, data: bytes, timeout: float) -> vision_encoder_pb2.PutImageResponse:
+        return await self.any(lambda client: client.put_image(data, timeout))
+
+    async def _watch_health(self, address: str, client: EncoderClient) -> None:
+        """Follow the replica's health (streamed): NOT_SERVING takes it out of the rotation."""
+        stub = health_pb2_grpc.HealthStub(client.channel)
+        while True:
+            try:
+                async for reply in stub.Watch(health_pb2.HealthCheckRequest(), wait_for_ready=True):
+                    self._serving[address] = reply.status == health_pb2.HealthCheckResponse.SERVING
+                    ENCODERS_SERVING.set(sum(self._serving.values()))
+            except grpc.aio.AioRpcError:
+                self._serving.pop(address, None)  # unreachable: unknown, the failover handles it
+                ENCODERS_SERVING.set(sum(self._serving.values()))
+            await asyncio.sleep(1.0)  # reconnect pacing after the stream ended
+
+    async def retain(self, addresses: list[str]) -> None:
+        """Clients (and health watches) for `addresses`; those of replicas that left are closed
+        once their running calls end (or after the grace)."""
+        for address in addresses:
+            self.get(address)
+        for address in [a for a in self._clients if a not in addresses]:
+            self._watches.pop(address).cancel()
+            self._serving.pop(address, None)
+            client = self._clients.pop(address)
+            asyncio.ensure_future(client.close(self.close_grace_s))
+
+    async def close(self) -> None:
+        for task in self._watches.values():
+            task.cancel()
+        clients, self._clients = list(self._clients.values()), {}
+        await asyncio.gather(*(client.close() for client in clients))
 
 
 class DecoderClient(_Client):

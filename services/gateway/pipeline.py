@@ -16,7 +16,7 @@ from vlsplit.shared.errors import InvalidRequest, TooLarge, Unavailable, Upstrea
 from vlsplit.shared.images import check_image_id, image_id as sha256_id
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, vision_encoder_pb2
 
-from .clients import DecoderPool, EncoderClient
+from .clients import DecoderPool, EncoderPool
 from .routing import DECODER_REQUESTS, FAILOVERS, Router, failover_reason
 
 log = logging.getLogger("vlsplit.gateway")
@@ -49,20 +49,23 @@ class Embeddings:
 
 
 class Pipeline:
-    def __init__(self, encoder: EncoderClient, decoders: DecoderPool, router: Router, cache: SafeStore,
+    def __init__(self, encoder: EncoderPool, decoders: DecoderPool, router: Router, cache: SafeStore,
                  cache_ttl_s: int, write_back: bool):
         self.encoder, self.decoders, self.router, self.cache = encoder, decoders, router, cache
         self.cache_ttl_s = cache_ttl_s
         self.write_back = write_back  # "memory" backend: the gateway keeps what it fetched
         self._fingerprint: str | None = None
-        self._watch: asyncio.Task | None = None
+        self._watches: list[asyncio.Task] = []
 
     async def start(self, resolve_every_s: float) -> None:
-        """Resolve the decoder names now, then again every `resolve_every_s` in the background."""
-        if self.router.dynamic:
-            await self.router.refresh()
-            await self.decoders.retain(self.router.replicas)
-            self._watch = asyncio.create_task(self.router.watch(resolve_every_s, self.decoders.retain))
+        """Resolve the decoder and encoder names now, then again every `resolve_every_s` in the background."""
+        self._watches = []
+        await self.encoder.retain(self.encoder.router.replicas)  # health watches from the start
+        for router, pool in ((self.router, self.decoders), (self.encoder.router, self.encoder)):
+            if router.dynamic:
+                await router.refresh()
+                await pool.retain(router.replicas)
+                self._watches.append(asyncio.create_task(router.watch(resolve_every_s, pool.retain)))
 
     async def fingerprint(self, timeout: float) -> str:
         """The served model's fingerprint, from the encoder or (if it is down) the decoder."""
@@ -95,7 +98,7 @@ class Pipeline:
         start = start or time.perf_counter()
         request = (vision_encoder_pb2.EncodeRequest(image=source.data) if source.data is not None
                    else vision_encoder_pb2.EncodeRequest(image_id=source.image_id))
-        encoded = await self.encoder.encode(request, timeout)
+        encoded = await self.encoder.encode(request, source.image_id, timeout)
         if self.write_back:
             await self.cache.set(embedding_key(encoded.info.fingerprint, source.image_id), encoded.payload,
                                  self.cache_ttl_s)
@@ -170,8 +173,8 @@ class Pipeline:
         log.warning("decoder %s %s (%s); trying %s", replica, reason, exc, to)
 
     async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
+        for watch in self._watches:
+            watch.cancel()
         await self.encoder.close()
         await self.decoders.close()
         await self.cache.close()

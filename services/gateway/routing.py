@@ -54,19 +54,19 @@ class Target:
             return False
 
 
-def parse_targets(spec: str) -> list[Target]:
+def parse_targets(spec: str, what: str = "decoder") -> list[Target]:
     """`a:1,b:2`, `dns:///name:port`, `[::1]:50053` -> targets; ValueError says what is wrong."""
     items = [item.strip() for item in spec.split(",") if item.strip()]
     if not items:
-        raise ValueError("decoder: at least one host:port is required")
-    return [_target(item) for item in items]
+        raise ValueError(f"{what}: at least one host:port is required")
+    return [_target(item, what) for item in items]
 
 
-def _target(item: str) -> Target:
+def _target(item: str, what: str) -> Target:
     text = item.removeprefix("dns:///")
     host, sep, port = text.rpartition(":")
     if "/" in text or not sep or not host or not port.isdigit():
-        raise ValueError(f"decoder {item!r}: expected host:port or dns:///name:port")
+        raise ValueError(f"{what} {item!r}: expected host:port or dns:///name:port")
     return Target(text, host.strip("[]"), int(port))
 
 
@@ -99,8 +99,9 @@ def failover_reason(exc: Exception) -> str | None:
 
 class Router:
     def __init__(self, spec: str, down_s: float, resolve: Resolve = resolve_addresses,
-                 clock: Callable[[], float] = time.monotonic):
-        self.targets = parse_targets(spec)
+                 clock: Callable[[], float] = time.monotonic, what: str = "decoder"):
+        self.what = what
+        self.targets = parse_targets(spec, what)
         self.down_s = down_s
         self._resolve, self._clock = resolve, clock
         # until the first resolution (or if it never succeeds) a name is one replica: gRPC resolves it
@@ -120,6 +121,9 @@ class Router:
         up = [replica for replica in ranked if self._down_until.get(replica, 0.0) <= now]
         return up + [replica for replica in ranked if replica not in up]
 
+    def is_down(self, replica: str) -> bool:
+        return self._down_until.get(replica, 0.0) > self._clock()
+
     def mark_down(self, replica: str) -> None:
         self._down_until[replica] = self._clock() + self.down_s
 
@@ -135,14 +139,14 @@ class Router:
             try:
                 addresses = await self._resolve(target.host, target.port)
             except (OSError, UnicodeError) as exc:  # gaierror is an OSError; a bad IDNA name a UnicodeError
-                log.warning("cannot resolve decoder %s (%s); keeping %s", target.text, exc, self._by_target[target])
+                log.warning("cannot resolve %s %s (%s); keeping %s", self.what, target.text, exc, self._by_target[target])
                 continue
             if addresses:
                 self._by_target[target] = _replicas(target, addresses)
         replicas = self._collect()
         if replicas == self.replicas:
             return False
-        log.info("decoder replicas changed", extra={"before": self.replicas, "after": replicas})
+        log.info("%s replicas changed", self.what, extra={"before": self.replicas, "after": replicas})
         self.replicas = replicas
         self._down_until = {r: t for r, t in self._down_until.items() if r in replicas}
         return True

@@ -14,7 +14,7 @@ from vlsplit.shared.logs import setup_logging
 from vlsplit.shared.server import Service, run
 from vlsplit.v1 import gateway_pb2_grpc
 
-from .clients import DecoderPool, EncoderClient
+from .clients import DecoderPool, EncoderPool
 from .pipeline import Pipeline
 from .routing import Router
 from .servicer import GatewayServicer
@@ -25,13 +25,14 @@ log = logging.getLogger("vlsplit.gateway")
 def build(config: GatewayConfig) -> Service:
     servicer = GatewayServicer(config)
     router = Router(config.decoder, config.decoder_down_s)  # a malformed --decoder fails here, at once
+    encoders = Router(config.encoder, config.decoder_down_s, what="encoder")
 
     async def start() -> None:
         # Channels and the Redis client bind to the running event loop, so they are made here.
         store = SafeStore(open_store(config.redis_url, config.redis_timeout_s, config.memory_cache_bytes,
                                   config.cache_part_bytes))
         decoders = DecoderPool(config.retry_attempts, len(router.targets), close_grace_s=config.deadline_s)
-        pipeline = Pipeline(EncoderClient(config.encoder, config.retry_attempts), decoders, router,
+        pipeline = Pipeline(EncoderPool(encoders, config.retry_attempts, close_grace_s=config.deadline_s), decoders, router,
                             store, config.cache_ttl_s, write_back=config.redis_url == "memory")
         await pipeline.start(config.decoder_resolve_s)
         servicer.pipeline = pipeline
