@@ -119,12 +119,28 @@ def port_file_ports(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is valid and free too."""
+    import socket
+
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 class RedisCluster:
     """A real Redis Cluster of `masters` redis-server processes (no replicas), created with
     `redis-cli --cluster create`, on free ports, keeping nothing on disk but its node files."""
 
     def __init__(self, workdir: Path, masters: int = 3):
-        self.workdir, self.ports = workdir, [free_port() for _ in range(masters)]
+        self.workdir, self.ports = workdir, [cluster_port() for _ in range(masters)]
         self.nodes: list[Redis] = []
         self.url = f"redis+cluster://127.0.0.1:{self.ports[0]}"
 
