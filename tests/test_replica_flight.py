@@ -32,19 +32,20 @@ def encodes(service: Service) -> float:
     return service.metric("vlsplit_encoder_encodes_total")
 
 
-def start_all(services: list[Service]) -> None:
+def start_replicas(tiny_models, redis_server, tmp_path, a_wait_ms: int, lock_s: float) -> list[Service]:
+    """Replicas A (its lone image waits `a_wait_ms` for company), B and C, started side by side."""
+    services = [replica(tiny_models, redis_server, tmp_path, "a", wait_ms=a_wait_ms, lock_s=lock_s),
+                *(replica(tiny_models, redis_server, tmp_path, n, wait_ms=0, lock_s=lock_s) for n in "bc")]
     for service in services:
         service.start(wait=False)
     for service in services:
         service.wait_serving()
+    return services
 
 
 def test_three_replicas_encode_a_new_image_once(tiny_models, redis_server, tmp_path):
-    a = replica(tiny_models, redis_server, tmp_path, "a", wait_ms=3000, lock_s=30)
-    b, c = (replica(tiny_models, redis_server, tmp_path, n, wait_ms=0, lock_s=30) for n in "bc")
-    services = [a, b, c]
+    services = a, b, c = start_replicas(tiny_models, redis_server, tmp_path, a_wait_ms=3000, lock_s=30)
     try:
-        start_all(services)
         image = gradient_png(300, shift=11)
         with ThreadPoolExecutor(3) as pool:
             first = pool.submit(encode, a, image=image)
@@ -61,11 +62,8 @@ def test_three_replicas_encode_a_new_image_once(tiny_models, redis_server, tmp_p
 
 
 def test_a_replica_takes_over_when_the_holder_dies(tiny_models, redis_server, tmp_path):
-    a = replica(tiny_models, redis_server, tmp_path, "a", wait_ms=600_000, lock_s=1)  # never finishes
-    b, c = (replica(tiny_models, redis_server, tmp_path, n, wait_ms=0, lock_s=1) for n in "bc")
-    services = [a, b, c]
+    services = a, b, c = start_replicas(tiny_models, redis_server, tmp_path, a_wait_ms=600_000, lock_s=1)  # A never finishes
     try:
-        start_all(services)
         image = gradient_png(300, shift=12)
         with ThreadPoolExecutor(3) as pool:
             pool.submit(encode, a, image=image)  # fails when A is killed; its result is not awaited

@@ -27,7 +27,7 @@ PAYLOAD_BYTES_SENT = Counter("vlsplit_gateway_payload_bytes_sent",
                              "Embedding payload bytes sent to decoders (none when a decoder holds the image)")
 Fetch = Callable[[], Awaitable[list[bytes]]]  # gets the request's image payloads when a decoder asks
 ENCODER_REQUESTS = Counter("vlsplit_gateway_encoder_requests", "Encode calls sent, by encoder replica", ["replica"])
-ENCODER_FAILOVERS = Counter("vlsplit_gateway_encoder_failovers", "Encodes moved to another encoder replica")
+ENCODER_FAILOVERS = Counter("vlsplit_gateway_encoder_failovers", "Encoder calls moved to another encoder replica")
 ENCODERS_SERVING = Gauge("vlsplit_gateway_encoders_serving", "Encoder replicas whose health says SERVING")
 log = logging.getLogger("vlsplit.gateway")
 FAILOVER_ATTEMPTS = 2  # per decoder replica when there are several: fail over after ~0.1 s of backoff
@@ -130,6 +130,7 @@ class EncoderPool:
         self._watches: dict[str, asyncio.Task] = {}
         self._serving: dict[str, bool] = {}
         self.outstanding: dict[str, int] = {}
+        self._closing: set[asyncio.Task] = set()
 
     def get(self, address: str) -> EncoderClient:
         client = self._clients.get(address)
@@ -150,40 +151,40 @@ class EncoderPool:
 
     async def encode(self, request: vision_encoder_pb2.EncodeRequest, image_id: str, timeout: float) -> Encoded:
         deadline = asyncio.get_running_loop().time() + timeout
-        order = self.order(image_id)
-        for i, replica in enumerate(order):
+
+        async def on(replica: str, client: EncoderClient) -> Encoded:
             self.outstanding[replica] = self.outstanding.get(replica, 0) + 1
             ENCODER_REQUESTS.labels(replica).inc()
             try:
-                encoded = await self.get(replica).encode(request, max(0.001, deadline - asyncio.get_running_loop().time()))
-                self.router.mark_up(replica)
-                return encoded
+                return await client.encode(request, max(0.001, deadline - asyncio.get_running_loop().time()))
+            finally:
+                self.outstanding[replica] -= 1
+
+        return await self._first(on, image_id)
+
+    async def _first(self, call: Callable[[str, EncoderClient], Awaitable], image_id: str = ""):
+        """`call` on the replicas in order until one answers; an unreachable one is marked down and
+        the call moves to the next (the last one's error is raised)."""
+        order = self.order(image_id)
+        for i, replica in enumerate(order):
+            try:
+                result = await call(replica, self.get(replica))
             except Unavailable as exc:
                 if i == len(order) - 1:
                     raise
                 self.router.mark_down(replica)
                 ENCODER_FAILOVERS.inc()
                 log.warning("encoder %s unavailable (%s); trying %s", replica, exc, order[i + 1])
-            finally:
-                self.outstanding[replica] -= 1
+                continue
+            self.router.mark_up(replica)
+            return result
         raise Unavailable("no encoder replica")  # unreachable: the loop returns or raises
 
-    async def any(self, call: Callable[[EncoderClient], Awaitable], image_id: str = ""):
-        """`call` on the first replica that answers (model info, uploads)."""
-        order = self.order(image_id)
-        for i, replica in enumerate(order):
-            try:
-                return await call(self.get(replica))
-            except Unavailable:
-                if i == len(order) - 1:
-                    raise
-                self.router.mark_down(replica)
-
     async def model_info(self, timeout: float) -> common_pb2.ModelInfo:
-        return await self.any(lambda client: client.model_info(timeout))
+        return await self._first(lambda _, client: client.model_info(timeout))
 
     async def put_image(self, data: bytes, timeout: float) -> vision_encoder_pb2.PutImageResponse:
-        return await self.any(lambda client: client.put_image(data, timeout))
+        return await self._first(lambda _, client: client.put_image(data, timeout))
 
     async def _watch_health(self, address: str, client: EncoderClient) -> None:
         """Follow the replica's health (streamed): NOT_SERVING takes it out of the rotation."""
@@ -206,14 +207,15 @@ class EncoderPool:
         for address in [a for a in self._clients if a not in addresses]:
             self._watches.pop(address).cancel()
             self._serving.pop(address, None)
-            client = self._clients.pop(address)
-            asyncio.ensure_future(client.close(self.close_grace_s))
+            task = asyncio.create_task(self._clients.pop(address).close(self.close_grace_s))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         for task in self._watches.values():
             task.cancel()
         clients, self._clients = list(self._clients.values()), {}
-        await asyncio.gather(*(client.close() for client in clients))
+        await asyncio.gather(*(client.close() for client in clients), *self._closing)
 
 
 class DecoderClient(_Client):
