@@ -59,7 +59,7 @@ class Monolithic:
     def __init__(self, path: Path, dtype: torch.dtype):
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-        from vlsplit.shared.families import get_family
+        from shared.families import get_family
 
         family = get_family(AutoConfig.from_pretrained(path).model_type)
         self.model = family.model_class.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
@@ -81,7 +81,7 @@ class Monolithic:
     @torch.inference_mode()
     def ask(self, image_bytes: bytes, question: str, max_new_tokens: int) -> dict:
         """One question from the image bytes, as a monolithic server would: decode, process, generate."""
-        from vlsplit.shared.images import load_image
+        from shared.images import load_image
 
         start = time.perf_counter()
         inputs = self.inputs(load_image(image_bytes), question)
@@ -96,7 +96,7 @@ class Monolithic:
     def score(self, image_bytes: bytes, question: str, labels: list[str]) -> list[float]:
         """Summed label-token logprobs as a monolithic server would do it: one forward over the prompt
         scores every single-token label; a multi-token label needs a forward of its own."""
-        from vlsplit.shared.images import load_image
+        from shared.images import load_image
 
         inputs = self.inputs(load_image(image_bytes), question)
         prompt_logprobs = torch.log_softmax(self.model(**inputs).logits[0, -1].float(), -1)

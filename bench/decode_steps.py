@@ -25,9 +25,9 @@ from common import ensure_model, photo  # noqa: E402
 
 
 def decode_ms(decoder, payload, img_id: str, rows: int, new_tokens: int) -> tuple[float, int]:
-    from vlsplit.services.llm_decoder.engine import GenerationRequest
-    from vlsplit.services.llm_decoder.sampling import SamplingParams
-    from vlsplit.shared.processor import question_messages
+    from services.llm_decoder.engine import GenerationRequest
+    from shared.sampling import SamplingParams
+    from shared.processor import question_messages
 
     requests = [GenerationRequest(question_messages(f"Question number {i}: what is shown?"), [payload],
                                   SamplingParams(max_new_tokens=new_tokens), (img_id,)) for i in range(rows)]
@@ -50,9 +50,10 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from vlsplit.services.llm_decoder.engine import DecoderEngine
-    from vlsplit.services.vision_encoder.engine import VisionEngine
-    from vlsplit.shared.images import image_id, load_image
+    from services.llm_decoder.engine import DecoderEngine
+    from services.vision_encoder.engine import VisionEngine
+    from shared.image_ids import image_id
+    from shared.images import load_image
 
     model = args.model or ensure_model(args.family)
     dtype = getattr(torch, args.dtype)

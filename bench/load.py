@@ -38,9 +38,9 @@ def child(mode: str, model: str, dtype_name: str) -> None:
     import torch
     from transformers import AutoConfig
 
-    from vlsplit.services.llm_decoder.engine import DecoderEngine
-    from vlsplit.services.vision_encoder.engine import VisionEngine
-    from vlsplit.shared.families import get_family
+    from services.llm_decoder.engine import DecoderEngine
+    from services.vision_encoder.engine import VisionEngine
+    from shared.families import get_family
 
     from transformers import AutoImageProcessor, AutoTokenizer
 

@@ -92,9 +92,11 @@ CLUSTER_SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss:
 
 
 class RedisStore:
-    def __init__(self, url: str, timeout_s: float, part_bytes: int = PART_BYTES):
+    def __init__(self, url: str, timeout_s: float, part_bytes: int = PART_BYTES, password: str = ""):
         self.url, self.part_bytes = url, part_bytes
         options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        if password:  # a password in the URL wins: redis-py lets URL options override keyword ones
+            options["password"] = password
         scheme = next((s for s in CLUSTER_SCHEMES if url.startswith(s)), None)
         self.cluster = scheme is not None
         if self.cluster:
@@ -146,11 +148,13 @@ def _part_keys(key: str, value: bytes | None) -> tuple[list[str], int] | None:
         return [], -1  # a broken manifest reads as a miss
 
 
-def open_store(url: str, timeout_s: float, memory_bytes: int, part_bytes: int = PART_BYTES) -> Store:
-    """`memory` -> in-process LRU; `redis://...` -> Redis; `redis+cluster://...` -> Redis Cluster."""
+def open_store(url: str, timeout_s: float, memory_bytes: int, part_bytes: int = PART_BYTES,
+               password: str = "") -> Store:
+    """`memory` -> in-process LRU; `redis://...` -> Redis; `redis+cluster://...` -> Redis Cluster.
+    `password` is used when the URL carries none."""
     if url == "memory":
         return MemoryStore(memory_bytes)
-    return RedisStore(url, timeout_s, part_bytes)
+    return RedisStore(url, timeout_s, part_bytes, password)
 
 
 class SafeStore:

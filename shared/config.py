@@ -37,6 +37,7 @@ class EncoderConfig(ServerConfig):
     dtype: str = "float32"
     device: str = "cpu"
     redis_url: str = "memory"  # redis://host:port/db, or "memory" for an in-process cache
+    redis_password: str = ""  # used when redis_url carries none (keeps the secret out of the URL)
     cache_ttl_s: int = 24 * 3600  # embedding cache entries
     image_ttl_s: int = 3600  # uploaded image bytes kept for Ask(image_id)
     payload_dtype: str = ""  # dtype of cached/sent payloads; "" = the serving dtype (exact)
@@ -105,6 +106,7 @@ class GatewayConfig(ServerConfig):
     decoder_resolve_s: float = 30.0  # decoder and encoder names are resolved again this often
     decoder_down_s: float = 5.0  # a decoder or encoder replica found unreachable is tried last for this long
     redis_url: str = "memory"
+    redis_password: str = ""  # used when redis_url carries none (keeps the secret out of the URL)
     redis_timeout_s: float = 0.5
     cache_part_bytes: int = 64 * MiB  # Redis values above this are stored in parts (Redis's bulk limit is 512 MB)
     memory_cache_bytes: int = 512 * MiB

@@ -20,8 +20,6 @@ Every failure is a `BadImage` or `TooLarge`; no PIL exception escapes.
 
 from __future__ import annotations
 
-import hashlib
-import re
 import warnings
 from dataclasses import dataclass
 from io import BytesIO
@@ -29,7 +27,7 @@ from io import BytesIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import BadImage, InvalidRequest, TooLarge
+from .errors import BadImage, TooLarge
 
 MiB = 1 << 20
 
@@ -47,21 +45,6 @@ class ImageLimits:
     max_bytes: int = 32 * MiB
     max_pixels: int = 8192 * 8192
     max_side: int = 16384
-
-
-def image_id(data: bytes) -> str:
-    """Content id of the uploaded bytes: lowercase hex sha256 (what clients may re-use across models)."""
-    return hashlib.sha256(data).hexdigest()
-
-
-_IMAGE_ID = re.compile(r"[0-9a-f]{64}")
-
-
-def check_image_id(value: str) -> str:
-    """`value` if it has the form of an `image_id`, else InvalidRequest."""
-    if not _IMAGE_ID.fullmatch(value):
-        raise InvalidRequest(f"image_id must be 64 lowercase hex digits (sha256 of the image bytes), got {value[:80]!r}")
-    return value
 
 
 def load_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from functools import lru_cache
 
 from conftest import make_image
-from vlsplit.services.llm_decoder.engine import DecoderEngine, GenerationRequest
-from vlsplit.services.llm_decoder.sampling import SamplingParams
-from vlsplit.services.vision_encoder.engine import VisionEngine
-from vlsplit.shared.images import image_id, load_image
-from vlsplit.shared.processor import question_messages
+from services.llm_decoder.engine import DecoderEngine, GenerationRequest
+from shared.sampling import SamplingParams
+from services.vision_encoder.engine import VisionEngine
+from shared.image_ids import image_id
+from shared.images import load_image
+from shared.processor import question_messages
 
 
 @lru_cache(maxsize=None)

@@ -43,11 +43,13 @@ class Redis:
 
 
 class Service:
-    """`python -m vlsplit.cli serve KIND ...` in its own process, waited on until SERVING."""
+    """`python -m vlsplit.cli serve KIND ...` in its own process, waited on until SERVING.
+    `command` replaces `python -m vlsplit.cli` (e.g. another venv's `vlsplit`), run in `cwd`."""
 
     def __init__(self, kind: str, *args: str, port: int | None = None, env: dict | None = None,
-                 log_dir: Path | None = None):
+                 log_dir: Path | None = None, command: list[str] | None = None, cwd: Path | None = None):
         self.kind, self.args = kind, list(args)
+        self.command, self.cwd = command or [sys.executable, "-m", "vlsplit.cli"], cwd
         self.port = port or free_port()
         self.metrics_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -56,10 +58,10 @@ class Service:
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> "Service":
-        cmd = [sys.executable, "-m", "vlsplit.cli", "serve", self.kind, "--port", str(self.port),
+        cmd = [*self.command, "serve", self.kind, "--port", str(self.port),
                "--metrics-port", str(self.metrics_port), *self.args]
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.cwd)
         if wait:
             self.wait_serving()
         return self

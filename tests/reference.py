@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vlsplit.shared.families import get_family
+from shared.families import get_family
 
 IMAGE_PAD = "<|image_pad|>"
 

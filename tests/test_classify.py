@@ -8,10 +8,11 @@ import torch
 from conftest import make_image
 from reference import reference_inputs, reference_model
 from engines import engines, image_payload
-from vlsplit.services.llm_decoder.engine import GenerationRequest
-from vlsplit.shared.errors import InvalidRequest, TooLarge
-from vlsplit.shared.images import image_id, load_image
-from vlsplit.shared.processor import question_messages
+from services.llm_decoder.engine import GenerationRequest
+from shared.errors import InvalidRequest, TooLarge
+from shared.image_ids import image_id
+from shared.images import load_image
+from shared.processor import question_messages
 
 QUESTION = "Is this image safe for work? Answer yes or no."
 LABELS = ["yes", "no", "maybe not", "it depends on the context"]  # single- and multi-token

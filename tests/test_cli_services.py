@@ -12,7 +12,8 @@ import psutil
 
 from procs import free_port
 from reference import reference_tokens
-from vlsplit.shared.images import image_id, load_image
+from shared.image_ids import image_id
+from shared.images import load_image
 
 SAMPLE = Path(__file__).resolve().parent.parent / "vlsplit" / "assets" / "sample.png"
 FIELDS = {"question", "text", "token_ids", "image_id", "cache", "encode_ms", "ttft_ms", "total_ms"}
@@ -48,6 +49,11 @@ def test_up_then_ask_json_then_ctrl_c(tiny_models):
         assert sorted(label["label"] for label in result["labels"]) == ["maybe", "no", "yes"]
         assert abs(sum(label["prob"] for label in result["labels"]) - 1) < 1e-6
         assert result["labels"][0]["logprob"] >= result["labels"][-1]["logprob"]
+        for service, code, status in (("", 0, "SERVING"), ("vlsplit.v1.Gateway", 0, "SERVING"),
+                                      ("no.such.Service", 1, "NOT_FOUND")):
+            health = subprocess.run([sys.executable, "-m", "vlsplit.cli", "health", f"127.0.0.1:{port}",
+                                     "--service", service], capture_output=True, text=True)
+            assert (health.returncode, health.stdout.strip()) == (code, status)
     finally:
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=90) == 0
@@ -59,3 +65,6 @@ def test_ask_reports_errors_without_traceback():
                           f"127.0.0.1:{free_port()}", "--timeout", "3"], capture_output=True, text=True)
     assert out.returncode == 1
     assert "UNAVAILABLE" in out.stderr and "Traceback" not in out.stderr
+    health = subprocess.run([sys.executable, "-m", "vlsplit.cli", "health", f"127.0.0.1:{free_port()}",
+                             "--timeout", "1"], capture_output=True, text=True)
+    assert (health.returncode, health.stdout.strip()) == (1, "UNAVAILABLE")

@@ -9,8 +9,8 @@ import msgpack
 import pytest
 import torch
 
-from vlsplit.shared import codec
-from vlsplit.shared.codec import (
+from shared import codec
+from shared.codec import (
     ENVELOPE_BYTES,
     FORMAT_VERSION,
     decode_payload,
@@ -20,8 +20,8 @@ from vlsplit.shared.codec import (
     tensor_to_record,
     validate_payload,
 )
-from vlsplit.shared.errors import CorruptPayload
-from vlsplit.shared.payload import EmbeddingPayload
+from shared.errors import CorruptPayload
+from shared.payload import EmbeddingPayload
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -223,9 +223,9 @@ def test_payload_size_bounds_the_encoded_size():
 def test_default_limits_carry_the_largest_image_at_real_widths(family):
     """Known bug: Qwen3-VL's largest float32 payload (16384 tokens x 2048 x 4 levels = 537 MB at
     2B widths) passed the decoder's 512 MiB default and Redis's 512 MB bulk limit."""
-    from vlsplit.services.llm_decoder.engine import default_payload_limit
-    from vlsplit.shared.cache import PART_BYTES
-    from vlsplit.shared.families import get_family
+    from services.llm_decoder.engine import default_payload_limit
+    from shared.cache import PART_BYTES
+    from shared.families import get_family
 
     fam = get_family(family)
     widths, processor = fam.sizes["bench"], fam.preprocessor

@@ -17,13 +17,13 @@ from transformers import AutoTokenizer
 
 from conftest import make_image
 from reference import reference_inputs, reference_model, reference_tokens
-from vlsplit.services.llm_decoder.engine import DecoderEngine, GenerationRequest
-from vlsplit.services.llm_decoder.positions import mrope_positions
-from vlsplit.services.llm_decoder.sampling import Sampler, SamplingParams
-from vlsplit.services.vision_encoder.engine import VisionEngine
-from vlsplit.shared.errors import CorruptPayload, InvalidRequest, ModelMismatch, TooLarge
-from vlsplit.shared.images import load_image
-from vlsplit.shared.processor import question_messages
+from services.llm_decoder.engine import DecoderEngine, GenerationRequest
+from services.llm_decoder.positions import mrope_positions
+from services.llm_decoder.sampling import Sampler, SamplingParams
+from services.vision_encoder.engine import VisionEngine
+from shared.errors import CorruptPayload, InvalidRequest, ModelMismatch, TooLarge
+from shared.images import load_image
+from shared.processor import question_messages
 
 QUESTION = "What is in this picture?"
 STEPS = 12

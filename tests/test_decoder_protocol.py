@@ -14,11 +14,12 @@ from conftest import make_image
 from procs import Service
 from reference import reference_tokens
 from engines import engines
-from vlsplit.services.llm_decoder.engine import GenerationRequest
-from vlsplit.shared.codec import encode_payload
-from vlsplit.shared.images import image_id, load_image
-from vlsplit.shared.processor import question_messages
-from vlsplit.shared.transfer import chunks
+from services.llm_decoder.engine import GenerationRequest
+from shared.codec import encode_payload
+from shared.image_ids import image_id
+from shared.images import load_image
+from shared.processor import question_messages
+from shared.transfer import chunks
 from vlsplit.v1 import common_pb2, llm_decoder_pb2 as pb, llm_decoder_pb2_grpc
 
 QUESTIONS = ["What is this?", "Describe the colours in detail.", "Is it day?"]

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from engines import engines
-from vlsplit.services.llm_decoder.detokenizer import Detokenizer, StopStrings
+from services.llm_decoder.detokenizer import Detokenizer, StopStrings
 
 REPLACEMENT = "\ufffd"
 BYTE_CHARS = bytes_to_unicode()

@@ -12,8 +12,8 @@ import pytest
 from conftest import FAMILIES, make_image
 from reference import reference_tokens
 from stack import Stack, ask_request
-from vlsplit.shared.images import load_image
-from vlsplit.shared.version import PAYLOAD_FORMAT
+from shared.images import load_image
+from shared.version import PAYLOAD_FORMAT
 from vlsplit.v1 import gateway_pb2
 
 QUESTIONS = ["What is in this picture?", "What colour is the roof?", "Is it day or night?"]
@@ -243,7 +243,7 @@ def test_in_process_cache_mode_hits_without_redis(fresh_stack):
 def test_corrupt_cache_entry_is_dropped_and_recomputed_never_served(fresh_stack):
     import redis
 
-    from vlsplit.shared.codec import decode_payload
+    from shared.codec import decode_payload
 
     s = fresh_stack(decoder_env=NO_PREFIX_CACHE)
     data = make_image(180, 140, seed=23)
@@ -266,7 +266,7 @@ def largest_image(model: str) -> bytes:
 
     from PIL import Image
 
-    from vlsplit.shared.fingerprint import largest_image_tokens, processor_config, processor_settings
+    from shared.fingerprint import largest_image_tokens, processor_config, processor_settings
 
     settings = processor_settings(processor_config(Path(model)))
     side = int(largest_image_tokens(model) ** 0.5) * settings["patch_size"] * settings["merge_size"]

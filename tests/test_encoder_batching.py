@@ -21,13 +21,13 @@ import torch
 
 from conftest import FAMILIES, make_image
 from procs import Service
-from vlsplit.services.vision_encoder.batcher import Batcher, BatchLimits
-from vlsplit.services.vision_encoder.engine import VisionEngine
-from vlsplit.services.vision_encoder.server import _check
-from vlsplit.shared.codec import decode_payload
-from vlsplit.shared.config import EncoderConfig, load
-from vlsplit.shared.images import load_image
-from vlsplit.shared.payload import EmbeddingPayload
+from services.vision_encoder.batcher import Batcher, BatchLimits
+from services.vision_encoder.engine import VisionEngine
+from services.vision_encoder.server import _check
+from shared.codec import decode_payload
+from shared.config import EncoderConfig, load
+from shared.images import load_image
+from shared.payload import EmbeddingPayload
 from vlsplit.v1 import vision_encoder_pb2 as pb, vision_encoder_pb2_grpc
 
 ENCODES = "vlsplit_encoder_encodes_total"

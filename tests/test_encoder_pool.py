@@ -12,8 +12,8 @@ from conftest import make_image
 from procs import Redis, Service
 from stack import Stack
 from test_encoder_service import wait_for
-from vlsplit.services.gateway.routing import rendezvous
-from vlsplit.shared.images import image_id
+from services.gateway.routing import rendezvous
+from shared.image_ids import image_id
 
 QUESTION = "What is in this picture?"
 

@@ -23,12 +23,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import make_image
 from procs import Redis, Service
-from vlsplit.services.vision_encoder.engine import VisionEngine
-from vlsplit.services.vision_encoder.singleflight import SingleFlight
-from vlsplit.shared.cache import embedding_key, image_key
-from vlsplit.shared.codec import decode_payload
-from vlsplit.shared.images import image_id, load_image
-from vlsplit.shared.version import PAYLOAD_FORMAT
+from services.vision_encoder.engine import VisionEngine
+from services.vision_encoder.singleflight import SingleFlight
+from shared.cache import embedding_key, image_key
+from shared.codec import decode_payload
+from shared.image_ids import image_id
+from shared.images import load_image
+from shared.version import PAYLOAD_FORMAT
 from vlsplit.v1 import common_pb2, vision_encoder_pb2 as pb, vision_encoder_pb2_grpc
 
 MiB = 1 << 20

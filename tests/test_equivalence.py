@@ -9,12 +9,12 @@ import torch
 
 from reference import reference_tokens
 from conftest import make_image
-from vlsplit.services.llm_decoder.engine import DecoderEngine, GenerationRequest
-from vlsplit.services.llm_decoder.sampling import SamplingParams
-from vlsplit.services.vision_encoder.engine import VisionEngine
-from vlsplit.shared.codec import decode_payload, encode_payload
-from vlsplit.shared.images import load_image
-from vlsplit.shared.processor import question_messages
+from services.llm_decoder.engine import DecoderEngine, GenerationRequest
+from shared.sampling import SamplingParams
+from services.vision_encoder.engine import VisionEngine
+from shared.codec import decode_payload, encode_payload
+from shared.images import load_image
+from shared.processor import question_messages
 
 QUESTION = "What is in this picture? Describe it."
 

@@ -13,7 +13,7 @@ from conftest import FAMILIES, make_image
 from reference import reference_tokens
 from test_equivalence import QUESTION, split_tokens
 from vlsplit.make_model import make_model
-from vlsplit.shared.images import load_image
+from shared.images import load_image
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "models"
 
@@ -34,9 +34,9 @@ def test_batched_questions_equal_monolithic_at_real_widths():
     """Four questions decoded as one batch (the decoder's small-batch matmul path, 151,936-row head)
     give each question's monolithic greedy answer."""
     from test_equivalence import engines
-    from vlsplit.services.llm_decoder.engine import GenerationRequest
-    from vlsplit.services.llm_decoder.sampling import SamplingParams
-    from vlsplit.shared.processor import question_messages
+    from services.llm_decoder.engine import GenerationRequest
+    from shared.sampling import SamplingParams
+    from shared.processor import question_messages
 
     path = CACHE / "bench-qwen2_vl"
     if not (path / "config.json").is_file():

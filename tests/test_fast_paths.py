@@ -10,14 +10,14 @@ import torch
 
 from conftest import make_image
 from reference import reference_tokens
-from vlsplit.services.llm_decoder.engine import DecoderEngine, GenerationRequest
-from vlsplit.services.llm_decoder.packed_linear import DENSE_FROM_ROWS, PackedLinear, can_pack
-from vlsplit.services.llm_decoder.sampling import SamplingParams
-from vlsplit.services.vision_encoder.engine import VisionEngine
-from vlsplit.services.vision_encoder.fast_ops import LinearPatchEmbed
-from vlsplit.shared.checkpoint import Checkpoint
-from vlsplit.shared.images import load_image
-from vlsplit.shared.processor import question_messages
+from services.llm_decoder.engine import DecoderEngine, GenerationRequest
+from services.llm_decoder.packed_linear import DENSE_FROM_ROWS, PackedLinear, can_pack
+from shared.sampling import SamplingParams
+from services.vision_encoder.engine import VisionEngine
+from services.vision_encoder.fast_ops import LinearPatchEmbed
+from shared.checkpoint import Checkpoint
+from shared.images import load_image
+from shared.processor import question_messages
 
 QUESTION = "What is in this picture? Describe it."
 

@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vlsplit.shared import fingerprint as fp_module
-from vlsplit.shared.errors import CheckpointError
-from vlsplit.shared.fingerprint import (
+from shared import fingerprint as fp_module
+from shared.errors import CheckpointError
+from shared.fingerprint import (
     INDEX_FILE,
     clear_memo,
     compute_fingerprint,

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps
 
-from vlsplit.shared.errors import BadImage, TooLarge
-from vlsplit.shared.images import MiB, ImageLimits, image_id, load_image
+from shared.errors import BadImage, TooLarge
+from shared.image_ids import image_id
+from shared.images import MiB, ImageLimits, load_image
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

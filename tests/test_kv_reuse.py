@@ -9,11 +9,11 @@ import torch
 
 from engines import batch_tokens, engines, image_payload, request, tokens
 from reference import reference_tokens
-from vlsplit.services.llm_decoder.engine import DecoderEngine, GenerationRequest, NeedPayload
-from vlsplit.services.llm_decoder.request import END
-from vlsplit.services.llm_decoder.sampling import SamplingParams
-from vlsplit.shared.errors import TooLarge
-from vlsplit.shared.processor import question_messages
+from services.llm_decoder.engine import DecoderEngine, GenerationRequest, NeedPayload
+from services.llm_decoder.request import END
+from shared.sampling import SamplingParams
+from shared.errors import TooLarge
+from shared.processor import question_messages
 
 QUESTIONS = ["What?", "What is in this picture?", "Describe the colours you can see, please.",
              "Is it day or night?", "Count the objects in the image and list them one by one.", "Why?",

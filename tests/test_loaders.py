@@ -12,17 +12,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import vlsplit.shared.checkpoint as checkpoint_module
+import shared.checkpoint as checkpoint_module
 from conftest import make_image
 from reference import reference_tokens
 from vlsplit.make_model import make_model
-from vlsplit.services.llm_decoder.engine import DecoderEngine, GenerationRequest
-from vlsplit.services.llm_decoder.sampling import SamplingParams
-from vlsplit.services.vision_encoder.engine import VisionEngine
-from vlsplit.shared.errors import CheckpointError
-from vlsplit.shared.families import get_family
-from vlsplit.shared.images import load_image
-from vlsplit.shared.processor import question_messages
+from services.llm_decoder.engine import DecoderEngine, GenerationRequest
+from shared.sampling import SamplingParams
+from services.vision_encoder.engine import VisionEngine
+from shared.errors import CheckpointError
+from shared.families import get_family
+from shared.images import load_image
+from shared.processor import question_messages
 
 QUESTION = "What is in this picture?"
 VISUAL = ("visual.", "model.visual.")

@@ -11,8 +11,9 @@ from PIL import Image
 
 from reference import reference_tokens
 from vlsplit.local import LocalPipeline
-from vlsplit.services.llm_decoder.sampling import SamplingParams
-from vlsplit.shared.images import image_id, load_image
+from shared.sampling import SamplingParams
+from shared.image_ids import image_id
+from shared.images import load_image
 
 SAMPLE = Path(__file__).resolve().parent.parent / "vlsplit" / "assets" / "sample.png"
 QUESTIONS = ["What is in this picture?", "What colour is the roof?", "Is it day or night?"]

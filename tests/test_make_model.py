@@ -15,7 +15,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 from vlsplit.make_model import make_model
-from vlsplit.shared.families import FAMILIES, get_family
+from shared.families import FAMILIES, get_family
 from vlsplit.tokenizer_builder import SPECIAL_TOKENS
 
 FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",

@@ -12,10 +12,10 @@ from transformers import AutoImageProcessor
 
 from conftest import make_image
 from reference import reference_inputs
-from vlsplit.shared.errors import BadImage, InvalidRequest
-from vlsplit.shared.families import get_family
-from vlsplit.shared.images import load_image
-from vlsplit.shared.processor import ImagePreprocessor, PromptBuilder, question_messages, validate_messages
+from shared.errors import BadImage, InvalidRequest
+from shared.families import get_family
+from shared.images import load_image
+from shared.processor import ImagePreprocessor, PromptBuilder, question_messages, validate_messages
 
 QUESTION = "What is in this picture? Describe it."
 SIZES = [(320, 240), (1, 1), (2000, 60), (60, 2000), (997, 13), (1024, 1024)]

@@ -18,9 +18,9 @@ import pytest
 from conftest import make_image
 from procs import Redis, Service
 from stack import ask_request
-from vlsplit.services.gateway.pipeline import ImageSource, Pipeline, question_message
-from vlsplit.services.gateway.routing import Router, parse_targets, rendezvous
-from vlsplit.shared.errors import Unavailable, Upstream
+from services.gateway.pipeline import ImageSource, Pipeline, question_message
+from services.gateway.routing import Router, parse_targets, rendezvous
+from shared.errors import Unavailable, Upstream
 from vlsplit.v1 import gateway_pb2, gateway_pb2_grpc, llm_decoder_pb2
 
 REPLICAS = ["10.0.0.1:50053", "10.0.0.2:50053", "10.0.0.3:50053"]
@@ -84,8 +84,8 @@ def test_decoder_setting_accepts_one_address_a_list_and_dns_names():
 
 
 def test_gateway_with_a_malformed_decoder_setting_fails_at_start_up():
-    from vlsplit.services.gateway.server import build
-    from vlsplit.shared.config import GatewayConfig
+    from services.gateway.server import build
+    from shared.config import GatewayConfig
 
     with pytest.raises(ValueError, match="host:port"):
         build(GatewayConfig(decoder="decoder-without-port"))

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from engines import engines, image_payload, request, tokens
-from vlsplit.services.llm_decoder.engine import DecoderEngine, GenerationRequest
-from vlsplit.services.llm_decoder.request import END
-from vlsplit.services.llm_decoder.sampling import SamplingParams
-from vlsplit.shared.errors import Overloaded, TooLarge
-from vlsplit.shared.fingerprint import largest_image_tokens
-from vlsplit.shared.payload import EmbeddingPayload
-from vlsplit.shared.processor import question_messages
+from services.llm_decoder.engine import DecoderEngine, GenerationRequest
+from services.llm_decoder.request import END
+from shared.sampling import SamplingParams
+from shared.errors import Overloaded, TooLarge
+from shared.fingerprint import largest_image_tokens
+from shared.payload import EmbeddingPayload
+from shared.processor import question_messages
 
 # text only: the tiny seed-0 Qwen3-VL checkpoint answers it for thousands of tokens without an EOS
 LONG = GenerationRequest(question_messages("What is in this picture?", 0), [], SamplingParams(max_new_tokens=3000))

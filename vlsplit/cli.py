@@ -22,7 +22,7 @@ RANDOM_WEIGHTS_WARNING = (
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from vlsplit.shared.config import env_get
+    from shared.config import env_get
 
     logging.basicConfig(level=env_get("LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # noqa: BLE001 - one clear line for the user, not a traceback
-        from vlsplit.shared.errors import VlsplitError
+        from shared.errors import VlsplitError
 
         if not isinstance(exc, (VlsplitError, OSError, ValueError)):
             raise
@@ -104,13 +104,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object with labels: [{label, prob, logprob}]")
     p.add_argument("--timeout", type=float, default=120.0)
     p.set_defaults(func=_classify)
+
+    p = sub.add_parser("health", help="exit 0 when a service answers SERVING to gRPC health (container probes)")
+    p.add_argument("address", nargs="?", default="localhost:50051", help="host:port (default localhost:50051)")
+    p.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    p.set_defaults(func=_health)
     return parser
 
 
 SERVICES = {
-    "encoder": ("vlsplit.services.vision_encoder.server", "EncoderConfig"),
-    "decoder": ("vlsplit.services.llm_decoder.server", "DecoderConfig"),
-    "gateway": ("vlsplit.services.gateway.server", "GatewayConfig"),
+    "encoder": ("services.vision_encoder.server", "EncoderConfig"),
+    "decoder": ("services.llm_decoder.server", "DecoderConfig"),
+    "gateway": ("services.gateway.server", "GatewayConfig"),
 }
 
 
@@ -118,7 +124,7 @@ def _serve(args) -> int:
     import dataclasses
     import importlib
 
-    from vlsplit.shared import config
+    from shared import config
 
     module_name, config_name = SERVICES[args.service]
     config_cls = getattr(config, config_name)
@@ -142,7 +148,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling(args):
-    from vlsplit.services.llm_decoder.sampling import SamplingParams
+    from shared.sampling import SamplingParams
 
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
@@ -215,6 +221,14 @@ def _classify(args) -> int:
     if not labels:
         raise ValueError("give at least one label with --labels a,b,c")
     return classify_image(args.gateway, args.image.read_bytes(), args.question, labels, args)
+
+
+def _health(args) -> int:
+    from vlsplit.client import health_status
+
+    status = health_status(args.address, args.service, args.timeout)
+    print(status)
+    return 0 if status == "SERVING" else 1
 
 
 def is_random_checkpoint(model: Path) -> bool:

@@ -1,4 +1,4 @@
-"""`vlsplit ask`: a small gRPC client of the gateway, printing one line (or JSON object) per question."""
+"""`vlsplit ask` / `classify` / `health`: a small gRPC client of the gateway, printing one line (or JSON object) per question."""
 
 from __future__ import annotations
 
@@ -11,6 +11,20 @@ from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 CACHE = {gateway_pb2.CACHE_STATUS_HIT: "hit", gateway_pb2.CACHE_STATUS_MISS: "miss"}
 FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+
+
+def health_status(address: str, service: str = "", timeout: float = 3.0) -> str:
+    """The gRPC health status name of `service` at `address` (SERVING, NOT_SERVING, ...), or the error's
+    code name (UNAVAILABLE, DEADLINE_EXCEEDED, NOT_FOUND for an unknown service)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                              timeout=timeout)
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
 def sampling_pb(params) -> common_pb2.SamplingParams:

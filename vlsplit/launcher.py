@@ -125,7 +125,7 @@ class Stack:
 
 def default_model() -> Path:
     """The embedded default: a tiny random-weight checkpoint, built on first use."""
-    from vlsplit.shared.config import cache_dir
+    from shared.config import cache_dir
 
     path = cache_dir() / "models" / f"tiny-{DEFAULT_FAMILY}"
     if not (path / "config.json").is_file():

@@ -9,11 +9,12 @@ from typing import Iterable, Iterator
 
 import torch
 
-from vlsplit.services.llm_decoder.engine import DecoderEngine, GenerationRequest
-from vlsplit.services.llm_decoder.sampling import SamplingParams
-from vlsplit.services.vision_encoder.engine import VisionEngine
-from vlsplit.shared.images import ImageLimits, image_id, load_image
-from vlsplit.shared.processor import question_messages
+from services.llm_decoder.engine import DecoderEngine, GenerationRequest
+from shared.sampling import SamplingParams
+from services.vision_encoder.engine import VisionEngine
+from shared.image_ids import image_id
+from shared.images import ImageLimits, load_image
+from shared.processor import question_messages
 
 
 @dataclass(frozen=True)

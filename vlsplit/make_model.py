@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 from transformers.initialization import no_init_weights
 
-from vlsplit.shared.families import get_family
-from vlsplit.shared.families.base import Family
+from shared.families import get_family
+from shared.families.base import Family
 from vlsplit.tokenizer_builder import SPECIAL_TOKENS, build_tokenizer, save_tokenizer
 
 log = logging.getLogger("vlsplit.make_model")

@@ -16,10 +16,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Counter, Gauge
 
-from vlsplit.shared.errors import Unavailable, Upstream
+from shared.errors import Unavailable, Upstream
 
 from .routing import Router
-from vlsplit.shared.transfer import chunks
+from shared.transfer import chunks
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, llm_decoder_pb2_grpc, vision_encoder_pb2, vision_encoder_pb2_grpc
 
 MAX_MESSAGE_BYTES = 64 << 20

@@ -10,10 +10,10 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from vlsplit.shared import metrics
-from vlsplit.shared.cache import SafeStore, embedding_key
-from vlsplit.shared.errors import InvalidRequest, TooLarge, Unavailable, Upstream
-from vlsplit.shared.images import check_image_id, image_id as sha256_id
+from shared import metrics
+from shared.cache import SafeStore, embedding_key
+from shared.errors import InvalidRequest, TooLarge, Unavailable, Upstream
+from shared.image_ids import check_image_id, image_id as sha256_id
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, vision_encoder_pb2
 
 from .clients import DecoderPool, EncoderPool

@@ -23,7 +23,7 @@ from typing import Awaitable, Callable, Iterable
 
 from prometheus_client import Counter
 
-from vlsplit.shared.errors import Unavailable, Upstream
+from shared.errors import Unavailable, Upstream
 
 log = logging.getLogger("vlsplit.gateway.routing")
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from vlsplit.shared.cache import SafeStore, open_store
-from vlsplit.shared.config import GatewayConfig
-from vlsplit.shared.logs import setup_logging
-from vlsplit.shared.server import Service, run
+from shared.cache import SafeStore, open_store
+from shared.config import GatewayConfig
+from shared.logs import setup_logging
+from shared.server import Service, run
 from vlsplit.v1 import gateway_pb2_grpc
 
 from .clients import DecoderPool, EncoderPool
@@ -30,7 +30,7 @@ def build(config: GatewayConfig) -> Service:
     async def start() -> None:
         # Channels and the Redis client bind to the running event loop, so they are made here.
         store = SafeStore(open_store(config.redis_url, config.redis_timeout_s, config.memory_cache_bytes,
-                                  config.cache_part_bytes))
+                                  config.cache_part_bytes, config.redis_password))
         decoders = DecoderPool(config.retry_attempts, len(router.targets), close_grace_s=config.deadline_s)
         pipeline = Pipeline(EncoderPool(encoders, config.retry_attempts, close_grace_s=config.deadline_s), decoders, router,
                             store, config.cache_ttl_s, write_back=config.redis_url == "memory")

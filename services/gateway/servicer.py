@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import AsyncIterator
 
-from vlsplit.shared.config import GatewayConfig
-from vlsplit.shared.errors import InvalidRequest, TooLarge, Unavailable
-from vlsplit.shared.sampling import sampling_from_pb
+from shared.config import GatewayConfig
+from shared.errors import InvalidRequest, TooLarge, Unavailable
+from shared.sampling import sampling_from_pb
 from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, llm_decoder_pb2
 
 from .pipeline import ImageFetch, ImageSource, Pipeline, question_message

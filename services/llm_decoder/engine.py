@@ -27,13 +27,13 @@ from typing import Iterator
 import torch
 from transformers import GenerationConfig
 
-from vlsplit.shared.checkpoint import Checkpoint
-from vlsplit.shared.codec import payload_size
-from vlsplit.shared.config import EngineConfig
-from vlsplit.shared.errors import CheckpointError
-from vlsplit.shared.fingerprint import compute_fingerprint, largest_image_tokens
-from vlsplit.shared.payload import EmbeddingPayload
-from vlsplit.shared.processor import Message, PromptBuilder
+from shared.checkpoint import Checkpoint
+from shared.codec import payload_size
+from shared.config import EngineConfig
+from shared.errors import CheckpointError
+from shared.fingerprint import compute_fingerprint, largest_image_tokens
+from shared.payload import EmbeddingPayload
+from shared.processor import Message, PromptBuilder
 
 from .block_manager import BlockManager, root_hash
 from .intake import Intake

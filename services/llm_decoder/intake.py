@@ -14,11 +14,11 @@ from collections import OrderedDict
 
 import torch
 
-from vlsplit.shared.codec import validate_payload
-from vlsplit.shared.config import EngineConfig
-from vlsplit.shared.errors import CorruptPayload, InvalidRequest, ModelMismatch, TooLarge
-from vlsplit.shared.payload import EmbeddingPayload
-from vlsplit.shared.processor import Message, PromptBuilder, validate_messages
+from shared.codec import validate_payload
+from shared.config import EngineConfig
+from shared.errors import CorruptPayload, InvalidRequest, ModelMismatch, TooLarge
+from shared.payload import EmbeddingPayload
+from shared.processor import Message, PromptBuilder, validate_messages
 
 from .block_manager import BlockManager, Hash
 from .detokenizer import Detokenizer

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from transformers.initialization import no_init_weights
 
-from vlsplit.shared.checkpoint import Checkpoint, load_strict
-from vlsplit.shared.errors import CheckpointError
-from vlsplit.shared.families.base import LM_HEAD
+from shared.checkpoint import Checkpoint, load_strict
+from shared.errors import CheckpointError
+from shared.families.base import LM_HEAD
 
 from . import attention
 from .attention import Alone, Cascade, StepAttention

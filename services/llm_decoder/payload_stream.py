@@ -10,8 +10,8 @@ import asyncio
 import time
 from typing import AsyncIterator, Callable
 
-from vlsplit.shared.errors import DeadlineExceeded, InvalidRequest, Overloaded
-from vlsplit.shared.transfer import Assembler
+from shared.errors import DeadlineExceeded, InvalidRequest, Overloaded
+from shared.transfer import Assembler
 from vlsplit.v1 import llm_decoder_pb2
 
 from .metrics import IDLE_STREAMS, RESERVED_BYTES

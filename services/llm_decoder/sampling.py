@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from vlsplit.shared.sampling import SamplingParams
+from shared.sampling import SamplingParams
 
 __all__ = ["Sampler", "SamplingParams", "sample"]
 

@@ -22,7 +22,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from vlsplit.shared.errors import Overloaded
+from shared.errors import Overloaded
 
 from .block_manager import BlockManager, Hash
 from .metrics import DROPPED, HIT_TOKENS, MISS_TOKENS, PREFILL_TOKENS, QUEUE_DEPTH, RUNNING

@@ -17,12 +17,12 @@ import time
 
 import torch
 
-from vlsplit.shared.codec import DTYPES
-from vlsplit.shared.config import DecoderConfig, EngineConfig
-from vlsplit.shared.logs import setup_logging
-from vlsplit.shared.processor import question_messages
-from vlsplit.shared.sampling import SamplingParams
-from vlsplit.shared.server import Service, run
+from shared.codec import DTYPES
+from shared.config import DecoderConfig, EngineConfig
+from shared.logs import setup_logging
+from shared.processor import question_messages
+from shared.sampling import SamplingParams
+from shared.server import Service, run
 from vlsplit.v1 import llm_decoder_pb2, llm_decoder_pb2_grpc
 
 from .engine import DecoderEngine, GenerationRequest

@@ -18,13 +18,13 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from vlsplit.shared import metrics
-from vlsplit.shared.codec import FORMAT_VERSION, decode_payload
-from vlsplit.shared.config import DecoderConfig
-from vlsplit.shared.errors import InvalidRequest, Unavailable
-from vlsplit.shared.processor import Message, validate_messages
-from vlsplit.shared.sampling import SamplingParams, sampling_from_pb
-from vlsplit.shared.transfer import Assembler
+from shared import metrics
+from shared.codec import FORMAT_VERSION, decode_payload
+from shared.config import DecoderConfig
+from shared.errors import InvalidRequest, Unavailable
+from shared.processor import Message, validate_messages
+from shared.sampling import SamplingParams, sampling_from_pb
+from shared.transfer import Assembler
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, llm_decoder_pb2_grpc
 
 from .engine import DecoderEngine, TokenEvent

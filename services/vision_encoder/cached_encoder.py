@@ -34,13 +34,14 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Histogram
 from PIL import Image
 
-from vlsplit.shared import metrics
-from vlsplit.shared.cache import SafeStore, embedding_key, image_key
-from vlsplit.shared.codec import DTYPES, FORMAT_VERSION, decode_payload, dtype_name, encode_payload
-from vlsplit.shared.errors import BadImage, CorruptPayload, NotFound, TooLarge, Unavailable
-from vlsplit.shared.images import ImageLimits, image_id as content_id, load_image
-from vlsplit.shared.payload import EmbeddingPayload
-from vlsplit.shared.processor import ImageInputs
+from shared import metrics
+from shared.cache import SafeStore, embedding_key, image_key
+from shared.codec import DTYPES, FORMAT_VERSION, decode_payload, dtype_name, encode_payload
+from shared.errors import BadImage, CorruptPayload, NotFound, TooLarge, Unavailable
+from shared.image_ids import image_id as content_id
+from shared.images import ImageLimits, load_image
+from shared.payload import EmbeddingPayload
+from shared.processor import ImageInputs
 
 from .batcher import Batcher, BatchLimits
 from .engine import VisionEngine

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from transformers.initialization import no_init_weights
 
-from vlsplit.shared.checkpoint import Checkpoint, load_strict
-from vlsplit.shared.fingerprint import compute_fingerprint
-from vlsplit.shared.payload import EmbeddingPayload
-from vlsplit.shared.processor import ImageInputs, ImagePreprocessor
+from shared.checkpoint import Checkpoint, load_strict
+from shared.fingerprint import compute_fingerprint
+from shared.payload import EmbeddingPayload
+from shared.processor import ImageInputs, ImagePreprocessor
 
 from .fast_ops import use_linear_patch_embed
 

@@ -21,12 +21,12 @@ from urllib.parse import urlsplit
 
 import torch
 
-from vlsplit.shared.cache import SafeStore, open_store
-from vlsplit.shared.codec import DTYPES
-from vlsplit.shared.config import MiB, EncoderConfig
-from vlsplit.shared.images import ImageLimits
-from vlsplit.shared.logs import setup_logging
-from vlsplit.shared.server import Service, run
+from shared.cache import SafeStore, open_store
+from shared.codec import DTYPES
+from shared.config import MiB, EncoderConfig
+from shared.images import ImageLimits
+from shared.logs import setup_logging
+from shared.server import Service, run
 from vlsplit.v1 import vision_encoder_pb2_grpc
 
 from .batcher import BatchLimits
@@ -75,7 +75,7 @@ async def _open(config: EncoderConfig, executor: ThreadPoolExecutor) -> CachedEn
     engine = await loop.run_in_executor(executor, VisionEngine, config.model, DTYPES[config.dtype], config.device)
     loaded_s = time.perf_counter() - start
     store = SafeStore(open_store(config.redis_url, config.redis_timeout_s, config.memory_cache_bytes,
-                                  config.cache_part_bytes))
+                                  config.cache_part_bytes, config.redis_password))
     encoder = CachedEncoder(
         engine, executor, store,
         payload_dtype=config.payload_dtype or config.dtype,

@@ -5,11 +5,11 @@ Errors are raised as `VlsplitError`s and mapped to status codes by shared/interc
 
 from __future__ import annotations
 
-from vlsplit.shared.errors import InvalidRequest, Unavailable
-from vlsplit.shared.transfer import chunks
+from shared.errors import InvalidRequest, Unavailable
+from shared.transfer import chunks
 from vlsplit.v1 import common_pb2, vision_encoder_pb2, vision_encoder_pb2_grpc
 
-from vlsplit.shared.images import check_image_id
+from shared.image_ids import check_image_id
 
 from .cached_encoder import CachedEncoder, Encoded
 

@@ -1,0 +1,27 @@
+"""Content ids of uploaded images: what the gateway, the encoder and the cache key on.
+
+Kept apart from `images.py` (which decodes pixels with Pillow) so the gateway can hash and check ids
+without the imaging stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from .errors import InvalidRequest
+
+
+def image_id(data: bytes) -> str:
+    """Content id of the uploaded bytes: lowercase hex sha256 (what clients may re-use across models)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+_IMAGE_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def check_image_id(value: str) -> str:
+    """`value` if it has the form of an `image_id`, else InvalidRequest."""
+    if not _IMAGE_ID.fullmatch(value):
+        raise InvalidRequest(f"image_id must be 64 lowercase hex digits (sha256 of the image bytes), got {value[:80]!r}")
+    return value
