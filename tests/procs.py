@@ -47,18 +47,20 @@ class Service:
     `command` replaces `python -m vlsplit.cli` (e.g. another venv's `vlsplit`), run in `cwd`."""
 
     def __init__(self, kind: str, *args: str, port: int | None = None, env: dict | None = None,
-                 log_dir: Path | None = None, command: list[str] | None = None, cwd: Path | None = None):
+                 log_dir: Path | None = None, command: list[str] | None = None, cwd: Path | None = None,
+                 host: str = "127.0.0.1"):
         self.kind, self.args = kind, list(args)
         self.command, self.cwd = command or [sys.executable, "-m", "vlsplit.cli"], cwd
+        self.host = host
         self.port = port or free_port()
         self.metrics_port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{host}:{self.port}"
         self.env = {**os.environ, "VLSPLIT_LOG_JSON": "false", **(env or {})}
         self.log_path = (log_dir or Path("/tmp")) / f"vlsplit-{kind}-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> "Service":
-        cmd = [*self.command, "serve", self.kind, "--port", str(self.port),
+        cmd = [*self.command, "serve", self.kind, "--host", self.host, "--port", str(self.port),
                "--metrics-port", str(self.metrics_port), *self.args]
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.cwd)
@@ -76,15 +78,25 @@ class Service:
         with grpc.insecure_channel(self.address) as channel:
             return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
 
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of a Prometheus sample `name` matching `labels`, scraped from /metrics."""
+    def samples(self, name: str) -> list:
+        """The Prometheus samples called `name`, scraped from /metrics."""
         import urllib.request
 
         from prometheus_client.parser import text_string_to_metric_families
 
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+        text = urllib.request.urlopen(f"http://{self.host}:{self.metrics_port}/metrics", timeout=5).read().decode()
+        return [s for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a Prometheus sample `name` matching `labels`."""
+        return sum(s.value for s in self.samples(name) if all(s.labels.get(k) == v for k, v in labels.items()))
+
+    def metrics_by(self, name: str, label: str) -> dict[str, float]:
+        """Sample `name` summed by the value of `label`."""
+        out: dict[str, float] = {}
+        for s in self.samples(name):
+            out[s.labels.get(label, "")] = out.get(s.labels.get(label, ""), 0) + s.value
+        return out
 
     def terminate(self) -> int:
         self.proc.send_signal(signal.SIGTERM)

@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from PIL import Image
 
 from shared import metrics
@@ -51,6 +51,8 @@ from .singleflight import SingleFlight
 log = logging.getLogger("vlsplit.encoder")
 
 ENCODES = Counter("vlsplit_encoder_encodes", "Images run through the vision tower (cache misses that were computed)")
+QUEUE_DEPTH = Gauge("vlsplit_encoder_queue_depth",
+                    "Images waiting for or in a vision forward on this replica (what autoscaling keys on)")
 BATCH_SIZE = Histogram("vlsplit_encoder_batch_size", "Images per vision-tower forward",
                        buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64))
 _WARMUP_SIZE = (64, 64)
@@ -181,7 +183,8 @@ class CachedEncoder:
         inputs = await asyncio.to_thread(self._inputs, data)  # a bad image fails here, before any lock
 
         async def compute() -> Encoded:
-            encoded = await self.batcher.submit((image_id, inputs), cost=inputs.pixel_values.shape[0])
+            with QUEUE_DEPTH.track_inprogress():
+                encoded = await self.batcher.submit((image_id, inputs), cost=inputs.pixel_values.shape[0])
             await self.store.set(embedding_key(self.fingerprint, image_id), encoded.blob, self.cache_ttl_s)
             return encoded
 

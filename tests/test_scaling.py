@@ -1,0 +1,222 @@
+"""Scaling with real processes on loopback, under a steady stream of questions about new and repeated images.
+
+The gateway finds encoders and decoders by DNS name, as in Kubernetes (headless Services) and compose:
+`enc.vlsplit.test` and `dec.vlsplit.test`, resolved through a hosts file of the test's own that is
+bind-mounted over /etc/hosts in the gateway's private mount namespace (`unshare --mount`); replicas
+listen on their own loopback addresses (127.0.0.2, .3, .4) with the same port, like pods. Adding a line
+is a pod coming up, removing it a pod going away; nothing else on the machine sees the file.
+
+1 encoder + 1 decoder -> a second of each joins (the gateway uses them without restart: per-replica
+request metrics) -> SIGTERM the first of each (they drain; in-flight requests finish) -> a third encoder
+joins and is SIGKILLed while it holds an encode (the request is retried on the other). No request fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import signal
+import sys
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from conftest import make_image
+from procs import Redis, Service, free_port
+from stack import ask_request
+from test_encoder_service import wait_for
+from vlsplit.v1 import gateway_pb2_grpc
+
+ENCODER_NAME, DECODER_NAME = "enc.vlsplit.test", "dec.vlsplit.test"
+WORKERS = 3
+QUESTIONS = ("What is in this picture?", "Is there any text?", "What colours are there?")
+
+
+class HostsFile:
+    """The gateway's /etc/hosts: names -> the loopback addresses of the replicas that are up.
+    Rewritten in place (same inode), so the bind mount keeps showing the current contents."""
+
+    def __init__(self, path: Path):
+        self.path, self.entries = path, {ENCODER_NAME: [], DECODER_NAME: []}
+        self.write()
+
+    def write(self) -> None:
+        lines = ["127.0.0.1 localhost", "::1 localhost"]
+        lines += [f"{ip} {name}" for name, ips in self.entries.items() for ip in ips]
+        with open(self.path, "r+" if self.path.exists() else "w") as f:
+            f.seek(0)
+            f.truncate()
+            f.write("\n".join(lines) + "\n")
+
+    def add(self, name: str, ip: str) -> None:
+        self.entries[name].append(ip)
+        self.write()
+
+    def remove(self, name: str, ip: str) -> None:
+        self.entries[name].remove(ip)
+        self.write()
+
+
+def private_hosts_command(hosts: Path) -> list[str]:
+    """`python -m vlsplit.cli`, run in a mount namespace of its own where `hosts` is /etc/hosts."""
+    unshare = shutil.which("unshare")
+    assert unshare, "unshare (util-linux) is needed to give the gateway its own /etc/hosts"
+    userns = [] if os.geteuid() == 0 else ["--map-root-user"]
+    return [unshare, "--mount", *userns, "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts),
+            sys.executable, "-m", "vlsplit.cli"]
+
+
+class Stream:
+    """WORKERS threads asking the gateway without pause: every third question is about a new image, the
+    rest about images asked before (cache hits). The first answer per (image, question) is kept, and a
+    later answer to the same question must be identical, whichever replicas served it."""
+
+    def __init__(self, address: str):
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.counts = Counter()
+        self.errors: list[str] = []
+        self.images: list[bytes] = []
+        self.answers: dict[tuple[int, str], list[int]] = {}
+        self.mismatches: list[tuple[int, str]] = []
+        self.seq = itertools.count()
+        self.pool = ThreadPoolExecutor(WORKERS)
+        self.futures = [self.pool.submit(self._run) for _ in range(WORKERS)]
+
+    def _next(self) -> tuple[int, bytes, str]:
+        with self.lock:
+            n = next(self.seq)
+            if n % 3 == 0 or not self.images:
+                self.images.append(make_image(64 + n % 48, 56 + n % 40, seed=10_000 + n))
+                index = len(self.images) - 1
+            else:
+                index = n % len(self.images)
+            return index, self.images[index], QUESTIONS[n % len(QUESTIONS)]
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            index, data, question = self._next()
+            with self.lock:
+                self.counts["sent"] += 1
+            try:
+                answer = self.stub.Ask(ask_request(data, question, max_new_tokens=4), timeout=90)
+            except grpc.RpcError as exc:
+                with self.lock:
+                    self.counts["failed"] += 1
+                    self.errors.append(f"{exc.code().name}: {exc.details()}")
+                continue
+            with self.lock:
+                self.counts["succeeded"] += 1
+                first = self.answers.setdefault((index, question), list(answer.token_ids))
+                if first != list(answer.token_ids):
+                    self.mismatches.append((index, question))
+
+    def succeeded(self) -> int:
+        with self.lock:
+            return self.counts["succeeded"]
+
+    def wait_more(self, n: int, timeout_s: float = 120) -> None:
+        target = self.succeeded() + n
+        wait_for(lambda: self.succeeded() >= target or self.counts["failed"] > 0, timeout_s)
+
+    def close(self) -> Counter:
+        self.stop.set()
+        for future in self.futures:
+            future.result(timeout=120)
+        self.pool.shutdown()
+        self.channel.close()
+        return self.counts
+
+
+@pytest.fixture
+def procs():
+    started: list = []
+    yield started
+    for proc in reversed(started):
+        proc.stop() if isinstance(proc, Redis) else proc.kill()
+
+
+def test_scale_out_drain_and_kill_under_a_steady_stream(tiny_models, tmp_path, procs):
+    model = tiny_models["qwen2_vl"]
+    hosts = HostsFile(tmp_path / "hosts")
+    encoder_port, decoder_port = free_port(), free_port()
+    redis = Redis().start()
+    procs.append(redis)
+    # Encoders release the cross-replica lock of a killed peer after 3 s; drains are short.
+    common = {"VLSPLIT_DRAIN_S": "1", "VLSPLIT_GRACE_S": "30"}
+
+    def encoder(ip: str, **env: str) -> Service:
+        service = Service("encoder", "--model", model, "--redis", redis.url, host=ip, port=encoder_port,
+                          env={**common, "VLSPLIT_ENCODE_LOCK_S": "3", **env}, log_dir=tmp_path)
+        procs.append(service)
+        service.start()
+        hosts.add(ENCODER_NAME, ip)
+        return service
+
+    def decoder(ip: str) -> Service:
+        service = Service("decoder", "--model", model, host=ip, port=decoder_port, env=common, log_dir=tmp_path)
+        procs.append(service)
+        service.start()
+        hosts.add(DECODER_NAME, ip)
+        return service
+
+    e1, d1 = encoder("127.0.0.2"), decoder("127.0.0.2")
+    gateway = Service("gateway", "--encoder", f"{ENCODER_NAME}:{encoder_port}",
+                      "--decoder", f"{DECODER_NAME}:{decoder_port}", "--redis", redis.url,
+                      env={"VLSPLIT_DECODER_RESOLVE_S": "0.5"}, command=private_hosts_command(hosts.path),
+                      log_dir=tmp_path)
+    procs.append(gateway)
+    gateway.start()
+
+    def requests_to(kind: str, replica: Service | str) -> float:
+        replica = replica.address if isinstance(replica, Service) else replica
+        return gateway.metric(f"vlsplit_gateway_{kind}_requests_total", replica=replica)
+
+    def by_replica(kind: str) -> dict[str, float]:
+        return gateway.metrics_by(f"vlsplit_gateway_{kind}_requests_total", "replica")
+
+    stream = Stream(gateway.address)
+    try:
+        stream.wait_more(6)
+        # a name with one address is one replica, labelled by the name (gRPC resolves it itself)
+        assert requests_to("encoder", f"{ENCODER_NAME}:{encoder_port}") > 0
+        assert requests_to("decoder", f"{DECODER_NAME}:{decoder_port}") > 0
+
+        # scale out: a second encoder and decoder come up; the gateway finds them by name
+        e2, d2 = encoder("127.0.0.3"), decoder("127.0.0.3")
+        wait_for(lambda: requests_to("encoder", e2) > 0 and requests_to("decoder", d2) > 0, 120)
+        stream.wait_more(3)
+
+        # scale in: SIGTERM the first of each (drain, then stop); they leave DNS as pods leave endpoints
+        for name, service in ((ENCODER_NAME, e1), (DECODER_NAME, d1)):
+            hosts.remove(name, service.host)
+            service.proc.send_signal(signal.SIGTERM)
+        assert e1.proc.wait(timeout=90) == 0 and d1.proc.wait(timeout=90) == 0
+        gone = requests_to("encoder", e1), requests_to("decoder", d1)
+        stream.wait_more(6)
+        assert (requests_to("encoder", e1), requests_to("decoder", d1)) == gone  # nothing sent to them since
+
+        # a third encoder that holds every image it gets (its batch never closes), SIGKILLed mid-encode
+        e3 = encoder("127.0.0.4", VLSPLIT_ENCODE_MAX_WAIT_MS="600000", VLSPLIT_ENCODE_MAX_BATCH="64")
+        wait_for(lambda: e3.metric("vlsplit_in_flight_requests", method="Encode") >= 1, 120)
+        e3.proc.send_signal(signal.SIGKILL)
+        e3.proc.wait(timeout=30)
+        hosts.remove(ENCODER_NAME, e3.host)
+        wait_for(lambda: gateway.metric("vlsplit_gateway_encoder_failovers_total") >= 1, 60)
+        stream.wait_more(6)
+    finally:
+        counts = stream.close()
+    print(f"\nscaling stream: sent {counts['sent']}, succeeded {counts['succeeded']}, failed {counts['failed']}\n"
+          f"  encode calls by replica {by_replica('encoder')}\n  generate calls by replica {by_replica('decoder')}\n"
+          f"  encoder failovers {gateway.metric('vlsplit_gateway_encoder_failovers_total'):.0f}")
+    assert counts["failed"] == 0, stream.errors[:5]
+    assert counts["sent"] == counts["succeeded"]
+    assert stream.mismatches == []
+    assert e2.metric("vlsplit_encoder_encodes_total") > 0
