@@ -16,7 +16,7 @@ from shared.errors import InvalidRequest, TooLarge, Unavailable, Upstream
 from shared.image_ids import check_image_id, image_id as sha256_id
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, vision_encoder_pb2
 
-from .clients import DecoderPool, EncoderPool
+from .pools import DecoderPool, EncoderPool
 from .routing import DECODER_REQUESTS, FAILOVERS, Router, failover_reason
 
 log = logging.getLogger("vlsplit.gateway")

@@ -14,7 +14,7 @@ from shared.logs import setup_logging
 from shared.server import Service, run
 from vlsplit.v1 import gateway_pb2_grpc
 
-from .clients import DecoderPool, EncoderPool
+from .pools import DecoderPool, EncoderPool
 from .pipeline import Pipeline
 from .routing import Router
 from .servicer import GatewayServicer
