@@ -92,11 +92,17 @@ CLUSTER_SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss:
 
 
 class RedisStore:
-    def __init__(self, url: str, timeout_s: float, part_bytes: int = PART_BYTES, password: str = ""):
+    def __init__(self, url: str, timeout_s: float, part_bytes: int = PART_BYTES, password: str = "",
+                 username: str = "", tls_ca: str = "", tls_cert: str = "", tls_key: str = ""):
         self.url, self.part_bytes = url, part_bytes
         options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        if password:  # a password in the URL wins: redis-py lets URL options override keyword ones
-            options["password"] = password
+        # Credentials in the URL win: redis-py lets URL options override keyword ones.
+        options.update({k: v for k, v in (("password", password), ("username", username)) if v})
+        if url.startswith(("rediss://", "rediss+cluster://")):
+            options.update({k: v for k, v in (("ssl_ca_certs", tls_ca), ("ssl_certfile", tls_cert),
+                                               ("ssl_keyfile", tls_key)) if v})
+        elif tls_ca or tls_cert:
+            raise ValueError(f"Redis TLS files are set but the URL {url.split('@')[-1]!r} is not rediss://")
         scheme = next((s for s in CLUSTER_SCHEMES if url.startswith(s)), None)
         self.cluster = scheme is not None
         if self.cluster:
@@ -148,13 +154,19 @@ def _part_keys(key: str, value: bytes | None) -> tuple[list[str], int] | None:
         return [], -1  # a broken manifest reads as a miss
 
 
-def open_store(url: str, timeout_s: float, memory_bytes: int, part_bytes: int = PART_BYTES,
-               password: str = "") -> Store:
+def open_store(url: str, timeout_s: float, memory_bytes: int, part_bytes: int = PART_BYTES, **auth: str) -> Store:
     """`memory` -> in-process LRU; `redis://...` -> Redis; `redis+cluster://...` -> Redis Cluster.
-    `password` is used when the URL carries none."""
+    `auth`: password, username, tls_ca, tls_cert, tls_key (used when the URL carries none)."""
     if url == "memory":
         return MemoryStore(memory_bytes)
-    return RedisStore(url, timeout_s, part_bytes, password)
+    return RedisStore(url, timeout_s, part_bytes, **auth)
+
+
+def store_for(config) -> Store:
+    """The store a service's config describes (its redis_* and cache fields)."""
+    return open_store(config.redis_url, config.redis_timeout_s, config.memory_cache_bytes, config.cache_part_bytes,
+                      password=config.redis_password, username=config.redis_username, tls_ca=config.redis_tls_ca,
+                      tls_cert=config.redis_tls_cert, tls_key=config.redis_tls_key)
 
 
 class SafeStore:

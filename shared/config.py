@@ -29,6 +29,14 @@ class ServerConfig:
     log_level: str = "INFO"
     log_json: bool = True  # one JSON object per log line
     port_file: str = ""  # if set, write {"port": .., "metrics_port": ..} here once serving
+    # TLS (PEM paths, re-read when they change). With tls_client_ca, callers must present a certificate
+    # it signed (mutual TLS: what encoders and decoders should require of the gateway).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # A plaintext port serving only gRPC health, for probes that cannot speak TLS (Kubernetes' grpc
+    # probe); -1 = off, 0 = pick a free one.
+    health_port: int = -1
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,10 @@ class EncoderConfig(ServerConfig):
     device: str = "cpu"
     redis_url: str = "memory"  # redis://host:port/db, or "memory" for an in-process cache
     redis_password: str = ""  # used when redis_url carries none (keeps the secret out of the URL)
+    redis_username: str = ""  # ACL user, when redis_url carries none
+    redis_tls_ca: str = ""  # rediss://: CA bundle of the server's certificate ("" = the system's)
+    redis_tls_cert: str = ""  # rediss:// with client certificates
+    redis_tls_key: str = ""
     cache_ttl_s: int = 24 * 3600  # embedding cache entries
     image_ttl_s: int = 3600  # uploaded image bytes kept for Ask(image_id)
     payload_dtype: str = ""  # dtype of cached/sent payloads; "" = the serving dtype (exact)
@@ -105,8 +117,19 @@ class GatewayConfig(ServerConfig):
     decoder: str = "127.0.0.1:50053"
     decoder_resolve_s: float = 30.0  # decoder and encoder names are resolved again this often
     decoder_down_s: float = 5.0  # a decoder or encoder replica found unreachable is tried last for this long
+    # TLS to encoders and decoders: their CA, and this gateway's client certificate for mutual TLS.
+    # upstream_tls_server_name: the name in their certificates when they are dialled by IP (default:
+    # the host name given in --encoder / --decoder).
+    upstream_tls_ca: str = ""
+    upstream_tls_cert: str = ""
+    upstream_tls_key: str = ""
+    upstream_tls_server_name: str = ""
     redis_url: str = "memory"
     redis_password: str = ""  # used when redis_url carries none (keeps the secret out of the URL)
+    redis_username: str = ""  # ACL user, when redis_url carries none
+    redis_tls_ca: str = ""  # rediss://: CA bundle of the server's certificate ("" = the system's)
+    redis_tls_cert: str = ""  # rediss:// with client certificates
+    redis_tls_key: str = ""
     redis_timeout_s: float = 0.5
     cache_part_bytes: int = 64 * MiB  # Redis values above this are stored in parts (Redis's bulk limit is 512 MB)
     memory_cache_bytes: int = 512 * MiB

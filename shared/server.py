@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 from .config import ServerConfig
 from .interceptor import ErrorInterceptor
 from .metrics import serve_metrics
+from .tls import is_loopback, server_tls
 
 log = logging.getLogger("vlsplit.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -56,10 +57,12 @@ async def run(config: ServerConfig, service: Service) -> None:
         server)
     for name in ["", *service.names]:
         await health_servicer.set(name, NOT_SERVING)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = _add_port(server, config)
+    health_server, health_port = await _health_only_server(config, health_servicer)
     await server.start()
     metrics_port = serve_metrics(config.host, config.metrics_port)
-    log.info("listening", extra={"port": port, "metrics_port": metrics_port})
+    log.info("listening", extra={"port": port, "metrics_port": metrics_port, "health_port": health_port,
+                                 "tls": bool(config.tls_cert), "mutual_tls": bool(config.tls_client_ca)})
     stopping = _stop_event()
 
     start = time.perf_counter()
@@ -68,7 +71,7 @@ async def run(config: ServerConfig, service: Service) -> None:
         await health_servicer.set(name, SERVING)
     log.info("serving", extra={"port": port, "startup_s": round(time.perf_counter() - start, 2)})
     if config.port_file:
-        _write_port_file(config.port_file, port, metrics_port)
+        _write_port_file(config.port_file, port, metrics_port, health_port)
 
     await stopping.wait()
     await health_servicer.enter_graceful_shutdown()  # every service name NOT_SERVING
@@ -80,9 +83,34 @@ async def run(config: ServerConfig, service: Service) -> None:
                 await stopping.wait()
     log.info("stopping: no new calls, %.1fs grace for in-flight calls", config.grace_s)
     await server.stop(config.grace_s)
+    if health_server is not None:
+        await health_server.stop(None)
     if service.stop:
         await service.stop()
     log.info("stopped")
+
+
+def _add_port(server: grpc.aio.Server, config: ServerConfig) -> int:
+    address = f"{config.host}:{config.port}"
+    tls = server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
+    if tls is not None:
+        return server.add_secure_port(address, tls.credentials())
+    if not is_loopback(config.host):
+        log.warning("serving plaintext gRPC on %s, which is not a loopback address: anyone who can reach it can "
+                    "call it and read the traffic; set VLSPLIT_TLS_CERT and VLSPLIT_TLS_KEY (and "
+                    "VLSPLIT_TLS_CLIENT_CA for mutual TLS)", config.host)
+    return server.add_insecure_port(address)
+
+
+async def _health_only_server(config: ServerConfig, health_servicer) -> tuple[grpc.aio.Server | None, int]:
+    """The plaintext health port (config.health_port >= 0): the Health service and nothing else."""
+    if config.health_port < 0:
+        return None, -1
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{config.host}:{config.health_port}")
+    await server.start()
+    return server, port
 
 
 def _stop_event() -> asyncio.Event:
@@ -93,7 +121,7 @@ def _stop_event() -> asyncio.Event:
     return event
 
 
-def _write_port_file(path: str, port: int, metrics_port: int) -> None:
+def _write_port_file(path: str, port: int, metrics_port: int, health_port: int) -> None:
     tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port}))
+    tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "health_port": health_port}))
     tmp.replace(path)  # atomic: a reader never sees a half-written file

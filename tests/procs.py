@@ -48,14 +48,18 @@ class Service:
 
     def __init__(self, kind: str, *args: str, port: int | None = None, env: dict | None = None,
                  log_dir: Path | None = None, command: list[str] | None = None, cwd: Path | None = None,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", tls: bool = False):
+        """`tls`: the service speaks TLS, so readiness is watched on a plaintext health port of its own."""
         self.kind, self.args = kind, list(args)
         self.command, self.cwd = command or [sys.executable, "-m", "vlsplit.cli"], cwd
         self.host = host
         self.port = port or free_port()
         self.metrics_port = free_port()
         self.address = f"{host}:{self.port}"
+        self.health_port = free_port() if tls else None
         self.env = {**os.environ, "VLSPLIT_LOG_JSON": "false", **(env or {})}
+        if self.health_port:
+            self.env["VLSPLIT_HEALTH_PORT"] = str(self.health_port)
         self.log_path = (log_dir or Path("/tmp")) / f"vlsplit-{kind}-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -70,7 +74,8 @@ class Service:
 
     def wait_serving(self, timeout: float = READY_TIMEOUT_S) -> None:
         try:
-            wait_serving(self.address, self.proc, self.kind, timeout)
+            health = f"{self.host}:{self.health_port}" if self.health_port else self.address
+            wait_serving(health, self.proc, self.kind, timeout)
         except RuntimeError as exc:
             raise RuntimeError(f"{exc}; log:\n{self.tail()}") from None
 

@@ -94,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per question")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline per question, seconds")
     _add_sampling_args(p)
+    _add_tls_args(p)
     p.set_defaults(func=_ask)
 
     p = sub.add_parser("classify", help="probability of each candidate label as the answer to a question")
@@ -103,12 +104,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway", default="localhost:50051")
     p.add_argument("--json", action="store_true", help="one JSON object with labels: [{label, prob, logprob}]")
     p.add_argument("--timeout", type=float, default=120.0)
+    _add_tls_args(p)
     p.set_defaults(func=_classify)
 
     p = sub.add_parser("health", help="exit 0 when a service answers SERVING to gRPC health (container probes)")
     p.add_argument("address", nargs="?", default="localhost:50051", help="host:port (default localhost:50051)")
     p.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    _add_tls_args(p)
     p.set_defaults(func=_health)
     return parser
 
@@ -136,6 +139,13 @@ def _serve(args) -> int:
         raise ValueError(f"{args.service} does not take --{unsupported[0].replace('_', '-')}")
     importlib.import_module(module_name).main(config.load(config_cls, overrides))
     return 0
+
+
+def _add_tls_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, checking the server against this CA bundle")
+    p.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS), with --tls-key")
+    p.add_argument("--tls-key", metavar="PEM", help="the client certificate's private key")
+    p.add_argument("--tls-server-name", metavar="NAME", help="the name in the server's certificate, if not the host")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -226,7 +236,7 @@ def _classify(args) -> int:
 def _health(args) -> int:
     from vlsplit.client import health_status
 
-    status = health_status(args.address, args.service, args.timeout)
+    status = health_status(args.address, args.service, args.timeout, args)
     print(status)
     return 0 if status == "SERVING" else 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import grpc
 
@@ -13,12 +14,32 @@ CACHE = {gateway_pb2.CACHE_STATUS_HIT: "hit", gateway_pb2.CACHE_STATUS_MISS: "mi
 FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
 
 
-def health_status(address: str, service: str = "", timeout: float = 3.0) -> str:
+def open_channel(address: str, args=None, options: list | None = None) -> grpc.Channel:
+    """A channel to `address`: TLS when `args` has --tls-ca (server certificate check) or
+    --tls-cert/--tls-key (client certificate), else plaintext."""
+    options = list(options or [])
+    ca, cert, key = (getattr(args, name, None) for name in ("tls_ca", "tls_cert", "tls_key"))
+    if not (ca or cert or key):
+        return grpc.insecure_channel(address, options=options)
+    if bool(cert) != bool(key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if getattr(args, "tls_server_name", None):
+        options.append(("grpc.ssl_target_name_override", args.tls_server_name))
+    credentials = grpc.ssl_channel_credentials(root_certificates=_read(ca), private_key=_read(key),
+                                               certificate_chain=_read(cert))
+    return grpc.secure_channel(address, credentials, options=options)
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def health_status(address: str, service: str = "", timeout: float = 3.0, args=None) -> str:
     """The gRPC health status name of `service` at `address` (SERVING, NOT_SERVING, ...), or the error's
     code name (UNAVAILABLE, DEADLINE_EXCEEDED, NOT_FOUND for an unknown service)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, args) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
                                                               timeout=timeout)
@@ -50,7 +71,7 @@ def ask_questions(address: str, image: bytes | None, image_id: str | None, quest
                   params) -> int:
     ref = gateway_pb2.ImageRef(data=image) if image is not None else gateway_pb2.ImageRef(image_id=image_id)
     options = [("grpc.max_send_message_length", 64 << 20)]
-    with grpc.insecure_channel(address, options=options) as channel:
+    with open_channel(address, args, options) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         for question in questions:
             try:
@@ -108,7 +129,7 @@ def _print(answer: gateway_pb2.Answer, args) -> None:
 
 def classify_image(address: str, image: bytes, question: str, labels: list[str], args) -> int:
     request = gateway_pb2.ClassifyRequest(image=gateway_pb2.ImageRef(data=image), question=question, labels=labels)
-    with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+    with open_channel(address, args, [("grpc.max_send_message_length", 64 << 20)]) as channel:
         try:
             result = gateway_pb2_grpc.GatewayStub(channel).Classify(request, timeout=args.timeout)
         except grpc.RpcError as exc:

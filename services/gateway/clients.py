@@ -14,6 +14,7 @@ import grpc
 from prometheus_client import Counter
 
 from shared.errors import Unavailable, Upstream
+from shared.tls import ClientTls, secure_channel
 from shared.transfer import chunks
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, llm_decoder_pb2_grpc, vision_encoder_pb2, vision_encoder_pb2_grpc
 
@@ -68,9 +69,9 @@ class ReplicaClient:
     service = ""
     stub_class: type = object
 
-    def __init__(self, address: str, attempts: int):
+    def __init__(self, address: str, attempts: int, tls: ClientTls | None = None, name: str = ""):
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(self.service, attempts))
+        self.channel = secure_channel(address, tls, channel_options(self.service, attempts), name)
         self.stub = self.stub_class(self.channel)
 
     async def model_info(self, timeout: float) -> common_pb2.ModelInfo:

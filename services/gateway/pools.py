@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Counter, Gauge
 
 from shared.errors import Unavailable
+from shared.tls import ClientTls
 from vlsplit.v1 import common_pb2, vision_encoder_pb2
 
 from .clients import DecoderClient, Encoded, EncoderClient, ReplicaClient
@@ -34,19 +35,24 @@ C = TypeVar("C", bound=ReplicaClient)
 class _Pool(Generic[C]):
     client_class: type
 
-    def __init__(self, attempts: int, close_grace_s: float):
-        self.attempts, self.close_grace_s = attempts, close_grace_s
+    def __init__(self, router: Router, attempts: int, close_grace_s: float, tls: ClientTls | None = None):
+        self.router, self.attempts, self.close_grace_s = router, attempts, close_grace_s
+        self.tls = tls
         self._clients: dict[str, C] = {}
         self._closing: set[asyncio.Task] = set()
 
     def replica_count(self) -> int:
-        raise NotImplementedError
+        return len(self.router.replicas)
 
     def get(self, address: str) -> C:
+        if self.tls is not None and self.tls.changed():  # rotated certificates: new channels from now on
+            for old in list(self._clients):
+                self._retire(old)
         client = self._clients.get(address)
         if client is None:
             attempts = self.attempts if self.replica_count() <= 1 else min(self.attempts, FAILOVER_ATTEMPTS)
-            client = self._clients[address] = self.client_class(address, attempts)
+            client = self.client_class(address, attempts, self.tls, self.router.name_of(address))
+            self._clients[address] = client
             self._opened(address, client)
         return client
 
@@ -54,10 +60,13 @@ class _Pool(Generic[C]):
         """Keep the clients of `addresses`; close the others once their running calls end (or after
         the grace), in the background, so a replica leaving DNS does not cut its answers short."""
         for address in [a for a in self._clients if a not in addresses]:
-            self._left(address)
-            task = asyncio.create_task(self._clients.pop(address).close(self.close_grace_s))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._retire(address)
+
+    def _retire(self, address: str) -> None:
+        self._left(address)
+        task = asyncio.create_task(self._clients.pop(address).close(self.close_grace_s))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         for address in list(self._clients):
@@ -73,20 +82,9 @@ class _Pool(Generic[C]):
 
 
 class DecoderPool(_Pool[DecoderClient]):
-    """Decoder clients; the gateway's Router picks the replica for each image."""
+    """Decoder clients; the pipeline picks the replica for each image from the same Router."""
 
     client_class = DecoderClient
-
-    def __init__(self, attempts: int, replicas: int, close_grace_s: float):
-        super().__init__(attempts, close_grace_s)
-        self._replicas = replicas
-
-    def replica_count(self) -> int:
-        return self._replicas
-
-    async def retain(self, addresses: list[str]) -> None:
-        self._replicas = len(addresses)
-        await super().retain(addresses)
 
 
 class EncoderPool(_Pool[EncoderClient]):
@@ -98,15 +96,11 @@ class EncoderPool(_Pool[EncoderClient]):
 
     client_class = EncoderClient
 
-    def __init__(self, router: Router, attempts: int, close_grace_s: float):
-        super().__init__(attempts, close_grace_s)
-        self.router = router
+    def __init__(self, router: Router, attempts: int, close_grace_s: float, tls: ClientTls | None = None):
+        super().__init__(router, attempts, close_grace_s, tls)
         self._watches: dict[str, asyncio.Task] = {}
         self._serving: dict[str, bool] = {}
         self.outstanding: dict[str, int] = {}
-
-    def replica_count(self) -> int:
-        return len(self.router.replicas)
 
     def order(self, image_id: str) -> list[str]:
         """Replicas to try: serving and up first, by fewest in flight, then the rest."""

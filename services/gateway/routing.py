@@ -121,6 +121,13 @@ class Router:
         up = [replica for replica in ranked if self._down_until.get(replica, 0.0) <= now]
         return up + [replica for replica in ranked if replica not in up]
 
+    def name_of(self, replica: str) -> str:
+        """The host name `replica` was configured or resolved as (what its TLS certificate names)."""
+        for target, replicas in self._by_target.items():
+            if replica in replicas:
+                return target.host
+        return replica.rpartition(":")[0].strip("[]")
+
     def is_down(self, replica: str) -> bool:
         return self._down_until.get(replica, 0.0) > self._clock()
 

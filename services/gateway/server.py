@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from shared.cache import SafeStore, open_store
+from shared.cache import SafeStore, store_for
 from shared.config import GatewayConfig
 from shared.logs import setup_logging
 from shared.server import Service, run
+from shared.tls import client_tls
 from vlsplit.v1 import gateway_pb2_grpc
 
 from .pools import DecoderPool, EncoderPool
@@ -26,14 +27,16 @@ def build(config: GatewayConfig) -> Service:
     servicer = GatewayServicer(config)
     router = Router(config.decoder, config.decoder_down_s)  # a malformed --decoder fails here, at once
     encoders = Router(config.encoder, config.decoder_down_s, what="encoder")
+    tls = client_tls(config.upstream_tls_ca, config.upstream_tls_cert, config.upstream_tls_key,
+                     config.upstream_tls_server_name)
 
     async def start() -> None:
         # Channels and the Redis client bind to the running event loop, so they are made here.
-        store = SafeStore(open_store(config.redis_url, config.redis_timeout_s, config.memory_cache_bytes,
-                                  config.cache_part_bytes, config.redis_password))
-        decoders = DecoderPool(config.retry_attempts, len(router.targets), close_grace_s=config.deadline_s)
-        pipeline = Pipeline(EncoderPool(encoders, config.retry_attempts, close_grace_s=config.deadline_s), decoders, router,
-                            store, config.cache_ttl_s, write_back=config.redis_url == "memory")
+        store = SafeStore(store_for(config))
+        decoders = DecoderPool(router, config.retry_attempts, config.deadline_s, tls)
+        encoder = EncoderPool(encoders, config.retry_attempts, config.deadline_s, tls)
+        pipeline = Pipeline(encoder, decoders, router, store, config.cache_ttl_s,
+                            write_back=config.redis_url == "memory")
         await pipeline.start(config.decoder_resolve_s)
         servicer.pipeline = pipeline
         log.info("gateway ready", extra={"encoder": config.encoder, "decoders": router.replicas,

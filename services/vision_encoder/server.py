@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from shared.cache import SafeStore, open_store
+from shared.cache import SafeStore, store_for
 from shared.codec import DTYPES
 from shared.config import MiB, EncoderConfig
 from shared.images import ImageLimits
@@ -74,8 +74,7 @@ async def _open(config: EncoderConfig, executor: ThreadPoolExecutor) -> CachedEn
         torch.set_num_threads(config.torch_threads)  # the tower's forwards run one at a time (batcher.py)
     engine = await loop.run_in_executor(executor, VisionEngine, config.model, DTYPES[config.dtype], config.device)
     loaded_s = time.perf_counter() - start
-    store = SafeStore(open_store(config.redis_url, config.redis_timeout_s, config.memory_cache_bytes,
-                                  config.cache_part_bytes, config.redis_password))
+    store = SafeStore(store_for(config))
     encoder = CachedEncoder(
         engine, executor, store,
         payload_dtype=config.payload_dtype or config.dtype,
