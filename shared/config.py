@@ -141,6 +141,14 @@ class GatewayConfig(ServerConfig):
     max_new_tokens_limit: int = 4096  # checked here too, before any image is encoded
     deadline_s: float = 120.0  # default deadline when the client sets none
     retry_attempts: int = 5  # per hop, for UNAVAILABLE
+    # Client authentication (services/gateway/auth.py): a file of name:sha256(token)[:scopes[:rps[:images]]]
+    # lines; "" = off (anyone may call). The limits apply to tokens whose line sets none; 0 = unlimited.
+    auth_tokens: str = ""
+    auth_requests_per_s: float = 50.0
+    auth_images_per_day: int = 0
+    # With auth on, an image belongs to the client that sent it ("tenant": another client's id is NOT_FOUND,
+    # nothing is shared or timed across clients); "global" shares images and cache entries between clients.
+    cache_scope: str = "tenant"
 
 
 def load(cls: type, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None):

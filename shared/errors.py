@@ -35,9 +35,26 @@ class NotFound(VlsplitError):
 
 
 class Overloaded(VlsplitError):
-    """A bounded queue is full; the client may retry later."""
+    """A bounded queue is full, or a rate limit or quota is used up; the client may retry later
+    (`retry_after_s`, when known, is sent as the trailing metadata `retry-after-ms`)."""
 
     grpc_code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unauthenticated(VlsplitError):
+    """No credentials, or ones the server does not know."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(VlsplitError):
+    """Known credentials without the scope the call needs."""
+
+    grpc_code = "PERMISSION_DENIED"
 
 
 class DeadlineExceeded(VlsplitError):

@@ -25,3 +25,12 @@ def check_image_id(value: str) -> str:
     if not _IMAGE_ID.fullmatch(value):
         raise InvalidRequest(f"image_id must be 64 lowercase hex digits (sha256 of the image bytes), got {value[:80]!r}")
     return value
+
+
+def scoped_image_id(scope: str, image_id: str) -> str:
+    """The id an image has inside vlsplit (cache keys, stored bytes, decoder prefixes, payloads): its
+    content id when unscoped, else a hash of the scope and the content id, so a tenant holding another
+    tenant's image id reaches nothing of theirs. The form of an image id either way."""
+    if not scope:
+        return image_id
+    return hashlib.sha256(f"vlsplit-scope\0{scope}\0{image_id}".encode()).hexdigest()

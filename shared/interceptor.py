@@ -6,6 +6,7 @@ bug of ours: logged with its traceback and answered INTERNAL, and the server kee
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 import time
@@ -16,24 +17,33 @@ from . import metrics
 from .errors import VlsplitError
 
 log = logging.getLogger("vlsplit.rpc")
+# The authenticated caller's name (the gateway's token name), for logs; "" when there is none.
+CLIENT_NAME: contextvars.ContextVar[str] = contextvars.ContextVar("vlsplit_client_name", default="")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None:
-            return None
         method = details.method.rsplit("/", 1)[-1]
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                _unary(handler.unary_unary, method), handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                _streaming(handler.unary_stream, method), handler.request_deserializer, handler.response_serializer)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(
-                _streaming(handler.stream_stream, method), handler.request_deserializer, handler.response_serializer)
-        return handler  # stream_unary: none of our services has one
+        return wrap_handler(handler, lambda behavior: _unary(behavior, method),
+                            lambda behavior: _streaming(behavior, method))
+
+
+def wrap_handler(handler, unary, streaming):
+    """`handler` with its behavior wrapped: `unary(behavior)` for unary-response methods, `streaming`
+    for response-streaming ones (stream-unary: none of our services has one)."""
+    if handler is None:
+        return None
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            streaming(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+    if handler.stream_stream:
+        return grpc.stream_stream_rpc_method_handler(
+            streaming(handler.stream_stream), handler.request_deserializer, handler.response_serializer)
+    return handler
 
 
 def _unary(behavior, method: str):
@@ -80,7 +90,10 @@ class _Track:
     async def fail(self, exc: BaseException, context) -> None:
         if isinstance(exc, VlsplitError):
             self.code = exc.grpc_code
-            log.info("%s -> %s: %s", self.method, exc.grpc_code, exc)
+            log.info("%s -> %s: %s", self.method, exc.grpc_code, exc, extra={"client": CLIENT_NAME.get()})
+            retry_after_s = getattr(exc, "retry_after_s", None)
+            if retry_after_s is not None:
+                context.set_trailing_metadata((("retry-after-ms", str(max(1, round(retry_after_s * 1000)))),))
             await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc))
         if isinstance(exc, grpc.aio.AbortError):  # a handler aborted with its own status
             self.code = context.code().name if context.code() else "UNKNOWN"

@@ -16,7 +16,7 @@ import json
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
@@ -43,12 +43,13 @@ class Service:
     start: Callable[[], Awaitable[None]]  # load weights / connect, then warm up; raises on failure
     stop: Callable[[], Awaitable[None]] | None = None  # release resources after the server stopped
     max_message_bytes: int = 4 << 20  # largest single request message accepted
+    interceptors: list = field(default_factory=list)  # inside the error interceptor, e.g. authentication
 
 
 async def run(config: ServerConfig, service: Service) -> None:
     options = [("grpc.max_receive_message_length", service.max_message_bytes),
                ("grpc.max_send_message_length", service.max_message_bytes)]
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(), *service.interceptors], options=options)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service.register(server)

@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per question")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline per question, seconds")
     _add_sampling_args(p)
-    _add_tls_args(p)
+    _add_gateway_args(p)
     p.set_defaults(func=_ask)
 
     p = sub.add_parser("classify", help="probability of each candidate label as the answer to a question")
@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway", default="localhost:50051")
     p.add_argument("--json", action="store_true", help="one JSON object with labels: [{label, prob, logprob}]")
     p.add_argument("--timeout", type=float, default=120.0)
-    _add_tls_args(p)
+    _add_gateway_args(p)
     p.set_defaults(func=_classify)
 
     p = sub.add_parser("health", help="exit 0 when a service answers SERVING to gRPC health (container probes)")
@@ -113,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     _add_tls_args(p)
     p.set_defaults(func=_health)
+
+    p = sub.add_parser("token", help="make a client token for the gateway, and its line for the token file")
+    p.add_argument("name", help="the client's name (shown in logs and metrics)")
+    p.add_argument("--scopes", default="*", help="ask, classify, upload, comma-separated, or * (default)")
+    p.add_argument("--requests-per-s", default="", help="this client's rate (default: the gateway's)")
+    p.add_argument("--images-per-day", default="", help="this client's image quota (default: the gateway's)")
+    p.set_defaults(func=_token)
     return parser
 
 
@@ -139,6 +146,11 @@ def _serve(args) -> int:
         raise ValueError(f"{args.service} does not take --{unsupported[0].replace('_', '-')}")
     importlib.import_module(module_name).main(config.load(config_cls, overrides))
     return 0
+
+
+def _add_gateway_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", help="the gateway's client token (default: $VLSPLIT_TOKEN)")
+    _add_tls_args(p)
 
 
 def _add_tls_args(p: argparse.ArgumentParser) -> None:
@@ -239,6 +251,18 @@ def _health(args) -> int:
     status = health_status(args.address, args.service, args.timeout, args)
     print(status)
     return 0 if status == "SERVING" else 1
+
+
+def _token(args) -> int:
+    from services.gateway.auth import new_token, parse_tokens
+
+    token, line = new_token(args.name, args.scopes)
+    if args.requests_per_s or args.images_per_day:
+        line += f":{args.requests_per_s}:{args.images_per_day}"
+    parse_tokens(line, 0, 0)  # the same checks the gateway makes: a bad name or scope fails here
+    print(f"token (give it to the client; it is not stored anywhere): {token}")
+    print(f"line for VLSPLIT_AUTH_TOKENS:                            {line}")
+    return 0
 
 
 def is_random_checkpoint(model: Path) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,29 @@ def open_channel(address: str, args=None, options: list | None = None) -> grpc.C
     credentials = grpc.ssl_channel_credentials(root_certificates=_read(ca), private_key=_read(key),
                                                certificate_chain=_read(cert))
     return grpc.secure_channel(address, credentials, options=options)
+
+
+class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call (the gateway's client authentication)."""
+
+    def __init__(self, token: str):
+        self.metadata = ("authorization", f"Bearer {token}")
+
+    def _details(self, details):
+        return details._replace(metadata=[*(details.metadata or ()), self.metadata])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
+def gateway_channel(address: str, args, options: list | None = None) -> grpc.Channel:
+    """`open_channel`, plus the token of --token / VLSPLIT_TOKEN when there is one."""
+    channel = open_channel(address, args, options)
+    token = getattr(args, "token", None) or os.environ.get("VLSPLIT_TOKEN")
+    return grpc.intercept_channel(channel, BearerToken(token)) if token else channel
 
 
 def _read(path: str | None) -> bytes | None:
@@ -71,7 +95,7 @@ def ask_questions(address: str, image: bytes | None, image_id: str | None, quest
                   params) -> int:
     ref = gateway_pb2.ImageRef(data=image) if image is not None else gateway_pb2.ImageRef(image_id=image_id)
     options = [("grpc.max_send_message_length", 64 << 20)]
-    with open_channel(address, args, options) as channel:
+    with gateway_channel(address, args, options) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         for question in questions:
             try:
@@ -129,7 +153,7 @@ def _print(answer: gateway_pb2.Answer, args) -> None:
 
 def classify_image(address: str, image: bytes, question: str, labels: list[str], args) -> int:
     request = gateway_pb2.ClassifyRequest(image=gateway_pb2.ImageRef(data=image), question=question, labels=labels)
-    with open_channel(address, args, [("grpc.max_send_message_length", 64 << 20)]) as channel:
+    with gateway_channel(address, args, [("grpc.max_send_message_length", 64 << 20)]) as channel:
         try:
             result = gateway_pb2_grpc.GatewayStub(channel).Classify(request, timeout=args.timeout)
         except grpc.RpcError as exc:

@@ -105,8 +105,9 @@ class EncoderClient(ReplicaClient):
             raise Unavailable(f"encoder at {self.address} sent no payload")
         return Encoded(b"".join(parts), first.info, first.cache_hit, first.encode_ms)
 
-    async def put_image(self, data: bytes, timeout: float) -> vision_encoder_pb2.PutImageResponse:
-        return await self._unary(self.stub.PutImage, vision_encoder_pb2.PutImageRequest(image=data), timeout)
+    async def put_image(self, data: bytes, scope: str, timeout: float) -> vision_encoder_pb2.PutImageResponse:
+        return await self._unary(self.stub.PutImage, vision_encoder_pb2.PutImageRequest(image=data, scope=scope),
+                                 timeout)
 
 
 class DecoderClient(ReplicaClient):

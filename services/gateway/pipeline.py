@@ -13,7 +13,7 @@ from typing import AsyncIterator
 from shared import metrics
 from shared.cache import SafeStore, embedding_key
 from shared.errors import InvalidRequest, TooLarge, Unavailable, Upstream
-from shared.image_ids import check_image_id, image_id as sha256_id
+from shared.image_ids import check_image_id, image_id as sha256_id, scoped_image_id
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, vision_encoder_pb2
 
 from .pools import DecoderPool, EncoderPool
@@ -25,7 +25,8 @@ log = logging.getLogger("vlsplit.gateway")
 @dataclass(frozen=True)
 class ImageSource:
     data: bytes | None = None
-    image_id: str | None = None
+    image_id: str | None = None  # the content id clients see
+    scope: str = ""  # the owner, when images are scoped (auth on, VLSPLIT_CACHE_SCOPE=tenant)
 
     def validated(self, max_bytes: int) -> "ImageSource":
         if self.data is not None:
@@ -33,11 +34,21 @@ class ImageSource:
                 raise InvalidRequest("image bytes are empty")
             if len(self.data) > max_bytes:
                 raise TooLarge(f"image is {len(self.data)} bytes; the limit is {max_bytes} bytes")
-            return ImageSource(self.data, sha256_id(self.data))
+            return ImageSource(self.data, sha256_id(self.data), self.scope)
         if self.image_id is None:
             raise InvalidRequest("an image is required: set image.data or image.image_id")
         check_image_id(self.image_id)
         return self
+
+    @property
+    def key(self) -> str:
+        """The image's id inside vlsplit: cache key, decoder prefix, payload, routing."""
+        return scoped_image_id(self.scope, self.image_id)
+
+    def encode_request(self) -> vision_encoder_pb2.EncodeRequest:
+        if self.data is not None:
+            return vision_encoder_pb2.EncodeRequest(image=self.data, scope=self.scope)
+        return vision_encoder_pb2.EncodeRequest(image_id=self.image_id, scope=self.scope)
 
 
 @dataclass(frozen=True)
@@ -87,23 +98,21 @@ class Pipeline:
 
     async def embeddings(self, source: ImageSource, timeout: float) -> Embeddings:
         start = time.perf_counter()
-        key = embedding_key(await self.fingerprint(timeout), source.image_id)
+        key = embedding_key(await self.fingerprint(timeout), source.key)
         cached = await self.cache.get(key)
         metrics.CACHE.labels("hit" if cached else "miss").inc()
         if cached:
-            return Embeddings(cached, source.image_id, True, _ms(start))
+            return Embeddings(cached, source.key, True, _ms(start))
         return await self.encode(source, timeout, start)
 
     async def encode(self, source: ImageSource, timeout: float, start: float | None = None) -> Embeddings:
         start = start or time.perf_counter()
-        request = (vision_encoder_pb2.EncodeRequest(image=source.data) if source.data is not None
-                   else vision_encoder_pb2.EncodeRequest(image_id=source.image_id))
-        encoded = await self.encoder.encode(request, source.image_id, timeout)
+        encoded = await self.encoder.encode(source.encode_request(), source.key, timeout)
         if self.write_back:
-            await self.cache.set(embedding_key(encoded.info.fingerprint, source.image_id), encoded.payload,
+            await self.cache.set(embedding_key(encoded.info.fingerprint, source.key), encoded.payload,
                                  self.cache_ttl_s)
         metrics.ENCODE_SECONDS.observe(time.perf_counter() - start)
-        return Embeddings(encoded.payload, source.image_id, encoded.cache_hit, _ms(start))
+        return Embeddings(encoded.payload, source.key, encoded.cache_hit, _ms(start))
 
     def fetcher(self, source: ImageSource, timeout: float) -> "ImageFetch":
         return ImageFetch(self, source, timeout)
@@ -115,7 +124,7 @@ class Pipeline:
         a payload it finds corrupt (DATA_LOSS) that came from the cache is dropped and re-encoded; a
         payload of another model (FAILED_PRECONDITION: the model was redeployed) makes the gateway
         fetch the fingerprint again and the payload under it."""
-        header.image_ids[:] = [fetch.source.image_id]
+        header.image_ids[:] = [fetch.source.key]
         try:
             async for reply in self._routed(rpc, header, fetch, timeout):
                 yield reply
@@ -126,7 +135,7 @@ class Pipeline:
 
     async def _recover(self, exc: Upstream, fetch: "ImageFetch", timeout: float) -> None:
         """Make the retry after `exc` meaningful, or raise it."""
-        image_id = fetch.source.image_id
+        image_id = fetch.source.key
         if exc.grpc_code == "DATA_LOSS" and fetch.emb is not None and fetch.emb.cache_hit:
             log.warning("cached payload of %s is corrupt (%s); dropping it and re-encoding", image_id, exc)
             await self.cache.delete(embedding_key(await self.fingerprint(timeout), image_id))
@@ -147,7 +156,7 @@ class Pipeline:
         """On the image's replica; while no reply was passed on, a replica that is gone or
         overloaded hands the request to the next in the image's order (all within one deadline)."""
         deadline = time.monotonic() + timeout
-        order = self.router.order(fetch.source.image_id)
+        order = self.router.order(fetch.source.key)
         for i, replica in enumerate(order):
             DECODER_REQUESTS.labels(replica).inc()
             started = False

@@ -15,6 +15,7 @@ from shared.server import Service, run
 from shared.tls import client_tls
 from vlsplit.v1 import gateway_pb2_grpc
 
+from .auth import AuthInterceptor, ImageQuota, TokenFile
 from .pools import DecoderPool, EncoderPool
 from .pipeline import Pipeline
 from .routing import Router
@@ -29,6 +30,10 @@ def build(config: GatewayConfig) -> Service:
     encoders = Router(config.encoder, config.decoder_down_s, what="encoder")
     tls = client_tls(config.upstream_tls_ca, config.upstream_tls_cert, config.upstream_tls_key,
                      config.upstream_tls_server_name)
+    if config.cache_scope not in ("tenant", "global"):
+        raise ValueError(f"VLSPLIT_CACHE_SCOPE={config.cache_scope!r}: expected tenant or global")
+    tokens = (TokenFile(config.auth_tokens, config.auth_requests_per_s, config.auth_images_per_day)
+              if config.auth_tokens else None)  # an unreadable token file fails here, at once
 
     async def start() -> None:
         # Channels and the Redis client bind to the running event loop, so they are made here.
@@ -38,9 +43,11 @@ def build(config: GatewayConfig) -> Service:
         pipeline = Pipeline(encoder, decoders, router, store, config.cache_ttl_s,
                             write_back=config.redis_url == "memory")
         await pipeline.start(config.decoder_resolve_s)
+        servicer.quota = ImageQuota(store.redis)
         servicer.pipeline = pipeline
         log.info("gateway ready", extra={"encoder": config.encoder, "decoders": router.replicas,
-                                          "cache": "memory" if config.redis_url == "memory" else "redis"})
+                                          "cache": "memory" if config.redis_url == "memory" else "redis",
+                                          "auth": f"{len(tokens.clients)} clients" if tokens else "off"})
 
     async def stop() -> None:
         if servicer._pipeline is not None:
@@ -52,6 +59,7 @@ def build(config: GatewayConfig) -> Service:
         start=start,
         stop=stop,
         max_message_bytes=config.max_image_bytes + (1 << 20),
+        interceptors=[AuthInterceptor(tokens)] if tokens else [],
     )
 
 

@@ -10,6 +10,7 @@ from shared.errors import InvalidRequest, TooLarge, Unavailable
 from shared.sampling import sampling_from_pb
 from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, llm_decoder_pb2
 
+from .auth import CLIENT, ImageQuota
 from .pipeline import ImageFetch, ImageSource, Pipeline, question_message
 
 CACHE_STATUS = {True: gateway_pb2.CACHE_STATUS_HIT, False: gateway_pb2.CACHE_STATUS_MISS}
@@ -19,6 +20,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, config: GatewayConfig):
         self.config = config
         self._pipeline: Pipeline | None = None  # set by the server once its event loop runs
+        self.quota = ImageQuota()  # per-client images/day; the server gives it the Redis client
 
     @property
     def pipeline(self) -> Pipeline:
@@ -31,8 +33,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._pipeline = pipeline
 
     async def UploadImage(self, request, context):
-        source = ImageSource(data=request.data).validated(self.config.max_image_bytes)
-        reply = await self.pipeline.encoder.put_image(source.data, self._timeout(context))
+        source = await self._source(gateway_pb2.ImageRef(data=request.data))
+        reply = await self.pipeline.encoder.put_image(source.data, source.scope, self._timeout(context))
         return gateway_pb2.UploadImageResponse(image_id=reply.image_id, ttl_seconds=reply.ttl_seconds)
 
     async def Ask(self, request, context):
@@ -70,8 +72,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _checks(self, image: gateway_pb2.ImageRef, checks: list[tuple[str, list[str]]], context,
                       ) -> list[gateway_pb2.ClassifyResponse]:
         start = time.perf_counter()
-        source = self._source(image)
         self._check_questions([question for question, _ in checks])
+        source = await self._source(image)
         if not all(labels for _, labels in checks):
             raise InvalidRequest("at least one label is required")
         header = llm_decoder_pb2.GenerateHeader(batch=[
@@ -91,8 +93,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """Yields (decoder reply, None) per token message and (reply, Answer) when a question is done.
         Several questions go to the decoder as one batch (one prefix, batched decoding)."""
         start = time.perf_counter()
-        source = self._source(image)
         self._check_questions(questions)
+        source = await self._source(image)
         header = llm_decoder_pb2.GenerateHeader(sampling=self._sampling(sampling))
         if len(questions) == 1:
             header.messages.append(question_message(questions[0]))
@@ -105,10 +107,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             answer.add(reply)
             yield reply, (answer.build(fetch) if reply.finish_reason else None)
 
-    def _source(self, image: gateway_pb2.ImageRef) -> ImageSource:
+    async def _source(self, image: gateway_pb2.ImageRef) -> ImageSource:
+        """The request's image, validated; image bytes count against the client's daily quota."""
         kind = image.WhichOneof("source")
-        source = ImageSource(data=image.data) if kind == "data" else ImageSource(image_id=image.image_id or None)
-        return source.validated(self.config.max_image_bytes)
+        client = CLIENT.get()
+        scope = client.name if self.config.cache_scope == "tenant" else ""
+        source = (ImageSource(data=image.data, scope=scope) if kind == "data"
+                  else ImageSource(image_id=image.image_id or None, scope=scope))
+        source = source.validated(self.config.max_image_bytes)
+        if source.data is not None:
+            await self.quota.take(client)
+        return source
 
     def _check_questions(self, questions: list[str]) -> None:
         if not questions:

@@ -38,7 +38,7 @@ from shared import metrics
 from shared.cache import SafeStore, embedding_key, image_key
 from shared.codec import DTYPES, FORMAT_VERSION, decode_payload, dtype_name, encode_payload
 from shared.errors import BadImage, CorruptPayload, NotFound, TooLarge, Unavailable
-from shared.image_ids import image_id as content_id
+from shared.image_ids import image_id as content_id, scoped_image_id
 from shared.images import ImageLimits, load_image
 from shared.payload import EmbeddingPayload
 from shared.processor import ImageInputs
@@ -132,11 +132,11 @@ class CachedEncoder:
             data = await self._uploaded(image_id)
         return await self.flights.do(image_id, lambda: self._compute(image_id, data))
 
-    async def put_image(self, data: bytes) -> Upload:
-        """Validate and keep `data` for `image_ttl_s`, so that Encode can name it by id."""
+    async def put_image(self, data: bytes, scope: str = "") -> Upload:
+        """Validate and keep `data` for `image_ttl_s`, so that Encode can name it by id (in `scope`)."""
         image = await asyncio.to_thread(load_image, data, self.limits)
         image_id = await self.image_id_of(data)
-        await self.store.set(image_key(image_id), data, self.image_ttl_s)
+        await self.store.set(image_key(scoped_image_id(scope, image_id)), data, self.image_ttl_s)
         if not self.store.healthy:
             raise Unavailable("the image store is unreachable; send the image bytes with each request instead")
         return Upload(image_id, self.image_ttl_s, image.width, image.height)

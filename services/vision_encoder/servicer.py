@@ -5,11 +5,11 @@ Errors are raised as `VlsplitError`s and mapped to status codes by shared/interc
 
 from __future__ import annotations
 
-from shared.errors import InvalidRequest, Unavailable
+from shared.errors import InvalidRequest, NotFound, Unavailable
 from shared.transfer import chunks
 from vlsplit.v1 import common_pb2, vision_encoder_pb2, vision_encoder_pb2_grpc
 
-from shared.image_ids import check_image_id
+from shared.image_ids import check_image_id, scoped_image_id
 
 from .cached_encoder import CachedEncoder, Encoded
 
@@ -33,9 +33,13 @@ class VisionEncoderServicer(vision_encoder_pb2_grpc.VisionEncoderServicer):
         source = request.WhichOneof("source")
         if source == "image":
             encoder.check_size(request.image)
-            encoded = await encoder.encode(await encoder.image_id_of(request.image), request.image)
+            image_id = scoped_image_id(request.scope, await encoder.image_id_of(request.image))
+            encoded = await encoder.encode(image_id, request.image)
         elif source == "image_id":
-            encoded = await encoder.encode(check_image_id(request.image_id))
+            try:
+                encoded = await encoder.encode(scoped_image_id(request.scope, check_image_id(request.image_id)))
+            except NotFound:  # named by the id the caller knows, never the scoped one
+                raise NotFound(f"image {request.image_id} is unknown or expired; send the image bytes again") from None
         else:
             raise InvalidRequest("EncodeRequest needs a source: `image` (bytes) or `image_id`")
         yield vision_encoder_pb2.EncodeResponse(info=_info(encoded), cache_hit=encoded.cache_hit,
@@ -44,7 +48,7 @@ class VisionEncoderServicer(vision_encoder_pb2_grpc.VisionEncoderServicer):
             yield vision_encoder_pb2.EncodeResponse(chunk=chunk)
 
     async def PutImage(self, request, context):
-        upload = await self._ready().put_image(request.image)
+        upload = await self._ready().put_image(request.image, request.scope)
         return vision_encoder_pb2.PutImageResponse(image_id=upload.image_id, ttl_seconds=upload.ttl_s,
                                                    width=upload.width, height=upload.height)
 

@@ -7,12 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("image", "image_id")
+    __slots__ = ("image", "image_id", "scope")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     image_id: str
-    def __init__(self, image: _Optional[bytes] = ..., image_id: _Optional[str] = ...) -> None: ...
+    scope: str
+    def __init__(self, image: _Optional[bytes] = ..., image_id: _Optional[str] = ..., scope: _Optional[str] = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("info", "chunk", "cache_hit", "encode_ms")
@@ -27,10 +29,12 @@ class EncodeResponse(_message.Message):
     def __init__(self, info: _Optional[_Union[_common_pb2.EmbeddingInfo, _Mapping]] = ..., chunk: _Optional[bytes] = ..., cache_hit: _Optional[bool] = ..., encode_ms: _Optional[float] = ...) -> None: ...
 
 class PutImageRequest(_message.Message):
-    __slots__ = ("image",)
+    __slots__ = ("image", "scope")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
     image: bytes
-    def __init__(self, image: _Optional[bytes] = ...) -> None: ...
+    scope: str
+    def __init__(self, image: _Optional[bytes] = ..., scope: _Optional[str] = ...) -> None: ...
 
 class PutImageResponse(_message.Message):
     __slots__ = ("image_id", "ttl_seconds", "width", "height")

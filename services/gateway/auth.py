@@ -1,0 +1,247 @@
+"""Client authentication at the gateway: bearer tokens, scopes, per-token rate limits and image quotas.
+
+The token file (VLSPLIT_AUTH_TOKENS) holds one client per line, never a token itself:
+
+    # name:sha256(token)[:scopes[:requests_per_s[:images_per_day]]]
+    moderation:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08:classify,upload:50:100000
+    app:60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752
+
+scopes are `ask` (Ask, AskStream, AskMany), `classify` (Classify, Moderate) and `upload` (UploadImage)
+or `*` (default: all); empty limits take the gateway's defaults, 0 = unlimited. `vlsplit token NAME`
+makes a token and its line. The file is read again when it changes (at most once a second); a file
+that fails to parse keeps the clients it had. Clients send `authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import logging
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+import grpc
+from prometheus_client import Counter
+
+from shared.errors import Overloaded, PermissionDenied, Unauthenticated
+from shared.interceptor import CLIENT_NAME, wrap_handler
+
+log = logging.getLogger("vlsplit.auth")
+
+SCOPES = {"ask": ("Ask", "AskStream", "AskMany"), "classify": ("Classify", "Moderate"), "upload": ("UploadImage",)}
+METHOD_SCOPE = {method: scope for scope, methods in SCOPES.items() for method in methods}
+SERVICE_PREFIX = "/vlsplit.v1.Gateway/"
+CHECK_EVERY_S = 1.0
+DAY_S = 86400
+
+REQUESTS = Counter("vlsplit_gateway_client_requests", "Calls admitted, by client (token name) and method",
+                   ["client", "method"])
+REJECTED = Counter("vlsplit_gateway_client_rejected", "Calls refused by authentication, scope, rate or quota",
+                   ["client", "reason"])
+
+
+@dataclass(frozen=True)
+class Client:
+    name: str
+    scopes: frozenset[str]
+    requests_per_s: float  # 0 = unlimited
+    images_per_day: int  # 0 = unlimited
+
+
+ANONYMOUS = Client("", frozenset(SCOPES), 0.0, 0)  # auth off: everyone, unlimited
+CLIENT: contextvars.ContextVar[Client] = contextvars.ContextVar("vlsplit_client", default=ANONYMOUS)
+
+
+def new_token(name: str, scopes: str = "*") -> tuple[str, str]:
+    """A fresh token and the token-file line that admits it."""
+    token = "vls_" + secrets.token_urlsafe(32)
+    return token, f"{name}:{hashlib.sha256(token.encode()).hexdigest()}:{scopes}"
+
+
+def parse_tokens(text: str, requests_per_s: float, images_per_day: int) -> dict[str, Client]:
+    """sha256 hex -> Client; ValueError names the bad line."""
+    clients: dict[str, Client] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.split(":")
+        if len(fields) < 2 or len(fields) > 5:
+            raise ValueError(f"line {number}: expected name:sha256[:scopes[:requests_per_s[:images_per_day]]]")
+        name, digest, *rest = fields
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+            raise ValueError(f"line {number}: a name is 1-64 letters, digits, '.', '_' or '-'")
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ValueError(f"line {number}: the token's sha256 must be 64 lowercase hex digits")
+        scopes = _scopes(rest[0] if rest else "", number)
+        rate = float(rest[1]) if len(rest) > 1 and rest[1] else requests_per_s
+        images = int(rest[2]) if len(rest) > 2 and rest[2] else images_per_day
+        if rate < 0 or images < 0:
+            raise ValueError(f"line {number}: limits are >= 0 (0 = unlimited)")
+        if digest in clients:
+            raise ValueError(f"line {number}: the same token is listed twice")
+        clients[digest] = Client(name, scopes, rate, images)
+    return clients
+
+
+def _scopes(text: str, number: int) -> frozenset[str]:
+    if text in ("", "*"):
+        return frozenset(SCOPES)
+    scopes = frozenset(s.strip() for s in text.split(",") if s.strip())
+    unknown = scopes - set(SCOPES)
+    if unknown:
+        raise ValueError(f"line {number}: unknown scope {sorted(unknown)[0]!r} (known: {', '.join(SCOPES)}, *)")
+    return scopes
+
+
+class TokenFile:
+    def __init__(self, path: str, requests_per_s: float, images_per_day: int):
+        self.path, self.defaults = path, (requests_per_s, images_per_day)
+        self._stamp = self._read_stamp()
+        self.clients = parse_tokens(open(path).read(), *self.defaults)  # a bad file at start-up is fatal
+        self._checked = time.monotonic()
+
+    def lookup(self, token: str) -> Client | None:
+        self._reload_if_changed()
+        return self.clients.get(hashlib.sha256(token.encode()).hexdigest())
+
+    def _read_stamp(self):
+        st = os.stat(self.path)
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def _reload_if_changed(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < CHECK_EVERY_S:
+            return
+        self._checked = now
+        try:
+            stamp = self._read_stamp()
+            if stamp == self._stamp:
+                return
+            clients = parse_tokens(open(self.path).read(), *self.defaults)
+        except (OSError, ValueError) as exc:
+            log.warning("token file %s could not be read (%s); keeping the %d clients it had", self.path, exc,
+                        len(self.clients))
+            return
+        self._stamp, self.clients = stamp, clients
+        log.info("token file reloaded", extra={"clients": len(clients)})
+
+
+class RateLimiter:
+    """A token bucket per client: `requests_per_s` sustained, bursts of up to one second's worth."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, last refill)
+
+    def wait_s(self, client: Client) -> float:
+        """0 and one request taken, or how long until the next one is allowed."""
+        if client.requests_per_s <= 0:
+            return 0.0
+        capacity = max(1.0, client.requests_per_s)
+        now = self.clock()
+        tokens, last = self._buckets.get(client.name, (capacity, now))
+        tokens = min(capacity, tokens + (now - last) * client.requests_per_s)
+        if tokens >= 1:
+            self._buckets[client.name] = (tokens - 1, now)
+            return 0.0
+        self._buckets[client.name] = (tokens, now)
+        return (1 - tokens) / client.requests_per_s
+
+
+class ImageQuota:
+    """Images a client may send per UTC day; counted in Redis (shared by every gateway replica) when the
+    cache is Redis, else in this process."""
+
+    def __init__(self, redis=None, clock=time.time):
+        self.redis, self.clock = redis, clock
+        self._local: dict[tuple[str, int], int] = {}
+
+    async def take(self, client: Client, images: int = 1) -> None:
+        if client.images_per_day <= 0 or images <= 0:
+            return
+        now = self.clock()
+        day = int(now // DAY_S)
+        used = await self._add(client.name, day, images)
+        if used > client.images_per_day:
+            await self._add(client.name, day, -images)  # refused images do not count
+            REJECTED.labels(client.name, "quota").inc()
+            retry = (day + 1) * DAY_S - now
+            raise Overloaded(f"client {client.name!r} used its quota of {client.images_per_day} images per day; "
+                             f"it renews at 00:00 UTC, in {retry:.0f} s", retry_after_s=retry)
+
+    async def _add(self, name: str, day: int, n: int) -> int:
+        if self.redis is not None:
+            key = f"vlsplit:quota:{{{name}}}:{day}"
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.incrby(key, n)
+                pipe.expire(key, 2 * DAY_S)
+                used, _ = await pipe.execute()
+            return int(used)
+        key = (name, day)
+        self._local = {k: v for k, v in self._local.items() if k[1] >= day}  # yesterday's counts go
+        self._local[key] = self._local.get(key, 0) + n
+        return self._local[key]
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates Gateway calls (health and reflection stay open for probes): UNAUTHENTICATED
+    without a known token, PERMISSION_DENIED without the method's scope, RESOURCE_EXHAUSTED over the
+    client's rate (with `retry-after-ms`). The client is in `CLIENT` for the call's handler."""
+
+    def __init__(self, tokens: TokenFile, limiter: RateLimiter | None = None):
+        self.tokens, self.limiter = tokens, limiter or RateLimiter()
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if not details.method.startswith(SERVICE_PREFIX):
+            return handler
+        method = details.method[len(SERVICE_PREFIX):]
+        metadata = dict(details.invocation_metadata or ())
+
+        def admit() -> Client:
+            client = self.authenticate(metadata.get("authorization", ""), method)
+            CLIENT.set(client)
+            CLIENT_NAME.set(client.name)
+            return client
+
+        def unary(behavior):
+            async def wrapped(request, context):
+                admit()
+                return await behavior(request, context)
+            return wrapped
+
+        def streaming(behavior):
+            async def wrapped(request, context):
+                admit()
+                async for item in behavior(request, context):
+                    yield item
+            return wrapped
+
+        return wrap_handler(handler, unary, streaming)
+
+    def authenticate(self, authorization: str, method: str) -> Client:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            REJECTED.labels("", "unauthenticated").inc()
+            raise Unauthenticated("this gateway needs a token: send the metadata 'authorization: Bearer <token>' "
+                                  "(vlsplit ask --token ..., or VLSPLIT_TOKEN)")
+        client = self.tokens.lookup(token.strip())
+        if client is None:
+            REJECTED.labels("", "unauthenticated").inc()
+            raise Unauthenticated("unknown or revoked token")
+        scope = METHOD_SCOPE.get(method, "")
+        if scope not in client.scopes:
+            REJECTED.labels(client.name, "scope").inc()
+            raise PermissionDenied(f"client {client.name!r} lacks the {scope!r} scope that {method} needs "
+                                   f"(it has: {', '.join(sorted(client.scopes))})")
+        wait = self.limiter.wait_s(client)
+        if wait > 0:
+            REJECTED.labels(client.name, "rate").inc()
+            raise Overloaded(f"client {client.name!r} is over its rate of {client.requests_per_s:g} requests/s; "
+                             f"retry after {wait:.3f} s", retry_after_s=wait)
+        REQUESTS.labels(client.name, method).inc()
+        return client
