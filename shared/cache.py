@@ -12,6 +12,11 @@ float32 payload can pass that (Qwen3-VL-2B: 537 MB). A value over `part_bytes` i
 under `<key>:part:<nonce>:<i>` with a small manifest under `<key>`, all in one MULTI/EXEC with the
 same TTL; a read with any part missing is a miss.
 
+With a key (VLSPLIT_CACHE_HMAC_KEY, the same on every service), every value is stored as
+`vls1 + HMAC-SHA256(key, cache key + value) + value`: the MAC binds the value to its key, which names
+the model fingerprint and the image id, so an entry written by anyone without the key (or moved
+under another key) is dropped on read, counted in `vlsplit_cache_rejected_total`, and recomputed.
+
 A cache must never fail a request: when Redis is down or slow (short socket timeouts), reads are
 misses and writes are skipped; the first failure is logged, every failure is counted in
 `vlsplit_cache_errors_total`, and recovery is logged once when Redis answers again.
@@ -19,6 +24,8 @@ misses and writes are skipped; the first failure is logged, every failure is cou
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import secrets
@@ -162,6 +169,12 @@ def open_store(url: str, timeout_s: float, memory_bytes: int, part_bytes: int = 
     return RedisStore(url, timeout_s, part_bytes, **auth)
 
 
+def safe_store_for(config) -> "SafeStore":
+    """The store a service's config describes (its redis_* and cache fields), failures absorbed and
+    values signed when it has a cache_hmac_key."""
+    return SafeStore(store_for(config), Signer(config.cache_hmac_key) if config.cache_hmac_key else None)
+
+
 def store_for(config) -> Store:
     """The store a service's config describes (its redis_* and cache fields)."""
     return open_store(config.redis_url, config.redis_timeout_s, config.memory_cache_bytes, config.cache_part_bytes,
@@ -169,11 +182,45 @@ def store_for(config) -> Store:
                       tls_cert=config.redis_tls_cert, tls_key=config.redis_tls_key)
 
 
-class SafeStore:
-    """Wraps a Store so that backend failures become misses / skipped writes, counted and logged."""
+class Signer:
+    """HMAC-SHA256 envelopes for cache values, bound to their cache key."""
 
-    def __init__(self, store: Store):
+    MAGIC = b"vls1"
+    MIN_KEY_BYTES = 32
+
+    def __init__(self, key: str | bytes):
+        key = key.encode() if isinstance(key, str) else key
+        if len(key) < self.MIN_KEY_BYTES:
+            raise ValueError(f"the cache HMAC key (VLSPLIT_CACHE_HMAC_KEY) is {len(key)} bytes; at least "
+                             f"{self.MIN_KEY_BYTES} are required (e.g. `openssl rand -hex 32`)")
+        self.key = key
+
+    def _mac(self, cache_key: str, value) -> bytes:
+        mac = hmac.new(self.key, cache_key.encode() + b"\0", hashlib.sha256)
+        mac.update(value)
+        return mac.digest()
+
+    def seal(self, cache_key: str, value: bytes) -> bytes:
+        return self.MAGIC + self._mac(cache_key, value) + value
+
+    def open(self, cache_key: str, blob: bytes) -> tuple[bytes | None, str]:
+        """(value, "") when `blob` is sealed for `cache_key` with this key, else (None, why)."""
+        if not blob.startswith(self.MAGIC) or len(blob) < len(self.MAGIC) + 32:
+            return None, "unsigned"
+        start = len(self.MAGIC) + 32
+        value = memoryview(blob)[start:]
+        if not hmac.compare_digest(blob[len(self.MAGIC):start], self._mac(cache_key, value)):
+            return None, "forged"
+        return bytes(value), ""
+
+
+class SafeStore:
+    """Wraps a Store so that backend failures become misses / skipped writes, counted and logged;
+    with a `signer`, values are sealed on write and unsealed entries dropped on read."""
+
+    def __init__(self, store: Store, signer: Signer | None = None):
         self.store = store
+        self.signer = signer
         self.healthy = True
 
     @property
@@ -182,9 +229,19 @@ class SafeStore:
         return getattr(self.store, "client", None)
 
     async def get(self, key: str) -> bytes | None:
-        return await self._call("get", self.store.get(key))
+        blob = await self._call("get", self.store.get(key))
+        if blob is None or self.signer is None:
+            return blob
+        value, why = self.signer.open(key, blob)
+        if value is None:
+            metrics.CACHE_REJECTED.labels(why).inc()
+            log.warning("dropping %s cache entry %s", why, key, extra={"key": key, "reason": why})
+            await self.delete(key)
+        return value
 
     async def set(self, key: str, value: bytes, ttl_s: int) -> None:
+        if self.signer is not None:
+            value = self.signer.seal(key, value)
         await self._call("set", self.store.set(key, value, ttl_s))
 
     async def delete(self, key: str) -> None:

@@ -50,6 +50,9 @@ class EncoderConfig(ServerConfig):
     redis_tls_ca: str = ""  # rediss://: CA bundle of the server's certificate ("" = the system's)
     redis_tls_cert: str = ""  # rediss:// with client certificates
     redis_tls_key: str = ""
+    # Signs every cache value (HMAC-SHA256; >= 32 bytes, the same on encoders and gateways, from a Secret):
+    # entries written without it are dropped and recomputed. "" = unsigned.
+    cache_hmac_key: str = ""
     cache_ttl_s: int = 24 * 3600  # embedding cache entries
     image_ttl_s: int = 3600  # uploaded image bytes kept for Ask(image_id)
     payload_dtype: str = ""  # dtype of cached/sent payloads; "" = the serving dtype (exact)
@@ -130,6 +133,9 @@ class GatewayConfig(ServerConfig):
     redis_tls_ca: str = ""  # rediss://: CA bundle of the server's certificate ("" = the system's)
     redis_tls_cert: str = ""  # rediss:// with client certificates
     redis_tls_key: str = ""
+    # Signs every cache value (HMAC-SHA256; >= 32 bytes, the same on encoders and gateways, from a Secret):
+    # entries written without it are dropped and recomputed. "" = unsigned.
+    cache_hmac_key: str = ""
     redis_timeout_s: float = 0.5
     cache_part_bytes: int = 64 * MiB  # Redis values above this are stored in parts (Redis's bulk limit is 512 MB)
     memory_cache_bytes: int = 512 * MiB

@@ -9,6 +9,9 @@ LATENCY = Histogram("vlsplit_request_seconds", "RPC wall time", ["method"],
                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 IN_FLIGHT = Gauge("vlsplit_in_flight_requests", "RPCs being handled now", ["method"])
 CACHE = Counter("vlsplit_cache_requests_total", "Embedding-cache look-ups by result", ["result"])  # hit|miss|error
+CACHE_REJECTED = Counter("vlsplit_cache_rejected_total",
+                         "Cache entries dropped unread: unsigned or forged (HMAC), or stored bytes whose hash is not "
+                         "their id", ["reason"])
 CACHE_ERRORS = Counter("vlsplit_cache_errors_total", "Cache backend failures (Redis down or slow)", ["op"])
 ENCODE_SECONDS = Histogram("vlsplit_encode_seconds", "Time to get an image's embeddings",
                            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 
 from procs import Redis, Service
-from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, vision_encoder_pb2_grpc
 
 
 @dataclass
@@ -58,6 +58,12 @@ class Stack:
 
     def ask(self, image: bytes | str, question: str, timeout: float = 120, **sampling) -> gateway_pb2.Answer:
         return self.stub.Ask(ask_request(image, question, **sampling), timeout=timeout)
+
+    def encoder_fingerprint(self) -> str:
+        with grpc.insecure_channel(self.encoder.address) as channel:
+            info = vision_encoder_pb2_grpc.VisionEncoderStub(channel).GetModelInfo(common_pb2.ModelInfoRequest(),
+                                                                                  timeout=10)
+        return info.fingerprint
 
     def encodes(self) -> float:
         return self.encoder.metric("vlsplit_encoder_encodes_total")

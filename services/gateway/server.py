@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from shared.cache import SafeStore, store_for
+from shared.cache import Signer, safe_store_for
 from shared.config import GatewayConfig
 from shared.logs import setup_logging
 from shared.server import Service, run
@@ -30,6 +30,8 @@ def build(config: GatewayConfig) -> Service:
     encoders = Router(config.encoder, config.decoder_down_s, what="encoder")
     tls = client_tls(config.upstream_tls_ca, config.upstream_tls_cert, config.upstream_tls_key,
                      config.upstream_tls_server_name)
+    if config.cache_hmac_key:
+        Signer(config.cache_hmac_key)  # a short key fails here, at once
     if config.cache_scope not in ("tenant", "global"):
         raise ValueError(f"VLSPLIT_CACHE_SCOPE={config.cache_scope!r}: expected tenant or global")
     tokens = (TokenFile(config.auth_tokens, config.auth_requests_per_s, config.auth_images_per_day)
@@ -37,7 +39,7 @@ def build(config: GatewayConfig) -> Service:
 
     async def start() -> None:
         # Channels and the Redis client bind to the running event loop, so they are made here.
-        store = SafeStore(store_for(config))
+        store = safe_store_for(config)
         decoders = DecoderPool(router, config.retry_attempts, config.deadline_s, tls)
         encoder = EncoderPool(encoders, config.retry_attempts, config.deadline_s, tls)
         pipeline = Pipeline(encoder, decoders, router, store, config.cache_ttl_s,

@@ -119,8 +119,9 @@ class CachedEncoder:
     async def image_id_of(self, data: bytes) -> str:
         return await asyncio.to_thread(content_id, data)
 
-    async def encode(self, image_id: str, data: bytes | None = None) -> Encoded:
-        """Embeddings of the image `image_id`; its bytes come with the call or from the upload store."""
+    async def encode(self, image_id: str, data: bytes | None = None, content: str | None = None) -> Encoded:
+        """Embeddings of the image `image_id`; its bytes come with the call or from the upload store, where
+        they must hash to `content` (the content id `image_id` was derived from; default `image_id`)."""
         if self.flights.running(image_id):
             # No await between this check and `do`: the running flight is joined, `work` not called.
             metrics.CACHE.labels("miss").inc()
@@ -129,7 +130,7 @@ class CachedEncoder:
         if cached is not None:
             return cached
         if data is None:
-            data = await self._uploaded(image_id)
+            data = await self._uploaded(image_id, content or image_id)
         return await self.flights.do(image_id, lambda: self._compute(image_id, data))
 
     async def put_image(self, data: bytes, scope: str = "") -> Upload:
@@ -141,10 +142,17 @@ class CachedEncoder:
             raise Unavailable("the image store is unreachable; send the image bytes with each request instead")
         return Upload(image_id, self.image_ttl_s, image.width, image.height)
 
-    async def _uploaded(self, image_id: str) -> bytes:
-        data = await self.store.get(image_key(image_id))
+    async def _uploaded(self, image_id: str, content: str) -> bytes:
+        """Stored bytes, re-hashed: bytes that are not the image they are stored as are dropped."""
+        key = image_key(image_id)
+        data = await self.store.get(key)
+        if data is not None and await self.image_id_of(data) != content:
+            metrics.CACHE_REJECTED.labels("rehash").inc()
+            log.warning("dropping stored image %s: its bytes hash to another image", key, extra={"key": key})
+            await self.store.delete(key)
+            data = None
         if data is None:
-            raise NotFound(f"image {image_id} is unknown or expired; send the image bytes again")
+            raise NotFound(f"image {content} is unknown or expired; send the image bytes again")
         return data
 
     async def _cached(self, image_id: str, count: bool = False) -> Encoded | None:

@@ -21,12 +21,13 @@ from urllib.parse import urlsplit
 
 import torch
 
-from shared.cache import SafeStore, store_for
+from shared.cache import Signer, safe_store_for
 from shared.codec import DTYPES
 from shared.config import MiB, EncoderConfig
 from shared.images import ImageLimits
 from shared.logs import setup_logging
 from shared.server import Service, run
+from shared.tls import server_tls
 from vlsplit.v1 import vision_encoder_pb2_grpc
 
 from .batcher import BatchLimits
@@ -74,7 +75,7 @@ async def _open(config: EncoderConfig, executor: ThreadPoolExecutor) -> CachedEn
         torch.set_num_threads(config.torch_threads)  # the tower's forwards run one at a time (batcher.py)
     engine = await loop.run_in_executor(executor, VisionEngine, config.model, DTYPES[config.dtype], config.device)
     loaded_s = time.perf_counter() - start
-    store = SafeStore(store_for(config))
+    store = safe_store_for(config)
     encoder = CachedEncoder(
         engine, executor, store,
         payload_dtype=config.payload_dtype or config.dtype,
@@ -107,6 +108,9 @@ def _check(config: EncoderConfig) -> None:
     if min(config.cache_ttl_s, config.image_ttl_s) < 1:
         raise ValueError("cache_ttl_s and image_ttl_s must be at least 1 second")
     _batch_limits(config)
+    if config.cache_hmac_key:
+        Signer(config.cache_hmac_key)
+    server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
 
 
 def _batch_limits(config: EncoderConfig) -> BatchLimits:

@@ -5,7 +5,7 @@ Errors are raised as `VlsplitError`s and mapped to status codes by shared/interc
 
 from __future__ import annotations
 
-from shared.errors import InvalidRequest, NotFound, Unavailable
+from shared.errors import InvalidRequest, Unavailable
 from shared.transfer import chunks
 from vlsplit.v1 import common_pb2, vision_encoder_pb2, vision_encoder_pb2_grpc
 
@@ -36,10 +36,8 @@ class VisionEncoderServicer(vision_encoder_pb2_grpc.VisionEncoderServicer):
             image_id = scoped_image_id(request.scope, await encoder.image_id_of(request.image))
             encoded = await encoder.encode(image_id, request.image)
         elif source == "image_id":
-            try:
-                encoded = await encoder.encode(scoped_image_id(request.scope, check_image_id(request.image_id)))
-            except NotFound:  # named by the id the caller knows, never the scoped one
-                raise NotFound(f"image {request.image_id} is unknown or expired; send the image bytes again") from None
+            content = check_image_id(request.image_id)
+            encoded = await encoder.encode(scoped_image_id(request.scope, content), content=content)
         else:
             raise InvalidRequest("EncodeRequest needs a source: `image` (bytes) or `image_id`")
         yield vision_encoder_pb2.EncodeResponse(info=_info(encoded), cache_hit=encoded.cache_hit,
