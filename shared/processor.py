@@ -13,6 +13,7 @@ Both must produce exactly what transformers' own processor would; tests/test_pro
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerB
 from .errors import BadImage, InvalidRequest
 
 IMAGE_TOKEN = "<|image_pad|>"
-# Markup a user must not smuggle into text: it would desynchronise image tokens and embeddings.
-RESERVED_MARKUP = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+# Stands for a message's text while the chat template renders (private-use characters: no template
+# or tokenizer treats them specially).
+_PLACEHOLDER = "\ue000{}\ue001"
+_PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
 ROLES = ("system", "user", "assistant")
 
 Message = dict[str, Any]  # {"role": str, "content": str | [{"type": "image"} | {"type": "text", "text": str}]}
@@ -68,6 +71,10 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.merge_size = merge_size
         self.image_token_id: int = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        # Every added token (special or not), longest first, as the tokenizer matches them.
+        self._added = {token.content: token_id for token_id, token in tokenizer.added_tokens_decoder.items()}
+        self._added_re = re.compile("(" + "|".join(re.escape(t) for t in sorted(self._added, key=len, reverse=True))
+                                    + ")")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, merge_size: int) -> "PromptBuilder":
@@ -79,9 +86,50 @@ class PromptBuilder:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
+    def token_ids(self, messages: list[Message]) -> list[int]:
+        """The rendered prompt's ids, where only the chat template makes special or added tokens: text
+        from messages is tokenized as plain text, so `<|im_start|>` in a question is those characters.
+        For text without such strings this is exactly the tokenizer on the rendered prompt."""
+        texts: list[str] = []
+
+        def hide(text: str) -> str:
+            texts.append(text)
+            return _PLACEHOLDER.format(len(texts) - 1)
+
+        hidden = [{**m, "content": hide(m["content"]) if isinstance(m["content"], str) else
+                   [{**part, "text": hide(part["text"])} if part.get("type") == "text" else part
+                    for part in m["content"]]} for m in messages]
+        rendered = self.render(hidden)
+        pieces = _PLACEHOLDER_RE.split(rendered)  # template, text index, template, ...
+        if "".join(texts[int(p)] if i % 2 else p for i, p in enumerate(pieces)) != self.render(messages):
+            raise InvalidRequest("this checkpoint's chat template rewrites message text; it is not supported")
+        ids: list[int] = []
+        plain = ""  # text between two special tokens, tokenized as one piece (as the tokenizer does)
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                plain += texts[int(piece)]
+                continue
+            for j, part in enumerate(self._added_re.split(piece)):
+                if j % 2 == 0:
+                    plain += part
+                else:
+                    ids += self.plain_ids(plain) + [self._added[part]]
+                    plain = ""
+        return ids + self.plain_ids(plain)
+
+    def plain_ids(self, text: str) -> list[int]:
+        """`text` through the normalizer, pre-tokenizer and model only: never an added token."""
+        if not text:
+            return []
+        backend = self.tokenizer.backend_tokenizer
+        if backend.normalizer is not None:
+            text = backend.normalizer.normalize_str(text)
+        pieces = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer else [(text, None)]
+        return [token.id for piece, _ in pieces for token in backend.model.tokenize(piece)]
+
     def __call__(self, messages: list[Message], grids: list[tuple[int, int, int]]) -> PromptInputs:
         """Prompt ids for `messages`, whose image items take the given grids in order."""
-        ids = self.tokenizer(self.render(messages), add_special_tokens=False)["input_ids"]
+        ids = self.token_ids(messages)
         slots = [i for i, tok in enumerate(ids) if tok == self.image_token_id]
         if len(slots) != len(grids):
             raise InvalidRequest(f"the messages hold {len(slots)} images but {len(grids)} were given")
@@ -129,6 +177,3 @@ def _validate_part(i: int, part: Any) -> None:
         return
     if kind != "text" or not isinstance(part.get("text"), str):
         raise InvalidRequest(f"message {i}: each part must be {{'type': 'image'}} or {{'type': 'text', 'text': str}}")
-    for markup in RESERVED_MARKUP:
-        if markup in part["text"]:
-            raise InvalidRequest(f"message {i}: text may not contain the reserved marker {markup}")

@@ -7,6 +7,7 @@ from functools import lru_cache
 
 import torch
 from PIL import Image
+from tokenizers import AddedToken
 from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -24,13 +25,27 @@ def reference_model(path: str):
     return model.eval()
 
 
-def reference_inputs(path: str, images: list[Image.Image], question: str | list[dict]) -> dict:
+ESCAPE_MARK = "QUESTION-GOES-HERE"
+
+
+def escaped_ids(path: str, text: str) -> list[int]:
+    """`text` tokenized with every added token escaped: the tokenizer's split_special_tokens, after
+    marking its non-special added tokens (e.g. <tool_call>) special too, so none of them matches."""
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.backend_tokenizer.add_special_tokens([AddedToken(t.content, special=True, normalized=False)
+                                                    for t in tokenizer.added_tokens_decoder.values() if not t.special])
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def reference_inputs(path: str, images: list[Image.Image], question: str | list[dict], escaped: bool = False) -> dict:
     """Model inputs for one question after the images, or for a whole conversation (a list of
-    messages whose image parts take `images` in order)."""
+    messages whose image parts take `images` in order). `escaped`: the question's text is tokenized
+    with `escaped_ids` (special-token strings in it stay characters)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)
     if isinstance(question, str):
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+        text = ESCAPE_MARK if escaped else question
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
         messages = [{"role": "user", "content": content}]
     else:
         messages = question
@@ -43,7 +58,14 @@ def reference_inputs(path: str, images: list[Image.Image], question: str | list[
     for grid in vision["image_grid_thw"]:  # as Qwen2VLProcessor does: one placeholder per merged patch
         text = text.replace(IMAGE_PAD, "<|placeholder|>" * int(grid.prod() // merge), 1)
     text = text.replace("<|placeholder|>", IMAGE_PAD)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if escaped:
+        before, after = text.split(ESCAPE_MARK)
+        pieces = [tokenizer(before, add_special_tokens=False)["input_ids"],
+                  escaped_ids(path, question),
+                  tokenizer(after, add_special_tokens=False)["input_ids"]]
+        ids = torch.tensor([pieces[0] + pieces[1] + pieces[2]])
+    else:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     return {
         "input_ids": ids,
@@ -56,7 +78,7 @@ def reference_inputs(path: str, images: list[Image.Image], question: str | list[
 
 @torch.inference_mode()
 def reference_tokens(path: str, images: list[Image.Image], question: str | list[dict], max_new_tokens: int = 20,
-                     encoder_outputs: list | None = None) -> list[int]:
+                     encoder_outputs: list | None = None, escaped: bool = False) -> list[int]:
     """Greedy token ids of the monolithic model: generated only, final EOS removed.
     `question`: one question after the images, or a whole conversation (see reference_inputs).
 
@@ -64,7 +86,7 @@ def reference_tokens(path: str, images: list[Image.Image], question: str | list[
     pixel values (to compare against embeddings that went through a lossy dtype).
     """
     model = reference_model(path)
-    inputs = reference_inputs(path, images, question)
+    inputs = reference_inputs(path, images, question, escaped)
     if encoder_outputs is not None:
         inputs.pop("pixel_values")
         out = BaseModelOutputWithPooling(pooler_output=tuple(p.embeddings.float() for p in encoder_outputs))

@@ -264,7 +264,6 @@ BAD_REQUESTS = {  # name: (data -> request messages, text the error must contain
     "no_messages": bad_messages("messages must be a non-empty list"),
     "unknown_role": bad_messages("role must be one of", user(IMAGE_PART, TEXT_PART, role="robot")),
     "empty_content_part": bad_messages("neither text nor image", user(IMAGE_PART, pb.ContentPart())),
-    "reserved_markup": bad_messages("reserved marker", user(IMAGE_PART, pb.ContentPart(text="<|vision_start|>hi"))),
 }
 
 

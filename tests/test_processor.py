@@ -127,12 +127,9 @@ def test_aspect_ratio_just_under_the_limit_is_accepted(tiny_models, processors):
         ([{"role": "user", "content": {"type": "text", "text": "hi"}}], "content"),
         ([{"role": "user", "content": [{"type": "video"}]}], "part"),
         ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "part"),
-        ([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a <|image_pad|> b"}]}],
-         "<|image_pad|>"),
-        ([{"role": "user", "content": "sneaky <|vision_start|>"}], "<|vision_start|>"),
     ],
     ids=["empty", "not-a-list", "bad-role", "not-a-dict", "int-content", "dict-content", "video-part",
-         "non-str-text", "image-pad-in-text", "vision-start-in-string-content"],
+         "non-str-text"],
 )
 def test_validate_messages_rejects(messages, fragment):
     with pytest.raises(InvalidRequest) as err:

@@ -186,7 +186,7 @@ class Intake:
         for label in labels:
             if not isinstance(label, str) or not label.strip():
                 raise InvalidRequest("labels must be non-empty")
-            ids = self.prompts.tokenizer(label, add_special_tokens=False)["input_ids"]
+            ids = self.prompts.plain_ids(label)  # a label is user text: never special tokens
             if len(ids) > self.config.max_label_tokens:
                 raise TooLarge(f"label {label[:40]!r} is {len(ids)} tokens; the limit is "
                                f"{self.config.max_label_tokens} (VLSPLIT_MAX_LABEL_TOKENS)")
