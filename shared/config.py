@@ -37,6 +37,9 @@ class ServerConfig:
     # A plaintext port serving only gRPC health, for probes that cannot speak TLS (Kubernetes' grpc
     # probe); -1 = off, 0 = pick a free one.
     health_port: int = -1
+    # Calls handled at once (health watches and probes on the main port count too: use health_port for
+    # probes); one more is refused by gRPC with RESOURCE_EXHAUSTED. 0 = unlimited.
+    max_concurrent_rpcs: int = 1024
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class EncoderConfig(ServerConfig):
     # Dynamic batching (services/vision_encoder/batcher.py): different images, one tower forward.
     encode_max_batch: int = 8  # images per forward; 1 = no batching
     encode_max_wait_ms: float = 20.0  # how long an image waits for others; 0 = batch only behind a busy tower
+    encode_max_queue: int = 64  # images waiting for or in a forward; one more -> RESOURCE_EXHAUSTED (retry later)
     encode_max_batch_patches: int = 65536  # vision patches per forward (one max-size Qwen2-VL image)
     # Cross-replica single flight (Redis only): one replica encodes a new image, the others wait for
     # its cache entry; a holder that dies is replaced after this many seconds. 0 = off.

@@ -49,7 +49,8 @@ class Service:
 async def run(config: ServerConfig, service: Service) -> None:
     options = [("grpc.max_receive_message_length", service.max_message_bytes),
                ("grpc.max_send_message_length", service.max_message_bytes)]
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(), *service.interceptors], options=options)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(), *service.interceptors], options=options,
+                             maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service.register(server)

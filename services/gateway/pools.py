@@ -16,12 +16,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Counter, Gauge
 
-from shared.errors import Unavailable
+from shared.errors import Unavailable, Upstream
 from shared.tls import ClientTls
 from vlsplit.v1 import common_pb2, vision_encoder_pb2
 
 from .clients import DecoderClient, Encoded, EncoderClient, ReplicaClient
-from .routing import Router
+from .routing import Router, failover_reason
 
 FAILOVER_ATTEMPTS = 2  # per replica when its tier has several: fail over after ~0.1 s of backoff
 ENCODER_REQUESTS = Counter("vlsplit_gateway_encoder_requests", "Encode calls sent, by encoder replica", ["replica"])
@@ -138,17 +138,19 @@ class EncoderPool(_Pool[EncoderClient]):
 
     async def _first(self, call: Callable[[str, EncoderClient], Awaitable], image_id: str = ""):
         """`call` on the replicas in order until one answers; an unreachable one is marked down and
-        the call moves to the next (the last one's error is raised)."""
+        the call moves to the next, as does one whose queue is full (the last one's error is raised)."""
         order = self.order(image_id)
         for i, replica in enumerate(order):
             try:
                 result = await call(replica, self.get(replica))
-            except Unavailable as exc:
-                if i == len(order) - 1:
+            except (Unavailable, Upstream) as exc:
+                reason = failover_reason(exc)
+                if reason is None or i == len(order) - 1:
                     raise
-                self.router.mark_down(replica)
+                if reason == "unavailable":
+                    self.router.mark_down(replica)
                 ENCODER_FAILOVERS.inc()
-                log.warning("encoder %s unavailable (%s); trying %s", replica, exc, order[i + 1])
+                log.warning("encoder %s %s (%s); trying %s", replica, reason, exc, order[i + 1])
                 continue
             self.router.mark_up(replica)
             return result

@@ -37,7 +37,7 @@ from PIL import Image
 from shared import metrics
 from shared.cache import SafeStore, embedding_key, image_key
 from shared.codec import DTYPES, FORMAT_VERSION, decode_payload, dtype_name, encode_payload
-from shared.errors import BadImage, CorruptPayload, NotFound, TooLarge, Unavailable
+from shared.errors import BadImage, CorruptPayload, NotFound, Overloaded, TooLarge, Unavailable
 from shared.image_ids import image_id as content_id, scoped_image_id
 from shared.images import ImageLimits, load_image
 from shared.payload import EmbeddingPayload
@@ -91,7 +91,8 @@ class ModelInfo:
 class CachedEncoder:
     def __init__(self, engine: VisionEngine, executor: ThreadPoolExecutor, store: SafeStore, *,
                  payload_dtype: str, cache_ttl_s: int, image_ttl_s: int, limits: ImageLimits,
-                 batch_limits: BatchLimits = BatchLimits(), replica_flight: ReplicaFlight | None = None):
+                 batch_limits: BatchLimits = BatchLimits(), replica_flight: ReplicaFlight | None = None,
+                 max_queue: int = 0):
         self.engine = engine
         self.executor = executor  # the one thread every tower forward runs in (the batcher's)
         self.store = store
@@ -101,6 +102,8 @@ class CachedEncoder:
         self.flights: SingleFlight[str, Encoded] = SingleFlight()
         self.replicas = replica_flight or ReplicaFlight(None, 0)
         self.batcher: Batcher[tuple[str, ImageInputs], Encoded] = Batcher(self._run_tower, executor, batch_limits)
+        self.max_queue = max_queue  # images waiting for or in a forward; 0 = unbounded
+        self.queued = 0
 
     @property
     def fingerprint(self) -> str:
@@ -191,8 +194,16 @@ class CachedEncoder:
         inputs = await asyncio.to_thread(self._inputs, data)  # a bad image fails here, before any lock
 
         async def compute() -> Encoded:
-            with QUEUE_DEPTH.track_inprogress():
-                encoded = await self.batcher.submit((image_id, inputs), cost=inputs.pixel_values.shape[0])
+            if self.max_queue and self.queued >= self.max_queue:
+                raise Overloaded(f"encoder queue full: {self.queued} images wait for the vision tower (the limit "
+                                 f"is {self.max_queue}, VLSPLIT_ENCODE_MAX_QUEUE); retry later or on another "
+                                 "encoder", retry_after_s=0.5)
+            self.queued += 1
+            try:
+                with QUEUE_DEPTH.track_inprogress():
+                    encoded = await self.batcher.submit((image_id, inputs), cost=inputs.pixel_values.shape[0])
+            finally:
+                self.queued -= 1
             await self.store.set(embedding_key(self.fingerprint, image_id), encoded.blob, self.cache_ttl_s)
             return encoded
 

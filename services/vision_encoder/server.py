@@ -84,6 +84,7 @@ async def _open(config: EncoderConfig, executor: ThreadPoolExecutor) -> CachedEn
         limits=ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels),
         batch_limits=_batch_limits(config),
         replica_flight=ReplicaFlight(store.redis, config.encode_lock_s),
+        max_queue=config.encode_max_queue,
     )
     start = time.perf_counter()
     await loop.run_in_executor(executor, encoder.warm_up)
