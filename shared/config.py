@@ -151,6 +151,7 @@ class GatewayConfig(ServerConfig):
     max_new_tokens_limit: int = 4096  # checked here too, before any image is encoded
     deadline_s: float = 120.0  # default deadline when the client sets none
     retry_attempts: int = 5  # per hop, for UNAVAILABLE
+    migration_limit: int = 1  # times an answer moves to another decoder after its decoder died mid-answer
     # Client authentication (services/gateway/auth.py): a file of name:sha256(token)[:scopes[:rps[:images]]]
     # lines; "" = off (anyone may call). The limits apply to tokens whose line sets none; 0 = unlimited.
     auth_tokens: str = ""

@@ -17,7 +17,7 @@ from shared.image_ids import check_image_id, image_id as sha256_id, scoped_image
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, vision_encoder_pb2
 
 from .pools import DecoderPool, EncoderPool
-from .routing import DECODER_REQUESTS, FAILOVERS, Router, failover_reason
+from .routing import DECODER_REQUESTS, FAILOVERS, MIGRATIONS, Router, failover_reason
 
 log = logging.getLogger("vlsplit.gateway")
 
@@ -61,8 +61,9 @@ class Embeddings:
 
 class Pipeline:
     def __init__(self, encoder: EncoderPool, decoders: DecoderPool, router: Router, cache: SafeStore,
-                 cache_ttl_s: int, write_back: bool):
+                 cache_ttl_s: int, write_back: bool, migration_limit: int = 1):
         self.encoder, self.decoders, self.router, self.cache = encoder, decoders, router, cache
+        self.migration_limit = migration_limit
         self.cache_ttl_s = cache_ttl_s
         self.write_back = write_back  # "memory" backend: the gateway keeps what it fetched
         self._fingerprint: str | None = None
@@ -154,9 +155,14 @@ class Pipeline:
     async def _routed(self, rpc: str, header: llm_decoder_pb2.GenerateHeader, fetch: "ImageFetch", timeout: float,
                       ) -> AsyncIterator:
         """On the image's replica; while no reply was passed on, a replica that is gone or
-        overloaded hands the request to the next in the image's order (all within one deadline)."""
+        overloaded hands the request to the next in the image's order (all within one deadline).
+        A one-conversation Generate whose replica dies mid-answer migrates (up to migration_limit
+        times): the next replica resumes from the tokens already passed on, and the client sees one
+        answer. Anything else that fails mid-answer ends with the error, never hangs."""
         deadline = time.monotonic() + timeout
         order = self.router.order(fetch.source.key)
+        delivered: list[int] = []  # answer tokens passed on (one-conversation Generate)
+        migrations = 0
         for i, replica in enumerate(order):
             DECODER_REQUESTS.labels(replica).inc()
             started = False
@@ -166,12 +172,24 @@ class Pipeline:
                     if not started:
                         started = True
                         self.router.mark_up(replica)
+                    if migrations and reply.finish_reason:
+                        _count_resumed(reply, len(header.resume_token_ids))
+                    delivered.extend(reply.token_ids)
                     yield reply
                 return
             except (Unavailable, Upstream) as exc:
                 reason = failover_reason(exc)
-                if started or reason is None or i == len(order) - 1:
+                if reason is None or i == len(order) - 1:
                     raise
+                if started:
+                    if not (reason == "unavailable" and rpc == "Generate" and not header.batch
+                            and migrations < self.migration_limit):
+                        raise
+                    migrations += 1
+                    header = _resuming(header, delivered)
+                    MIGRATIONS.inc()
+                    log.warning("decoder %s died mid-answer after %d tokens; resuming on %s", replica,
+                                len(header.resume_token_ids), order[i + 1])
                 self._fail_over(replica, order[i + 1], reason, exc)
 
     def _fail_over(self, replica: str, to: str, reason: str, exc: Exception) -> None:
@@ -187,6 +205,20 @@ class Pipeline:
         await self.encoder.close()
         await self.decoders.close()
         await self.cache.close()
+
+
+def _resuming(header: llm_decoder_pb2.GenerateHeader, delivered: list[int]) -> llm_decoder_pb2.GenerateHeader:
+    resumed = llm_decoder_pb2.GenerateHeader()
+    resumed.CopyFrom(header)
+    resumed.resume_token_ids[:] = delivered
+    return resumed
+
+
+def _count_resumed(reply, resumed: int) -> None:
+    """Usage as the client asked for it: the resumed tokens were generated, not prompt."""
+    if reply.HasField("usage"):
+        reply.usage.prompt_tokens -= resumed
+        reply.usage.completion_tokens += resumed
 
 
 class ImageFetch:

@@ -30,6 +30,8 @@ log = logging.getLogger("vlsplit.gateway.routing")
 FAILOVERS = Counter("vlsplit_gateway_failovers_total",
                     "Decoder requests moved to the next replica before any token was sent, by reason",
                     ["reason"])  # unavailable | overloaded
+MIGRATIONS = Counter("vlsplit_gateway_migrations_total",
+                     "Answers resumed on another decoder after theirs died mid-answer")
 DECODER_REQUESTS = Counter("vlsplit_gateway_decoder_requests_total", "Generate calls sent, by decoder replica",
                            ["replica"])
 

@@ -43,7 +43,7 @@ def build(config: GatewayConfig) -> Service:
         decoders = DecoderPool(router, config.retry_attempts, config.deadline_s, tls)
         encoder = EncoderPool(encoders, config.retry_attempts, config.deadline_s, tls)
         pipeline = Pipeline(encoder, decoders, router, store, config.cache_ttl_s,
-                            write_back=config.redis_url == "memory")
+                            write_back=config.redis_url == "memory", migration_limit=config.migration_limit)
         await pipeline.start(config.decoder_resolve_s)
         servicer.quota = ImageQuota(store.redis)
         servicer.pipeline = pipeline

@@ -136,10 +136,11 @@ class DecoderEngine:
 
     def prepare(self, conversations: list[list[Message]], payloads: list[EmbeddingPayload] | None,
                 sampling: SamplingParams | list[SamplingParams] = SamplingParams(),
-                image_ids: tuple[str, ...] = (), labels: list[list[str]] | None = None) -> Request:
+                image_ids: tuple[str, ...] = (), labels: list[list[str]] | None = None,
+                resume: tuple[int, ...] = ()) -> Request:
         """A validated request (see intake.py). Without payloads (None, or none with image ids) the
-        images' KV must be cached, else NeedPayload."""
-        return self.intake.prepare(conversations, payloads, sampling, image_ids, labels)
+        images' KV must be cached, else NeedPayload. `resume`: the answer's first tokens (migration)."""
+        return self.intake.prepare(conversations, payloads, sampling, image_ids, labels, resume)
 
     def check_payload(self, payload: EmbeddingPayload) -> None:
         self.intake.check_payload(payload)

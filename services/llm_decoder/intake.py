@@ -9,6 +9,7 @@ image spans computed; each sequence's full blocks are hashed for prefix reuse.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections import OrderedDict
 
@@ -47,9 +48,12 @@ class Intake:
 
     def prepare(self, conversations: list[list[Message]], payloads: list[EmbeddingPayload] | None,
                 sampling: SamplingParams | list[SamplingParams] = SamplingParams(),
-                image_ids: tuple[str, ...] = (), labels: list[list[str]] | None = None) -> Request:
+                image_ids: tuple[str, ...] = (), labels: list[list[str]] | None = None,
+                resume: tuple[int, ...] = ()) -> Request:
         """A validated request. Without payloads (None, or none with image ids) the images' KV must
-        be cached, else NeedPayload."""
+        be cached, else NeedPayload. `resume`: one conversation's first answer tokens, produced by
+        another replica: prefilled after the prompt, counted in max_new_tokens, primed into the
+        detokenizer (its text was delivered already)."""
         if not payloads and image_ids:
             payloads = None
         kind = "check" if labels is not None else "conversation"
@@ -68,12 +72,16 @@ class Intake:
         else:
             params = sampling if isinstance(sampling, list) else [sampling] * len(conversations)
             params = [self._validate_sampling(p) for p in params]
+            if resume:
+                params = [self._check_resume(resume, conversations, params)]
         grids, keys, embeddings, deepstack = self._images(images, payloads, image_ids)
         prompts = [self._prompt(c, grids, keys, embeddings, deepstack) for c in conversations]
+        if resume:
+            prompts = [_resumed(prompts[0], resume)]
         if labels is not None:
             request = self._classify_request(prompts, labels, label_ids)
         else:
-            request = self._generate_request(prompts, params)
+            request = self._generate_request(prompts, params, resume)
         self._check_blocks(request)
         if payloads is None:
             self._check_cached(request)
@@ -156,15 +164,32 @@ class Intake:
     def _sequence(self, prompt: Prompt, index: int, max_new_tokens: int, worst: int) -> Sequence:
         return Sequence(prompt, self.root, self.config.block_size, max_new_tokens, index=index, worst=worst)
 
-    def _generate_request(self, prompts: list[Prompt], params: list[SamplingParams]) -> GenerateRequest:
+    def _generate_request(self, prompts: list[Prompt], params: list[SamplingParams],
+                          resume: tuple[int, ...] = ()) -> GenerateRequest:
         seqs = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             self._check_length(len(prompt), p.max_new_tokens, "max_new_tokens")
             worst = -(-(len(prompt) + p.max_new_tokens) // self.config.block_size)
             seqs.append(self._sequence(prompt, i, p.max_new_tokens, worst))
         tokenizer = self.prompts.tokenizer.backend_tokenizer
-        return GenerateRequest(seqs, [Sampler(p, self.device) for p in params],
-                               [Detokenizer(tokenizer, p.stop) for p in params], self.eos_ids, self.max_len)
+        detokenizers = [Detokenizer(tokenizer, p.stop) for p in params]
+        for token_id in resume:  # text the failed replica delivered: the stream state, not output
+            detokenizers[0].add(token_id)
+        return GenerateRequest(seqs, [Sampler(p, self.device) for p in params], detokenizers, self.eos_ids,
+                               self.max_len)
+
+    def _check_resume(self, resume: tuple[int, ...], conversations: list, params: list[SamplingParams],
+                      ) -> SamplingParams:
+        """The sampling of the tokens still to generate after `resume`."""
+        if len(conversations) != 1:
+            raise InvalidRequest("resume_token_ids continue one conversation")
+        [p] = params
+        if len(resume) >= p.max_new_tokens:
+            raise InvalidRequest(f"{len(resume)} tokens to resume from, but max_new_tokens is {p.max_new_tokens}")
+        vocab = len(self.prompts.tokenizer)
+        if any(not 0 <= t < vocab for t in resume) or set(resume) & self.eos_ids:
+            raise InvalidRequest(f"resume_token_ids must be tokens of the vocabulary (< {vocab}) and not end the answer")
+        return dataclasses.replace(p, max_new_tokens=p.max_new_tokens - len(resume))
 
     def _classify_request(self, prompts: list[Prompt], labels: list[list[str]],
                           label_ids: list[list[list[int]]]) -> ClassifyRequest:
@@ -225,6 +250,15 @@ class Intake:
             match = self.blocks.match(seq, len(prompt), limit=len(prompt) - 1)
             if match.tokens < prompt.image_end:
                 raise NeedPayload(f"the KV of the images is not cached ({match.tokens} of {prompt.image_end} tokens)")
+
+
+def _resumed(prompt: Prompt, resume: tuple[int, ...]) -> Prompt:
+    """`prompt` followed by the answer tokens to resume from (text: one position per token, all axes)."""
+    n = len(resume)
+    tail = torch.arange(prompt.next_position, prompt.next_position + n, dtype=prompt.positions.dtype)
+    positions = torch.cat([prompt.positions, tail.expand(3, n)], dim=1)
+    return dataclasses.replace(prompt, ids=prompt.ids + list(resume), positions=positions,
+                               next_position=prompt.next_position + n)
 
 
 def _common_prefix(lists: list[list[int]]) -> int:

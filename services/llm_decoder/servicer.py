@@ -47,6 +47,7 @@ class Job:
     request_id: str
     image_ids: tuple[str, ...] = ()
     labels: list[list[str]] | None = None  # Classify: per conversation
+    resume: tuple[int, ...] = ()  # Generate: answer tokens another replica already delivered
 
     @property
     def negotiates(self) -> bool:
@@ -152,7 +153,7 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
 def _warm(engine: DecoderEngine, job: Job) -> Request | None:
     """The request without payloads, if the images' KV is cached. Worker thread."""
     try:
-        return engine.prepare(job.conversations, None, job.sampling, job.image_ids, job.labels)
+        return engine.prepare(job.conversations, None, job.sampling, job.image_ids, job.labels, job.resume)
     except NeedPayload:
         return None
 
@@ -164,7 +165,7 @@ def _prepare(engine: DecoderEngine, job: Job, payloads: list[bytes]) -> Request:
         for i, payload in enumerate(decoded):
             if not payload.image_id:
                 raise InvalidRequest(f"payload {i} does not name its image (payload format v{FORMAT_VERSION})")
-    return engine.prepare(job.conversations, decoded, job.sampling, job.image_ids, job.labels)
+    return engine.prepare(job.conversations, decoded, job.sampling, job.image_ids, job.labels, job.resume)
 
 
 async def _outputs(engine: DecoderEngine, request: Request, stream: RequestStream, context) -> AsyncIterator:
@@ -233,7 +234,10 @@ def job_from_header(header: llm_decoder_pb2.GenerateHeader, config: DecoderConfi
         labels = [list(c.labels) for c in header.batch] if header.batch else [list(header.labels)]
         if not all(labels):
             raise InvalidRequest("Classify needs labels for every check")
-    return Job(conversations, sampling, sizes, header.request_id, image_ids, labels)
+    resume = tuple(header.resume_token_ids)
+    if resume and (classify or header.batch):
+        raise InvalidRequest("resume_token_ids continue one Generate conversation; not a batch or Classify")
+    return Job(conversations, sampling, sizes, header.request_id, image_ids, labels, resume)
 
 
 def _image_count(conversation: list[Message]) -> int:
