@@ -39,3 +39,17 @@ def make_image(width: int, height: int, seed: int = 0, fmt: str = "PNG") -> byte
     buf = io.BytesIO()
     Image.fromarray(pixels, "RGB").save(buf, format=fmt)
     return buf.getvalue()
+
+
+# Variants whose twin runs by default (same path, another family); opt-in with `make test-slow`, so the
+# default suite stays within its time budget on 2 cores.
+SLOW_VARIANTS = {
+    "test_e2e.py::test_largest_image_the_processor_allows_crosses_the_whole_stack[qwen2_5_vl]",
+    "test_e2e.py::test_largest_image_the_processor_allows_crosses_the_whole_stack[qwen3_vl]",
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.nodeid.split("tests/", 1)[-1] in SLOW_VARIANTS:
+            item.add_marker(pytest.mark.slow)

@@ -133,10 +133,13 @@ def test_literal_addresses_are_never_resolved():
 class FakeDecoder:
     def __init__(self, error: Exception | None = None, tokens_before_error: int = 0):
         self.error, self.tokens_before_error, self.calls = error, tokens_before_error, 0
+        self.resumed: list[int] = []
 
     async def negotiate(self, rpc, header, fetch, timeout):
+        """The answer 0, 1, 2 (continued after header.resume_token_ids), or `error` after some tokens."""
         self.calls += 1
-        for token in range(self.tokens_before_error if self.error else 3):
+        self.resumed = list(header.resume_token_ids)
+        for token in range(len(self.resumed), self.tokens_before_error if self.error else 3):
             yield llm_decoder_pb2.GenerateResponse(token_ids=[token])
         if self.error:
             raise self.error
@@ -150,10 +153,11 @@ class FakePool:
         return self.decoders[address]
 
 
-def run_generate(decoders: dict[str, FakeDecoder], image_id: str) -> tuple[list[int], Router]:
+def run_generate(decoders: dict[str, FakeDecoder], image_id: str, migration_limit: int = 1,
+                 ) -> tuple[list[int], Router]:
     router = Router(",".join(decoders), down_s=5)
     pipeline = Pipeline(encoder=None, decoders=FakePool(decoders), router=router, cache=None, cache_ttl_s=0,
-                        write_back=False)
+                        write_back=False, migration_limit=migration_limit)
     fetch = pipeline.fetcher(ImageSource(image_id=image_id), 10)
     header = llm_decoder_pb2.GenerateHeader(messages=[question_message("q?")])
 
@@ -176,14 +180,30 @@ def test_gone_or_overloaded_replica_hands_the_request_to_the_next(error):
     assert (router.order(image_id)[0] == first) != gone
 
 
-def test_no_failover_once_tokens_were_sent_or_for_other_errors():
+def test_no_failover_once_tokens_were_sent_without_migration_or_for_other_errors():
     image_id = ids(2)[1]
     first, second, third = rendezvous(image_id, REPLICAS)
-    for error, sent in [(Unavailable("died mid-answer"), 2), (Upstream("FAILED_PRECONDITION", "model"), 0)]:
+    for error, sent, limit in [(Unavailable("died mid-answer"), 2, 0), (Upstream("FAILED_PRECONDITION", "model"), 0, 1),
+                               (Upstream("RESOURCE_EXHAUSTED", "full"), 2, 1)]:
         decoders = {first: FakeDecoder(error, tokens_before_error=sent), second: FakeDecoder(), third: FakeDecoder()}
         with pytest.raises(type(error)):
-            run_generate(decoders, image_id)
+            run_generate(decoders, image_id, migration_limit=limit)
         assert decoders[second].calls == 0
+
+
+def test_replica_dying_mid_answer_is_resumed_on_the_next():
+    image_id = ids(2)[1]
+    first, second, third = rendezvous(image_id, REPLICAS)
+    decoders = {first: FakeDecoder(Unavailable("died mid-answer"), tokens_before_error=2), second: FakeDecoder(),
+                third: FakeDecoder()}
+    tokens, _ = run_generate(decoders, image_id)
+    assert tokens == [0, 1, 2] and decoders[second].resumed == [0, 1] and decoders[third].calls == 0
+    # at most migration_limit moves: a second death mid-answer ends the answer with the error
+    decoders = {r: FakeDecoder(Unavailable("died"), tokens_before_error=1 + i) for i, r in enumerate((first, second))}
+    decoders[third] = FakeDecoder()
+    with pytest.raises(Unavailable):
+        run_generate(decoders, image_id)
+    assert decoders[third].calls == 0
 
 
 def test_all_replicas_gone_raises_unavailable_after_trying_each():

@@ -174,7 +174,8 @@ class Pipeline:
                         self.router.mark_up(replica)
                     if migrations and reply.finish_reason:
                         _count_resumed(reply, len(header.resume_token_ids))
-                    delivered.extend(reply.token_ids)
+                    if rpc == "Generate":
+                        delivered.extend(reply.token_ids)
                     yield reply
                 return
             except (Unavailable, Upstream) as exc:
