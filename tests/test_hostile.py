@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_image
+from test_encoder_service import wait_for
 from stack import Stack, image_ref
 from test_decoder_service import header
 from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, llm_decoder_pb2 as pb
@@ -214,3 +215,39 @@ def test_a_thousand_bad_requests_leave_memory_as_it_was(stack):
         f"{kind} {before[kind] / 2**20:.0f} -> {after[kind] / 2**20:.0f}" for kind in processes))
     for kind in processes:
         assert after[kind] <= before[kind] * 1.05, kind
+
+
+def _gray16(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("I;16", (width, height), 40000).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_16_bit_grayscale_at_the_pixel_limit(stack):
+    """The largest 16-bit image the default limits allow is decoded and stored; one row more is refused."""
+    with grpc.insecure_channel(stack.gateway.address, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        gateway = gateway_pb2_grpc.GatewayStub(ch)
+        reply = gateway.UploadImage(gateway_pb2.UploadImageRequest(data=_gray16(8192, 8192)), timeout=120)
+        assert len(reply.image_id) == 64
+        assert call(ch, gateway_pb2_grpc.GatewayStub, "UploadImage",
+                    gateway_pb2.UploadImageRequest(data=_gray16(8192, 8193))) == "INVALID_ARGUMENT"
+    assert stack.encoder.health() == 1
+
+
+def test_clients_that_leave_mid_answer_free_their_work(stack):
+    """AskStream read for two messages, AskMany abandoned: the decoder stops their sequences."""
+    decoder = stack.decoder
+    cancelled = decoder.metric("vlsplit_decoder_cancelled_total")
+    with grpc.insecure_channel(stack.gateway.address) as channel:
+        gateway = gateway_pb2_grpc.GatewayStub(channel)
+        stream = gateway.AskStream(ask(max_new_tokens=400), timeout=120)
+        next(stream), next(stream)
+        stream.cancel()
+        many = gateway.AskMany.future(gateway_pb2.AskManyRequest(
+            image=image_ref(SAMPLE), questions=[f"Question {i}?" for i in range(8)],
+            sampling=common_pb2.SamplingParams(max_new_tokens=400)), timeout=120)
+        wait_for(lambda: decoder.metric("vlsplit_decoder_running") >= 8)
+        many.cancel()
+    wait_for(lambda: decoder.metric("vlsplit_decoder_running") == 0)
+    assert decoder.metric("vlsplit_decoder_cancelled_total") >= cancelled + 2
+    assert decoder.health() == 1
