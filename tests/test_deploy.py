@@ -207,7 +207,8 @@ def test_deployments_agree_with_config_dockerfile_and_services(overlays, overlay
     # the Redis password comes from the Secret, never from the ConfigMap
     if "redis_password" in {f.name for f in dataclasses.fields(cls)}:
         assert env["VLSPLIT_REDIS_PASSWORD"] == {"secretKeyRef": {"name": "vlsplit-redis", "key": "password"}}
-    assert "VLSPLIT_REDIS_PASSWORD" not in configmap(docs)
+        assert env["VLSPLIT_CACHE_HMAC_KEY"] == {"secretKeyRef": {"name": "vlsplit-cache", "key": "hmac-key"}}
+    assert not {"VLSPLIT_REDIS_PASSWORD", "VLSPLIT_CACHE_HMAC_KEY"} & set(configmap(docs))
     # GPU overlay: one GPU and the CUDA image for the model tiers only
     gpu = c["resources"]["limits"].get("nvidia.com/gpu")
     expect_gpu = overlay == "gpu" and kind != "gateway"
@@ -299,9 +300,13 @@ def test_autoscaling_targets_and_metrics_exist(overlays):
         assert "replicas" not in deployment["spec"]  # the autoscaler owns the count; `apply` must not reset it
 
 
-def test_readme_tells_how_to_create_the_redis_secret():
+def test_readme_tells_how_to_create_every_secret_the_pods_read(overlays):
     readme = (REPO / "README.md").read_text()
-    assert "kubectl -n vlsplit create secret generic vlsplit-redis --from-literal=password=" in readme
+    refs = {(ref["name"], ref["key"]) for d in objects(overlays["cpu"], "Deployment").values()
+            for e in container(d).get("env", []) if (ref := e.get("valueFrom", {}).get("secretKeyRef"))}
+    assert refs == {("vlsplit-redis", "password"), ("vlsplit-cache", "hmac-key")}
+    for name, key in refs:
+        assert f"kubectl -n vlsplit create secret generic {name} --from-literal={key}=" in readme
 
 
 # ---- docker-compose.yml
