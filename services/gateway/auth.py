@@ -22,6 +22,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from prometheus_client import Counter
@@ -101,7 +102,7 @@ class TokenFile:
     def __init__(self, path: str, requests_per_s: float, images_per_day: int):
         self.path, self.defaults = path, (requests_per_s, images_per_day)
         self._stamp = self._read_stamp()
-        self.clients = parse_tokens(open(path).read(), *self.defaults)  # a bad file at start-up is fatal
+        self.clients = parse_tokens(Path(path).read_text(), *self.defaults)  # a bad file at start-up is fatal
         self._checked = time.monotonic()
 
     def lookup(self, token: str) -> Client | None:
@@ -121,7 +122,7 @@ class TokenFile:
             stamp = self._read_stamp()
             if stamp == self._stamp:
                 return
-            clients = parse_tokens(open(self.path).read(), *self.defaults)
+            clients = parse_tokens(Path(self.path).read_text(), *self.defaults)
         except (OSError, ValueError) as exc:
             log.warning("token file %s could not be read (%s); keeping the %d clients it had", self.path, exc,
                         len(self.clients))
