@@ -274,13 +274,6 @@ def cluster(tiny_models, tmp_path_factory):
     c.stop()
 
 
-@pytest.fixture
-def own_cluster(tiny_models, tmp_path):
-    """A private cluster for a test that kills one of its decoders."""
-    c = Cluster.start(tiny_models["qwen2_vl"], tmp_path)
-    yield c
-    c.stop()
-
 
 def test_every_question_about_one_image_lands_on_its_replica(cluster):
     data = make_image(200, 160, seed=31)
@@ -308,8 +301,9 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_killing_an_images_replica_moves_its_questions_with_no_failed_request(own_cluster):
-    c = own_cluster
+def test_killing_an_images_replica_moves_its_questions_with_no_failed_request(cluster):
+    """The module's last test: it kills one of the shared cluster's decoders."""
+    c = cluster
     data = make_image(220, 180, seed=32)
     image_id = sha256_hex(data)
     first, second, _ = rendezvous(image_id, c.addresses())
