@@ -121,10 +121,19 @@ class Service:
 
 @contextmanager
 def running(*services):
-    """Start services in order; kill whatever is still running at the end."""
+    """Start Redis servers first, then the services side by side (their models load in parallel), and
+    wait for each to serve; kill whatever is still running at the end. Services that need one another
+    at start-up (a gateway) go in a `running` of their own, after their upstreams."""
     try:
         for service in services:
-            service.start()
+            if isinstance(service, Redis):
+                service.start()
+        for service in services:
+            if not isinstance(service, Redis):
+                service.start(wait=False)
+        for service in services:
+            if not isinstance(service, Redis):
+                service.wait_serving()
         yield services
     finally:
         for service in reversed(services):
