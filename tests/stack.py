@@ -26,8 +26,11 @@ class Stack:
         self.redis = None if self.memory_cache else Redis(None, *self.redis_options).start()
         url = "memory" if self.memory_cache else self.redis.url
         self.url = url
-        self.encoder = self.start_encoder(self.model)
-        self.decoder = self.start_decoder(self.decoder_model or self.model)
+        # the two models load side by side
+        self.encoder = self.start_encoder(self.model, wait=False)
+        self.decoder = self.start_decoder(self.decoder_model or self.model, wait=False)
+        self.encoder.wait_serving()
+        self.decoder.wait_serving()
         self.gateway = Service("gateway", "--encoder", self.encoder.address, "--decoder", self.decoder.address,
                                "--redis", url, env=self.gateway_env, log_dir=self.log_dir).start()
         self.channel = grpc.insecure_channel(self.gateway.address,
@@ -35,12 +38,13 @@ class Stack:
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
         return self
 
-    def start_encoder(self, model: str, port: int | None = None) -> Service:
+    def start_encoder(self, model: str, port: int | None = None, wait: bool = True) -> Service:
         return Service("encoder", "--model", model, "--redis", self.url, port=port, env=self.encoder_env,
-                       log_dir=self.log_dir).start()
+                       log_dir=self.log_dir).start(wait)
 
-    def start_decoder(self, model: str, port: int | None = None) -> Service:
-        return Service("decoder", "--model", model, port=port, env=self.decoder_env, log_dir=self.log_dir).start()
+    def start_decoder(self, model: str, port: int | None = None, wait: bool = True) -> Service:
+        return Service("decoder", "--model", model, port=port, env=self.decoder_env,
+                       log_dir=self.log_dir).start(wait)
 
     def redeploy(self, model: str) -> None:
         """Encoder and decoder replaced by ones serving `model`, at the same addresses (the gateway stays)."""
