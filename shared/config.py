@@ -43,10 +43,10 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
-class EncoderConfig(ServerConfig):
-    model: str = ""  # checkpoint directory (required)
-    dtype: str = "float32"
-    device: str = "cpu"
+class CacheConfig:
+    """The embedding cache / image store of the services that use one (encoder, gateway):
+    `shared/cache.py::store_for` reads these."""
+
     redis_url: str = "memory"  # redis://host:port/db, or "memory" for an in-process cache
     redis_password: str = ""  # used when redis_url carries none (keeps the secret out of the URL)
     redis_username: str = ""  # ACL user, when redis_url carries none
@@ -56,6 +56,13 @@ class EncoderConfig(ServerConfig):
     # Signs every cache value (HMAC-SHA256; >= 32 bytes, the same on encoders and gateways, from a Secret):
     # entries written without it are dropped and recomputed. "" = unsigned.
     cache_hmac_key: str = ""
+
+
+@dataclass(frozen=True)
+class EncoderConfig(ServerConfig, CacheConfig):
+    model: str = ""  # checkpoint directory (required)
+    dtype: str = "float32"
+    device: str = "cpu"
     cache_ttl_s: int = 24 * 3600  # embedding cache entries
     image_ttl_s: int = 3600  # uploaded image bytes kept for Ask(image_id)
     payload_dtype: str = ""  # dtype of cached/sent payloads; "" = the serving dtype (exact)
@@ -116,7 +123,7 @@ class DecoderConfig(ServerConfig, EngineConfig):
 
 
 @dataclass(frozen=True)
-class GatewayConfig(ServerConfig):
+class GatewayConfig(ServerConfig, CacheConfig):
     # encoder replicas, the same way: each encode goes to the serving one with the fewest in flight
     encoder: str = "127.0.0.1:50052"
     # decoder replicas: host:port[,host:port...]; a name (or dns:///name:port) resolving to several
@@ -131,15 +138,6 @@ class GatewayConfig(ServerConfig):
     upstream_tls_cert: str = ""
     upstream_tls_key: str = ""
     upstream_tls_server_name: str = ""
-    redis_url: str = "memory"
-    redis_password: str = ""  # used when redis_url carries none (keeps the secret out of the URL)
-    redis_username: str = ""  # ACL user, when redis_url carries none
-    redis_tls_ca: str = ""  # rediss://: CA bundle of the server's certificate ("" = the system's)
-    redis_tls_cert: str = ""  # rediss:// with client certificates
-    redis_tls_key: str = ""
-    # Signs every cache value (HMAC-SHA256; >= 32 bytes, the same on encoders and gateways, from a Secret):
-    # entries written without it are dropped and recomputed. "" = unsigned.
-    cache_hmac_key: str = ""
     redis_timeout_s: float = 0.5
     cache_part_bytes: int = 64 * MiB  # Redis values above this are stored in parts (Redis's bulk limit is 512 MB)
     memory_cache_bytes: int = 512 * MiB
