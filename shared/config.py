@@ -103,6 +103,7 @@ class EngineConfig:
     max_stop: int = 16  # stop strings per request
     max_stop_chars: int = 256  # characters per stop string
     max_request_blocks: int = 0  # KV blocks one request may need; 0 = the whole pool
+    max_schema_bytes: int = 64 * 1024  # a response_format JSON schema
     # CPU: weights also pre-packed for oneDNN's small-batch kernels, where supported: "all" (layers +
     # head; the layers' weights are then held twice), "head" (the LM head only), "off"
     packed_linear: str = "all"

@@ -8,6 +8,20 @@ from dataclasses import dataclass, field
 from .errors import InvalidRequest, TooLarge
 
 GREEDY_BELOW = 1e-5  # a temperature under this is greedy decoding (dividing by it would overflow)
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """A grammar the answer must follow: exactly one of a JSON schema (JSON text), any JSON object,
+    or one of `choices`. The decoder compiles it (services/llm_decoder/grammar.py)."""
+
+    json_schema: str = ""
+    json_object: bool = False
+    choices: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.json_schema or self.json_object or self.choices)
 
 
 @dataclass(frozen=True)
@@ -20,6 +34,16 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    presence_penalty: float = 0.0  # minus this on every token already generated
+    frequency_penalty: float = 0.0  # minus this per time a token was generated
+    repetition_penalty: float = 1.0  # over prompt + answer tokens: positive logits / p, negative * p
+    logprobs: bool = False
+    top_logprobs: int = 0
+    response_format: ResponseFormat = ResponseFormat()
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:
@@ -34,6 +58,18 @@ class SamplingParams:
         _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be >= 0")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty")
         _check(len(self.stop) <= 16, "at most 16 stop strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and -2 <= value <= 2, f"{name} must be in [-2, 2]")
+        _check(math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= 2,
+               "repetition_penalty must be in (0, 2]")
+        _check(0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}")
+        _check(not self.top_logprobs or self.logprobs, "top_logprobs needs logprobs")
+        fmt = self.response_format
+        _check(sum(map(bool, (fmt.json_schema, fmt.json_object, fmt.choices))) <= 1,
+               "response_format takes one of json_schema, json_object, choices")
+        _check(all(isinstance(c, str) and c for c in fmt.choices), "response_format choices must be non-empty")
+        _check(len(set(fmt.choices)) == len(fmt.choices), "response_format choices must be distinct")
         return self
 
 
@@ -51,4 +87,19 @@ def sampling_from_pb(pb, default_max_new_tokens: int) -> SamplingParams:
         top_k=pb.top_k if pb.HasField("top_k") else 0,
         seed=pb.seed if pb.HasField("seed") else None,
         stop=tuple(pb.stop),
+        presence_penalty=pb.presence_penalty if pb.HasField("presence_penalty") else 0.0,
+        frequency_penalty=pb.frequency_penalty if pb.HasField("frequency_penalty") else 0.0,
+        repetition_penalty=pb.repetition_penalty if pb.HasField("repetition_penalty") else 1.0,
+        logprobs=pb.logprobs,
+        top_logprobs=pb.top_logprobs,
+        response_format=_format_from_pb(pb.response_format) if pb.HasField("response_format") else ResponseFormat(),
     )
+
+
+def _format_from_pb(pb) -> ResponseFormat:
+    kind = pb.WhichOneof("kind")
+    if kind == "json_schema":
+        return ResponseFormat(json_schema=pb.json_schema)
+    if kind == "choices":
+        return ResponseFormat(choices=tuple(pb.choices.choices))
+    return ResponseFormat(json_object=kind == "json_object" and pb.json_object)

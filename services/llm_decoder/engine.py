@@ -36,11 +36,12 @@ from shared.payload import EmbeddingPayload
 from shared.processor import Message, PromptBuilder
 
 from .block_manager import BlockManager, root_hash
+from .grammar import GrammarCompiler, GrammarMask
 from .intake import Intake
 from .metrics import STEP_ROWS, STEP_SECONDS
 from .model_runner import Chunk, ModelRunner
 from .request import END, ClassifyRequest, GenerateRequest, LabelScore, NeedPayload, Request, TokenEvent, Usage
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, sample, token_logprobs
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
 
@@ -103,8 +104,10 @@ class DecoderEngine:
         root = root_hash(self.fingerprint, str(dtype), self.config.block_size)
         self.blocks = BlockManager(self.runner.pool.num_blocks, self.config.block_size, self.runner.pool.copy_block,
                                    caching=self.config.prefix_caching)
+        grammars = GrammarCompiler(self.prompts.tokenizer, text.vocab_size, self.eos_ids, self.config.max_schema_bytes)
+        self.grammar_mask = GrammarMask()
         self.intake = Intake(self.config, self.prompts, self.blocks, root, self.fingerprint, self.hidden_size,
-                             self.deepstack_levels, self.eos_ids, self.max_len, self.device, dtype)
+                             self.deepstack_levels, self.eos_ids, self.max_len, self.device, dtype, grammars)
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(self.config.max_batch, self.config.max_step_tokens,
                                                                 self.config.max_queue))
         self.stats = EngineStats()
@@ -230,10 +233,12 @@ class DecoderEngine:
         ready = [(c.seq, x) for c, x in zip(chunks, logits) if x is not None]
         generating = [(seq, x) for seq, x in ready if isinstance(seq.request, GenerateRequest)]
         if generating:
-            tokens = sample(torch.stack([x for _, x in generating]),
-                            [seq.request.samplers[seq.index] for seq, _ in generating])
-            for (seq, _), token in zip(generating, tokens):
-                self._safely(seq, lambda s=seq, t=token: s.request.on_token(s, t) and self.scheduler.finish(s))
+            logits = torch.stack([x for _, x in generating])  # [rows, vocab]
+            samplers = [seq.request.samplers[seq.index] for seq, _ in generating]
+            tokens = sample(logits, samplers, [seq for seq, _ in generating], self.grammar_mask)
+            logprobs = token_logprobs(logits, samplers, tokens)
+            for (seq, _), token, lp in zip(generating, tokens, logprobs):
+                self._safely(seq, lambda s=seq, t=token, lp=lp: s.request.on_token(s, t, lp) and self.scheduler.finish(s))
         for seq, x in ready:
             if isinstance(seq.request, ClassifyRequest):
                 self._safely(seq, lambda s=seq, x=x: self._scored(s, x))

@@ -23,6 +23,7 @@ from shared.processor import Message, PromptBuilder, validate_messages
 
 from .block_manager import BlockManager, Hash
 from .detokenizer import Detokenizer
+from .grammar import GrammarCompiler, consume
 from .positions import mrope_positions
 from .request import ClassifyRequest, GenerateRequest, NeedPayload, Request
 from .sampling import Sampler, SamplingParams
@@ -34,10 +35,11 @@ MAX_REMEMBERED_IMAGES = 100_000  # image_id -> grid entries kept for warm starts
 class Intake:
     def __init__(self, config: EngineConfig, prompts: PromptBuilder, blocks: BlockManager, root: Hash,
                  fingerprint: str, hidden_size: int, deepstack_levels: int, eos_ids: frozenset[int], max_len: int,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, grammars: GrammarCompiler):
         self.config, self.prompts, self.blocks, self.root = config, prompts, blocks, root
         self.fingerprint, self.hidden_size, self.deepstack_levels = fingerprint, hidden_size, deepstack_levels
         self.eos_ids, self.max_len, self.device, self.dtype = eos_ids, max_len, device, dtype
+        self.grammars = grammars
         self.merge_size = prompts.merge_size
         self.vision_end_id = prompts.tokenizer.convert_tokens_to_ids("<|vision_end|>")
         self.image_grids: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # image_id -> grid, for warm starts
@@ -173,10 +175,21 @@ class Intake:
             seqs.append(self._sequence(prompt, i, p.max_new_tokens, worst))
         tokenizer = self.prompts.tokenizer.backend_tokenizer
         detokenizers = [Detokenizer(tokenizer, p.stop) for p in params]
+        samplers = [Sampler(p, self.device, self._matcher(p)) for p in params]
         for token_id in resume:  # text the failed replica delivered: the stream state, not output
             detokenizers[0].add(token_id)
-        return GenerateRequest(seqs, [Sampler(p, self.device) for p in params], detokenizers, self.eos_ids,
-                               self.max_len)
+            if samplers[0].matcher is not None:
+                consume(samplers[0].matcher, token_id)
+        return GenerateRequest(seqs, samplers, detokenizers, self.eos_ids, self.max_len)
+
+    def _matcher(self, params: SamplingParams):
+        """The grammar matcher of a response format (each row its own: they advance separately)."""
+        if not params.response_format:
+            return None
+        if len(params.response_format.choices) > self.config.max_labels:
+            raise TooLarge(f"{len(params.response_format.choices)} response_format choices; the limit is "
+                           f"{self.config.max_labels} (VLSPLIT_MAX_LABELS)")
+        return self.grammars.matcher(params.response_format)
 
     def _check_resume(self, resume: tuple[int, ...], conversations: list, params: list[SamplingParams],
                       ) -> SamplingParams:

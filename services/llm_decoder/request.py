@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 
 from .detokenizer import Detokenizer
-from .sampling import Sampler
+from .grammar import consume
+from .sampling import Logprobs, Sampler
 from .sequence import Sequence
 
 END = object()  # the request has delivered all its outputs
@@ -42,6 +43,7 @@ class TokenEvent:
     text: str  # text delta, "" while held back
     finish_reason: str | None = None  # "stop" (EOS or stop string) | "length"
     usage: Usage | None = None
+    logprobs: Logprobs | None = None  # of token_id, when the request asked for logprobs
 
 
 @dataclass(frozen=True)
@@ -93,18 +95,21 @@ class GenerateRequest(Request):
         super().__init__(seqs)
         self.samplers, self.detoks, self.eos, self.max_len = samplers, detoks, eos, max_len
 
-    def on_token(self, seq: Sequence, token: int) -> bool:
+    def on_token(self, seq: Sequence, token: int, logprobs: Logprobs | None = None) -> bool:
         """Take the token sampled for `seq`; emit its event; True when the sequence is finished."""
         detok = self.detoks[seq.index]
         if token in self.eos:
             return self._finish(seq, TokenEvent(None, detok.flush(), "stop", self._usage(seq)))
+        matcher = self.samplers[seq.index].matcher
+        if matcher is not None:
+            consume(matcher, token)
         seq.append(token)
         delta = detok.add(token)
         if detok.stopped:
-            return self._finish(seq, TokenEvent(token, delta, "stop", self._usage(seq)))
+            return self._finish(seq, TokenEvent(token, delta, "stop", self._usage(seq), logprobs))
         if seq.generated == seq.max_new_tokens or len(seq) >= self.max_len:
-            return self._finish(seq, TokenEvent(token, delta + detok.flush(), "length", self._usage(seq)))
-        self.emit((seq.index, TokenEvent(token, delta)))
+            return self._finish(seq, TokenEvent(token, delta + detok.flush(), "length", self._usage(seq), logprobs))
+        self.emit((seq.index, TokenEvent(token, delta, logprobs=logprobs)))
         return False
 
     def _finish(self, seq: Sequence, event: TokenEvent) -> bool:

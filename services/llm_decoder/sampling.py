@@ -1,26 +1,47 @@
-"""Next-token choice for a whole step's rows at once (greedy, temperature, top-k, top-p, seed).
+"""Next-token choice for a whole step's rows at once.
+
+    raw logits [R, vocab] -> penalties (repetition, presence, frequency) -> grammar mask
+    -> greedy argmax, or temperature / top-k / top-p and a draw from the row's own generator
 
 Greedy rows take one batched argmax; sampled rows are scaled, truncated and softmaxed together, and
 each draws from its own generator (a seeded request is reproducible whatever it is batched with).
-The chosen ids reach the host in one transfer per step.
+The chosen ids reach the host in one transfer per step. Log-probabilities (when asked for) are those
+of the raw logits: the model's distribution, before any sampling control.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from shared.sampling import SamplingParams
 
-__all__ = ["Sampler", "SamplingParams", "sample"]
+__all__ = ["Logprobs", "Sampler", "SamplingParams", "sample", "token_logprobs"]
+
+
+class History(Protocol):
+    """What penalties look at: a sequence's tokens (prompt, then answer) and its prompt."""
+
+    tokens: list[int]
+    prompt: object
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    logprob: float  # of the chosen token
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
 
 
 class Sampler:
-    """One sequence's sampling settings and private random generator (on the model's device)."""
+    """One sequence's sampling settings, private random generator (on the model's device) and, with a
+    response format, its grammar matcher."""
 
-    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu"):
+    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu", matcher=None):
         self.params = params
+        self.matcher = matcher
         self.generator = None
         if not params.greedy:
             self.generator = torch.Generator(device=device)
@@ -34,8 +55,14 @@ class Sampler:
         return sample(logits[None], [self])[0]
 
 
-def sample(logits: torch.Tensor, samplers: list[Sampler]) -> list[int]:
-    """logits [R, vocab] -> one token id per row."""
+def sample(logits: torch.Tensor, samplers: list[Sampler], histories: list[History] | None = None,
+           mask=None) -> list[int]:
+    """logits [R, vocab] -> one token id per row. `histories` (per row) feed the penalties; `mask`
+    (a grammar.GrammarMask) constrains the rows whose sampler has a matcher."""
+    if histories is not None and any(s.params.penalized for s in samplers):
+        logits = _penalize(logits, samplers, histories)
+    if mask is not None and any(s.matcher is not None for s in samplers):
+        logits = mask.apply(logits, [s.matcher for s in samplers])
     chosen = logits.argmax(-1)
     hot = [i for i, s in enumerate(samplers) if not s.params.greedy]
     if hot:
@@ -66,3 +93,41 @@ def _probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
         drop = (mass.cumsum(-1) - mass) >= top_p
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, -math.inf))
     return torch.softmax(logits, dim=-1)
+
+
+def _penalize(logits: torch.Tensor, samplers: list[Sampler], histories: list[History]) -> torch.Tensor:
+    """Hugging Face's repetition penalty over prompt + answer, then OpenAI's presence and frequency
+    penalties over the answer, on the rows that ask for them."""
+    logits = logits.clone()
+    for row, (sampler, seq) in enumerate(zip(samplers, histories)):
+        p = sampler.params
+        if not p.penalized:
+            continue
+        x = logits[row]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.tokens)), device=x.device)
+            score = x[seen]
+            x[seen] = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
+        answer = seq.tokens[len(seq.prompt):]
+        if answer and (p.presence_penalty or p.frequency_penalty):
+            counts = torch.bincount(torch.tensor(answer, device=x.device), minlength=x.shape[0]).to(x.dtype)
+            x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(x.dtype)
+    return logits
+
+
+def token_logprobs(logits: torch.Tensor, samplers: list[Sampler], tokens: list[int]) -> list[Logprobs | None]:
+    """Per row that asked for logprobs: the chosen token's and the top_logprobs alternatives' (raw logits)."""
+    wanted = [i for i, s in enumerate(samplers) if s.params.logprobs]
+    out: list[Logprobs | None] = [None] * len(samplers)
+    if not wanted:
+        return out
+    index = torch.tensor(wanted, device=logits.device)
+    logprobs = torch.log_softmax(logits[index].float(), -1)
+    chosen = logprobs.gather(1, torch.tensor([tokens[i] for i in wanted], device=logits.device)[:, None])[:, 0].tolist()
+    k = max(samplers[i].params.top_logprobs for i in wanted)
+    top = logprobs.topk(k, -1) if k else None
+    for j, i in enumerate(wanted):
+        n = samplers[i].params.top_logprobs
+        alternatives = tuple(zip(top.indices[j, :n].tolist(), top.values[j, :n].tolist())) if n else ()
+        out[i] = Logprobs(chosen[j], alternatives)
+    return out

@@ -13,6 +13,8 @@ nothing in the engine is held by a call that has gone.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -42,7 +44,7 @@ class Job:
     """A validated Generate/Classify header."""
 
     conversations: list[list[Message]]  # one, or several about the same images
-    sampling: SamplingParams
+    sampling: SamplingParams | list[SamplingParams]  # one for all, or one per conversation
     payload_sizes: list[int]  # empty with image_ids: negotiate (cached KV, else ask for payloads)
     request_id: str
     image_ids: tuple[str, ...] = ()
@@ -88,7 +90,7 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
                 yield llm_decoder_pb2.GenerateResponse(need_payload=True)
                 continue
             job, (index, event) = item
-            response = response_from_event(event)
+            response = response_from_event(event, self._token_text)
             response.index, response.prefix_cached = index, cached
             now = time.perf_counter()
             if first is None:  # TTFT from the request's last message (the last payload byte)
@@ -143,6 +145,15 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
                     request = None  # its cached KV was evicted before admission: ask for the payloads
         finally:
             self.budget.release(reserved)
+
+    @functools.lru_cache(maxsize=65536)
+    def _token_text(self, token_id: int) -> tuple[str, bytes]:
+        """A token's text and exact bytes (byte-level BPE: a token may hold part of a character)."""
+        tokenizer = self.engine.prompts.tokenizer
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        raw = bytes(_BYTE_DECODER.get(c, 0) for c in piece) if all(c in _BYTE_DECODER for c in piece) else None
+        text = tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return text, raw if raw is not None else text.encode()
 
     def _ready(self) -> DecoderEngine:
         if self.engine is None:
@@ -235,9 +246,22 @@ def job_from_header(header: llm_decoder_pb2.GenerateHeader, config: DecoderConfi
         if not all(labels):
             raise InvalidRequest("Classify needs labels for every check")
     resume = tuple(header.resume_token_ids)
-    if resume and (classify or header.batch):
-        raise InvalidRequest("resume_token_ids continue one Generate conversation; not a batch or Classify")
+    if resume and (classify or header.batch or header.n > 1):
+        raise InvalidRequest("resume_token_ids continue one Generate answer; not a batch, n > 1 or Classify")
+    if header.n > 1:
+        conversations, sampling = _choices(header, conversations[0], sampling, config, classify)
     return Job(conversations, sampling, sizes, header.request_id, image_ids, labels, resume)
+
+
+def _choices(header, conversation: list[Message], sampling: SamplingParams, config: DecoderConfig, classify: bool,
+             ) -> tuple[list[list[Message]], list[SamplingParams]]:
+    """n answers to one conversation: n rows sharing its prefix, answer j seeded seed + j."""
+    if classify or header.batch:
+        raise InvalidRequest("n answers one Generate conversation; not a batch or Classify")
+    if header.n > config.max_rows:
+        raise InvalidRequest(f"n is {header.n}; the limit is {config.max_rows} (VLSPLIT_MAX_ROWS)")
+    seeds = [None if sampling.seed is None else (sampling.seed + j) % 2**64 for j in range(header.n)]
+    return [conversation] * header.n, [dataclasses.replace(sampling, seed=seed) for seed in seeds]
 
 
 def _image_count(conversation: list[Message]) -> int:
@@ -258,10 +282,22 @@ def messages_from_pb(messages) -> list[Message]:
     return out
 
 
-def response_from_event(event: TokenEvent) -> llm_decoder_pb2.GenerateResponse:
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE's characters -> the bytes they stand for (Qwen's tokenizer uses it)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+def response_from_event(event: TokenEvent, token_text=None) -> llm_decoder_pb2.GenerateResponse:
     response = llm_decoder_pb2.GenerateResponse(text=event.text)
     if event.token_id is not None:
         response.token_ids.append(event.token_id)
+        if event.logprobs is not None:
+            response.logprobs.append(_logprob_pb(event.token_id, event.logprobs.logprob, event.logprobs.top, token_text))
     if event.finish_reason is not None:
         response.finish_reason = FINISH_REASONS[event.finish_reason]
     if event.usage is not None:
@@ -269,3 +305,12 @@ def response_from_event(event: TokenEvent) -> llm_decoder_pb2.GenerateResponse:
                                                  image_tokens=event.usage.image_tokens,
                                                  completion_tokens=event.usage.completion_tokens))
     return response
+
+
+def _logprob_pb(token_id: int, logprob: float, top, token_text) -> common_pb2.TokenLogprob:
+    text, raw = token_text(token_id)
+    out = common_pb2.TokenLogprob(token_id=token_id, token=text, bytes=raw, logprob=logprob)
+    for alt, alt_logprob in top:
+        alt_text, alt_raw = token_text(alt)
+        out.top.append(common_pb2.TopLogprob(token_id=alt, token=alt_text, bytes=alt_raw, logprob=alt_logprob))
+    return out

@@ -24,25 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17vlsplit/v1/common.proto\x12\nvlsplit.v1\"\xd0\x01\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"\x80\x01\n\rEmbeddingInfo\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x10\n\x08grid_thw\x18\x03 \x03(\r\x12\x10\n\x08n_tokens\x18\x04 \x01(\r\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12\r\n\x05\x64type\x18\x06 \x01(\t\"[\n\tModelInfo\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x16\n\x0epayload_format\x18\x04 \x01(\r\"\x12\n\x10ModelInfoRequest\":\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04prob\x18\x03 \x01(\x01*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17vlsplit/v1/common.proto\x12\nvlsplit.v1\"\xcf\x03\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x05\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x07\x88\x01\x01\x12\x10\n\x08logprobs\x18\n \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x0b \x01(\r\x12\x33\n\x0fresponse_format\x18\x0c \x01(\x0b\x32\x1a.vlsplit.v1.ResponseFormatB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penalty\"q\n\x0eResponseFormat\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12)\n\x07\x63hoices\x18\x02 \x01(\x0b\x32\x16.vlsplit.v1.ChoiceListH\x00\x12\x15\n\x0bjson_object\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"t\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12\x0f\n\x07logprob\x18\x04 \x01(\x01\x12#\n\x03top\x18\x05 \x03(\x0b\x32\x16.vlsplit.v1.TopLogprob\"M\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x0c\x12\x0f\n\x07logprob\x18\x04 \x01(\x01\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x14\n\x0cimage_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"\x80\x01\n\rEmbeddingInfo\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x10\n\x08grid_thw\x18\x03 \x03(\r\x12\x10\n\x08n_tokens\x18\x04 \x01(\r\x12\x15\n\rpayload_bytes\x18\x05 \x01(\x04\x12\r\n\x05\x64type\x18\x06 \x01(\t\"[\n\tModelInfo\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x16\n\x0epayload_format\x18\x04 \x01(\r\"\x12\n\x10ModelInfoRequest\":\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04prob\x18\x03 \x01(\x01*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vlsplit.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=635
-  _globals['_FINISHREASON']._serialized_end=730
+  _globals['_FINISHREASON']._serialized_start=1233
+  _globals['_FINISHREASON']._serialized_end=1328
   _globals['_SAMPLINGPARAMS']._serialized_start=40
-  _globals['_SAMPLINGPARAMS']._serialized_end=248
-  _globals['_USAGE']._serialized_start=250
-  _globals['_USAGE']._serialized_end=329
-  _globals['_EMBEDDINGINFO']._serialized_start=332
-  _globals['_EMBEDDINGINFO']._serialized_end=460
-  _globals['_MODELINFO']._serialized_start=462
-  _globals['_MODELINFO']._serialized_end=553
-  _globals['_MODELINFOREQUEST']._serialized_start=555
-  _globals['_MODELINFOREQUEST']._serialized_end=573
-  _globals['_LABELSCORE']._serialized_start=575
-  _globals['_LABELSCORE']._serialized_end=633
+  _globals['_SAMPLINGPARAMS']._serialized_end=503
+  _globals['_RESPONSEFORMAT']._serialized_start=505
+  _globals['_RESPONSEFORMAT']._serialized_end=618
+  _globals['_CHOICELIST']._serialized_start=620
+  _globals['_CHOICELIST']._serialized_end=649
+  _globals['_TOKENLOGPROB']._serialized_start=651
+  _globals['_TOKENLOGPROB']._serialized_end=767
+  _globals['_TOPLOGPROB']._serialized_start=769
+  _globals['_TOPLOGPROB']._serialized_end=846
+  _globals['_USAGE']._serialized_start=848
+  _globals['_USAGE']._serialized_end=927
+  _globals['_EMBEDDINGINFO']._serialized_start=930
+  _globals['_EMBEDDINGINFO']._serialized_end=1058
+  _globals['_MODELINFO']._serialized_start=1060
+  _globals['_MODELINFO']._serialized_end=1151
+  _globals['_MODELINFOREQUEST']._serialized_start=1153
+  _globals['_MODELINFOREQUEST']._serialized_end=1171
+  _globals['_LABELSCORE']._serialized_start=1173
+  _globals['_LABELSCORE']._serialized_end=1231
 # @@protoc_insertion_point(module_scope)

@@ -64,6 +64,16 @@ class GatewayStub:
                 request_serializer=vlsplit_dot_v1_dot_gateway__pb2.ModerateRequest.SerializeToString,
                 response_deserializer=vlsplit_dot_v1_dot_gateway__pb2.ModerateResponse.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_unary(
+                '/vlsplit.v1.Gateway/Chat',
+                request_serializer=vlsplit_dot_v1_dot_gateway__pb2.ChatRequest.SerializeToString,
+                response_deserializer=vlsplit_dot_v1_dot_gateway__pb2.ChatResponse.FromString,
+                _registered_method=True)
+        self.ChatStream = channel.unary_stream(
+                '/vlsplit.v1.Gateway/ChatStream',
+                request_serializer=vlsplit_dot_v1_dot_gateway__pb2.ChatRequest.SerializeToString,
+                response_deserializer=vlsplit_dot_v1_dot_gateway__pb2.ChatStreamResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -112,6 +122,22 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Chat(self, request, context):
+        """A conversation (system prompt, user turns with any number of images, assistant turns); `n`
+        answers to its last turn, all at once. Turns after the first reuse the cached embeddings and,
+        on the decoder that holds them (chosen by the conversation's first image), the earlier turns' KV.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ChatStream(self, request, context):
+        """As Chat, the answers streamed as they are generated (deltas tagged with their choice index).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +170,16 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Moderate,
                     request_deserializer=vlsplit_dot_v1_dot_gateway__pb2.ModerateRequest.FromString,
                     response_serializer=vlsplit_dot_v1_dot_gateway__pb2.ModerateResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=vlsplit_dot_v1_dot_gateway__pb2.ChatRequest.FromString,
+                    response_serializer=vlsplit_dot_v1_dot_gateway__pb2.ChatResponse.SerializeToString,
+            ),
+            'ChatStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.ChatStream,
+                    request_deserializer=vlsplit_dot_v1_dot_gateway__pb2.ChatRequest.FromString,
+                    response_serializer=vlsplit_dot_v1_dot_gateway__pb2.ChatStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +344,60 @@ class Gateway:
             '/vlsplit.v1.Gateway/Moderate',
             vlsplit_dot_v1_dot_gateway__pb2.ModerateRequest.SerializeToString,
             vlsplit_dot_v1_dot_gateway__pb2.ModerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vlsplit.v1.Gateway/Chat',
+            vlsplit_dot_v1_dot_gateway__pb2.ChatRequest.SerializeToString,
+            vlsplit_dot_v1_dot_gateway__pb2.ChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ChatStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/vlsplit.v1.Gateway/ChatStream',
+            vlsplit_dot_v1_dot_gateway__pb2.ChatRequest.SerializeToString,
+            vlsplit_dot_v1_dot_gateway__pb2.ChatStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

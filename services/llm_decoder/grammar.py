@@ -1,0 +1,103 @@
+"""Constrained answers: a response format compiled to a grammar matcher, applied as a logits mask.
+
+The grammar library is llguidance (one of vLLM's structured-output backends): a Rust wheel with no
+runtime dependencies that computes a token mask for the current state in tens of microseconds,
+without precomputing anything over the vocabulary per schema. xgrammar's Linux wheel pulls in
+triton (hundreds of MB in a CPU image); outlines-core builds an index of the whole vocabulary per
+schema up front (seconds for a 150k vocabulary and a non-trivial schema), which a request would wait
+for. docs/architecture.md has the measurements.
+
+Per step, for the rows of a batch that have a matcher: one parallel mask fill (`LLExecutor`), one
+masked_fill on their logits; after sampling, each matcher consumes its row's token. A finished
+grammar allows only end-of-sequence, so the answer ends there.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import llguidance
+import llguidance.hf
+import llguidance.torch
+import torch
+
+from shared.errors import InvalidRequest, TooLarge
+from shared.sampling import ResponseFormat
+
+# Bounds on what one grammar may cost (llguidance's own fuel limits, per compile and per token).
+LIMITS = llguidance.LLParserLimits(max_grammar_size=500_000, step_lexer_fuel=200_000, initial_lexer_fuel=1_000_000)
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+class GrammarCompiler:
+    """Response formats -> matchers for one tokenizer (its llguidance view is built on first use)."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: frozenset[int], max_schema_bytes: int):
+        self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, sorted(eos_ids)
+        self.max_schema_bytes = max_schema_bytes
+        self._lltok: llguidance.LLTokenizer | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def lltokenizer(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            if self._lltok is None:
+                self._lltok = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
+                                                           eos_token=self.eos_ids)
+            return self._lltok
+
+    def matcher(self, fmt: ResponseFormat) -> llguidance.LLMatcher:
+        """A fresh matcher for `fmt` (intake thread); InvalidRequest when the grammar is refused."""
+        grammar = self.grammar(fmt)
+        error = llguidance.LLMatcher.validate_grammar(grammar, self.lltokenizer, limits=LIMITS)
+        if error and not error.startswith("WARNING"):
+            raise InvalidRequest(f"response_format cannot be compiled: {error}")
+        matcher = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0, limits=LIMITS)
+        if matcher.is_error():
+            raise InvalidRequest(f"response_format cannot be compiled: {matcher.get_error()}")
+        return matcher
+
+    def grammar(self, fmt: ResponseFormat) -> str:
+        if fmt.choices:
+            return llguidance.LLMatcher.grammar_from_lark(
+                "start: " + " | ".join(json.dumps(choice) for choice in fmt.choices))
+        schema = fmt.json_schema or '{"type": "object"}'
+        if len(schema.encode()) > self.max_schema_bytes:
+            raise TooLarge(f"response_format json_schema is {len(schema.encode())} bytes; the limit is "
+                           f"{self.max_schema_bytes} (VLSPLIT_MAX_SCHEMA_BYTES)")
+        try:
+            parsed = json.loads(schema)
+        except ValueError as exc:
+            raise InvalidRequest(f"response_format json_schema is not JSON: {exc}") from None
+        if not isinstance(parsed, dict):
+            raise InvalidRequest("response_format json_schema must be a JSON object")
+        # compact JSON: flexible whitespace would let a weak model pad an answer with blanks forever
+        return llguidance.LLMatcher.grammar_from_json_schema(parsed, overrides={"whitespace_flexible": False})
+
+
+class GrammarMask:
+    """The masks of one step's constrained rows, computed in parallel."""
+
+    def __init__(self):
+        self.executor = llguidance.LLExecutor()
+
+    def apply(self, logits: torch.Tensor, matchers: list[llguidance.LLMatcher | None]) -> torch.Tensor:
+        """logits [R, vocab] -> the same with every token a row's grammar forbids at -inf."""
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        if not rows:
+            return logits
+        vocab = logits.shape[1]
+        bitmask = llguidance.torch.allocate_token_bitmask(len(rows), vocab)
+        llguidance.torch.fill_next_token_bitmask_par(self.executor, [(matchers[r], k) for k, r in enumerate(rows)],
+                                                     bitmask)
+        allowed = ((bitmask[:, :, None] >> _BITS) & 1).flatten(1)[:, :vocab].bool()  # [rows, vocab]
+        index = torch.tensor(rows, device=logits.device)
+        masked = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
+        return logits.index_copy(0, index, masked)
+
+
+def consume(matcher: llguidance.LLMatcher, token: int) -> None:
+    """Advance `matcher` past the sampled token; a grammar that breaks fails its request."""
+    if not matcher.consume_token(token) or matcher.is_error():
+        raise InvalidRequest(f"the answer left its response_format: {matcher.get_error() or 'token refused'}")
