@@ -146,6 +146,17 @@ class GatewayConfig(ServerConfig, CacheConfig):
     max_image_bytes: int = 32 * MiB
     max_question_chars: int = 8192
     max_questions: int = 64
+    # Chat / the OpenAI endpoint: messages, images and text characters per conversation; answers per call (n).
+    max_messages: int = 256
+    max_images: int = 16
+    max_chat_chars: int = 65536
+    max_choices: int = 16
+    # The HTTP side (OpenAI-compatible API and web page, services/gateway/http.py): -1 = off, 0 = a free port.
+    http_port: int = -1
+    served_model_name: str = ""  # the model's name in /v1/models and requests; "" = its model_type (e.g. qwen2_vl)
+    max_http_body_bytes: int = 48 * MiB  # a request body (a 32 MiB image is ~43 MiB as a base64 data: URL)
+    remote_images: bool = False  # fetch https:// image URLs (public addresses only, no redirects)
+    remote_image_timeout_s: float = 10.0
     default_max_new_tokens: int = 64
     max_new_tokens_limit: int = 4096  # checked here too, before any image is encoded
     deadline_s: float = 120.0  # default deadline when the client sets none

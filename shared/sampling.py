@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -70,6 +71,12 @@ class SamplingParams:
                "response_format takes one of json_schema, json_object, choices")
         _check(all(isinstance(c, str) and c for c in fmt.choices), "response_format choices must be non-empty")
         _check(len(set(fmt.choices)) == len(fmt.choices), "response_format choices must be distinct")
+        if fmt.json_schema:
+            try:
+                schema = json.loads(fmt.json_schema)
+            except ValueError as exc:
+                raise InvalidRequest(f"response_format json_schema is not JSON: {exc}") from None
+            _check(isinstance(schema, dict), "response_format json_schema must be a JSON object")
         return self
 
 

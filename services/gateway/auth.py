@@ -6,7 +6,7 @@ The token file (VLSPLIT_AUTH_TOKENS) holds one client per line, never a token it
     moderation:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08:classify,upload:50:100000
     app:60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752
 
-scopes are `ask` (Ask, AskStream, AskMany), `classify` (Classify, Moderate) and `upload` (UploadImage)
+scopes are `ask` (Ask, AskStream, AskMany, Chat, ChatStream; HTTP chat completions), `classify` (Classify, Moderate) and `upload` (UploadImage)
 or `*` (default: all); empty limits take the gateway's defaults, 0 = unlimited. `vlsplit token NAME`
 makes a token and its line. The file is read again when it changes (at most once a second); a file
 that fails to parse keeps the clients it had. Clients send `authorization: Bearer <token>`.
@@ -32,7 +32,7 @@ from shared.interceptor import CLIENT_NAME, wrap_handler
 
 log = logging.getLogger("vlsplit.auth")
 
-SCOPES = {"ask": ("Ask", "AskStream", "AskMany"), "classify": ("Classify", "Moderate"), "upload": ("UploadImage",)}
+SCOPES = {"ask": ("Ask", "AskStream", "AskMany", "Chat", "ChatStream"), "classify": ("Classify", "Moderate"), "upload": ("UploadImage",)}
 METHOD_SCOPE = {method: scope for scope, methods in SCOPES.items() for method in methods}
 SERVICE_PREFIX = "/vlsplit.v1.Gateway/"
 CHECK_EVERY_S = 1.0

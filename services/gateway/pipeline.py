@@ -115,8 +115,9 @@ class Pipeline:
         metrics.ENCODE_SECONDS.observe(time.perf_counter() - start)
         return Embeddings(encoded.payload, source.key, encoded.cache_hit, _ms(start))
 
-    def fetcher(self, source: ImageSource, timeout: float) -> "ImageFetch":
-        return ImageFetch(self, source, timeout)
+    def fetcher(self, sources: ImageSource | list[ImageSource], timeout: float, route: str = "") -> "ImageFetch":
+        """The request's images (one, several, or none: then `route` keys its decoder)."""
+        return ImageFetch(self, [sources] if isinstance(sources, ImageSource) else sources, timeout, route)
 
     async def call(self, rpc: str, header: llm_decoder_pb2.GenerateHeader, fetch: "ImageFetch", timeout: float,
                    ) -> AsyncIterator:
@@ -125,7 +126,7 @@ class Pipeline:
         a payload it finds corrupt (DATA_LOSS) that came from the cache is dropped and re-encoded; a
         payload of another model (FAILED_PRECONDITION: the model was redeployed) makes the gateway
         fetch the fingerprint again and the payload under it."""
-        header.image_ids[:] = [fetch.source.key]
+        header.image_ids[:] = [source.key for source in fetch.sources]
         try:
             async for reply in self._routed(rpc, header, fetch, timeout):
                 yield reply
@@ -136,19 +137,22 @@ class Pipeline:
 
     async def _recover(self, exc: Upstream, fetch: "ImageFetch", timeout: float) -> None:
         """Make the retry after `exc` meaningful, or raise it."""
-        image_id = fetch.source.key
-        if exc.grpc_code == "DATA_LOSS" and fetch.emb is not None and fetch.emb.cache_hit:
-            log.warning("cached payload of %s is corrupt (%s); dropping it and re-encoding", image_id, exc)
-            await self.cache.delete(embedding_key(await self.fingerprint(timeout), image_id))
-            fetch.emb = await self.encode(fetch.source, timeout)
-        elif exc.grpc_code == "FAILED_PRECONDITION" and fetch.emb is not None:
+        if exc.grpc_code == "DATA_LOSS" and fetch.fetched and any(e.cache_hit for e in fetch.embeddings):
+            log.warning("a cached payload of %s is corrupt (%s); dropping and re-encoding the cached ones",
+                        fetch.route_key, exc)
+            fingerprint = await self.fingerprint(timeout)
+            for i, (source, emb) in enumerate(zip(fetch.sources, fetch.embeddings)):
+                if emb.cache_hit:
+                    await self.cache.delete(embedding_key(fingerprint, source.key))
+                    fetch.embeddings[i] = await self.encode(source, timeout)
+        elif exc.grpc_code == "FAILED_PRECONDITION" and fetch.fetched:
             stale = self._fingerprint
             self._fingerprint = None
             if await self.fingerprint(timeout) == stale:
                 raise exc
-            log.warning("the served model changed (%s -> %s); fetching %s's payload again", stale,
-                        self._fingerprint, image_id)
-            fetch.emb = None
+            log.warning("the served model changed (%s -> %s); fetching %s's payloads again", stale,
+                        self._fingerprint, fetch.route_key)
+            fetch.embeddings = []
         else:
             raise exc
 
@@ -160,7 +164,7 @@ class Pipeline:
         times): the next replica resumes from the tokens already passed on, and the client sees one
         answer. Anything else that fails mid-answer ends with the error, never hangs."""
         deadline = time.monotonic() + timeout
-        order = self.router.order(fetch.source.key)
+        order = self.router.order(fetch.route_key)
         delivered: list[int] = []  # answer tokens passed on (one-conversation Generate)
         migrations = 0
         for i, replica in enumerate(order):
@@ -184,7 +188,7 @@ class Pipeline:
                     raise
                 if started:
                     if not (reason == "unavailable" and rpc == "Generate" and not header.batch
-                            and migrations < self.migration_limit):
+                            and header.n <= 1 and migrations < self.migration_limit):
                         raise
                     migrations += 1
                     header = _resuming(header, delivered)
@@ -223,25 +227,33 @@ def _count_resumed(reply, resumed: int) -> None:
 
 
 class ImageFetch:
-    """The request's image payload, fetched (cache, else encoder) only if a decoder asks, and once."""
+    """The request's image payloads, fetched (cache, else encoder; all images at once) only if a
+    decoder asks, and once."""
 
-    def __init__(self, pipeline: Pipeline, source: ImageSource, timeout: float):
-        self.pipeline, self.source, self.timeout = pipeline, source, timeout
-        self.emb: Embeddings | None = None
+    def __init__(self, pipeline: Pipeline, sources: list[ImageSource], timeout: float, route: str = ""):
+        self.pipeline, self.sources, self.timeout = pipeline, sources, timeout
+        self.route_key = sources[0].key if sources else route  # conversations stay on their first image's decoder
+        self.embeddings: list[Embeddings] = []
+
+    @property
+    def fetched(self) -> bool:
+        return bool(self.embeddings)
 
     async def __call__(self) -> list[bytes]:
-        if self.emb is None:
-            self.emb = await self.pipeline.embeddings(self.source, self.timeout)
-        return [self.emb.payload]
+        if not self.fetched:
+            self.embeddings = list(await asyncio.gather(
+                *(self.pipeline.embeddings(source, self.timeout) for source in self.sources)))
+        return [emb.payload for emb in self.embeddings]
 
     @property
     def cache_hit(self) -> bool:
-        """No payload was needed (the decoder held the image), or it came from the cache."""
-        return self.emb is None or self.emb.cache_hit
+        """No payload was needed (the decoder held the images), or all came from the cache."""
+        return all(emb.cache_hit for emb in self.embeddings)
 
     @property
     def encode_ms(self) -> float:
-        return 0.0 if self.emb is None else self.emb.encode_ms
+        """The slowest image's (they are fetched side by side)."""
+        return max((emb.encode_ms for emb in self.embeddings), default=0.0)
 
 
 def question_message(question: str) -> llm_decoder_pb2.ChatMessage:

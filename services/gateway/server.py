@@ -16,6 +16,7 @@ from shared.tls import client_tls
 from vlsplit.v1 import gateway_pb2_grpc
 
 from .auth import AuthInterceptor, ImageQuota, TokenFile
+from .http import HttpApi, HttpServer
 from .pools import DecoderPool, EncoderPool
 from .pipeline import Pipeline
 from .routing import Router
@@ -36,6 +37,8 @@ def build(config: GatewayConfig) -> Service:
         raise ValueError(f"VLSPLIT_CACHE_SCOPE={config.cache_scope!r}: expected tenant or global")
     tokens = (TokenFile(config.auth_tokens, config.auth_requests_per_s, config.auth_images_per_day)
               if config.auth_tokens else None)  # an unreadable token file fails here, at once
+    auth = AuthInterceptor(tokens) if tokens else None  # one rate limiter for gRPC and HTTP
+    http = HttpServer(HttpApi(servicer, config, auth), config) if config.http_port >= 0 else None  # binds now
 
     async def start() -> None:
         # Channels and the Redis client bind to the running event loop, so they are made here.
@@ -47,11 +50,16 @@ def build(config: GatewayConfig) -> Service:
         await pipeline.start(config.decoder_resolve_s)
         servicer.quota = ImageQuota(store.redis)
         servicer.pipeline = pipeline
+        if http is not None:
+            http.start()
         log.info("gateway ready", extra={"encoder": config.encoder, "decoders": router.replicas,
+                                          "http_port": http.port if http else None,
                                           "cache": "memory" if config.redis_url == "memory" else "redis",
                                           "auth": f"{len(tokens.clients)} clients" if tokens else "off"})
 
     async def stop() -> None:
+        if http is not None:
+            await http.stop()
         if servicer._pipeline is not None:
             await servicer._pipeline.close()
 
@@ -61,7 +69,7 @@ def build(config: GatewayConfig) -> Service:
         start=start,
         stop=stop,
         max_message_bytes=config.max_image_bytes + (1 << 20),
-        interceptors=[AuthInterceptor(tokens)] if tokens else [],
+        interceptors=[auth] if auth else [],
     )
 
 

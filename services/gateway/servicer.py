@@ -11,9 +11,8 @@ from shared.sampling import sampling_from_pb
 from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, llm_decoder_pb2
 
 from .auth import CLIENT, ImageQuota
+from .chat import CACHE_STATUS, ChatAnswers, conversation, route_key
 from .pipeline import ImageFetch, ImageSource, Pipeline, question_message
-
-CACHE_STATUS = {True: gateway_pb2.CACHE_STATUS_HIT, False: gateway_pb2.CACHE_STATUS_MISS}
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -68,6 +67,38 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise InvalidRequest("at least one check is required")
         results = await self._checks(request.image, [(c.question, list(c.labels)) for c in request.checks], context)
         return gateway_pb2.ModerateResponse(results=results)
+
+    async def Chat(self, request, context):
+        final = None
+        async for _, final in self.chat(request, self._timeout(context)):
+            pass
+        return final
+
+    async def ChatStream(self, request, context):
+        async for reply, final in self.chat(request, self._timeout(context)):
+            if final is not None:
+                yield gateway_pb2.ChatStreamResponse(final=final)
+            elif reply.token_ids or reply.text or reply.finish_reason:
+                yield gateway_pb2.ChatStreamResponse(index=reply.index, text=reply.text, token_ids=reply.token_ids,
+                                                     logprobs=reply.logprobs, finish_reason=reply.finish_reason)
+
+    async def chat(self, request: gateway_pb2.ChatRequest, timeout: float,
+                   ) -> AsyncIterator[tuple[object, gateway_pb2.ChatResponse | None]]:
+        """Yields (decoder reply, None) per token message, then (None, the whole ChatResponse).
+        The n answers are n rows of one decoder request sharing the conversation's prefix."""
+        start = time.perf_counter()
+        n = request.n or 1
+        if n > self.config.max_choices:
+            raise TooLarge(f"n is {n}; the limit is {self.config.max_choices} (VLSPLIT_MAX_CHOICES)")
+        sampling = self._sampling(request.sampling)
+        messages, sources = await conversation(request.messages, self.config, self._source)
+        header = llm_decoder_pb2.GenerateHeader(messages=messages, sampling=sampling, n=n)
+        fetch = self.pipeline.fetcher(sources, timeout, route=route_key(messages))
+        answers = ChatAnswers(n, [s.image_id for s in sources], start)
+        async for reply in self.pipeline.call("Generate", header, fetch, timeout):
+            answers.add(reply)
+            yield reply, None
+        yield None, answers.response(fetch.cache_hit, fetch.encode_ms)
 
     async def _checks(self, image: gateway_pb2.ImageRef, checks: list[tuple[str, list[str]]], context,
                       ) -> list[gateway_pb2.ClassifyResponse]:
@@ -146,7 +177,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 class _AnswerBuilder:
     def __init__(self, question: str, image_id: str, start: float):
         self.question, self.image_id, self.start = question, image_id, start
-        self.text, self.token_ids = [], []
+        self.text, self.token_ids, self.logprobs = [], [], []
         self.ttft_ms = None
         self.decoder_ttft_ms = 0.0
         self.finish, self.usage = common_pb2.FINISH_REASON_UNSPECIFIED, None
@@ -157,6 +188,7 @@ class _AnswerBuilder:
         self.decoder_ttft_ms = self.decoder_ttft_ms or reply.ttft_ms
         self.text.append(reply.text)
         self.token_ids.extend(reply.token_ids)
+        self.logprobs.extend(reply.logprobs)
         if reply.finish_reason:
             self.finish, self.usage = reply.finish_reason, reply.usage
 
@@ -168,4 +200,4 @@ class _AnswerBuilder:
             timings=gateway_pb2.Timings(encode_ms=fetch.encode_ms,
                                         ttft_ms=self.ttft_ms if self.ttft_ms is not None else total_ms,
                                         total_ms=total_ms, decoder_ttft_ms=self.decoder_ttft_ms),
-            finish_reason=self.finish, usage=self.usage)
+            finish_reason=self.finish, usage=self.usage, logprobs=self.logprobs)

@@ -1,0 +1,96 @@
+"""Chat: a conversation (system prompt, user turns with images anywhere, assistant turns) to the
+decoder's messages plus the images to fetch, and `n` answers streamed back into one ChatResponse.
+Used by the gRPC Chat RPCs and the OpenAI-compatible HTTP API alike."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Awaitable, Callable
+
+from shared.config import GatewayConfig
+from shared.errors import InvalidRequest, TooLarge
+from vlsplit.v1 import common_pb2, gateway_pb2, llm_decoder_pb2
+
+from .pipeline import ImageSource
+
+CACHE_STATUS = {True: gateway_pb2.CACHE_STATUS_HIT, False: gateway_pb2.CACHE_STATUS_MISS}
+ROLES = ("system", "user", "assistant")
+
+
+async def conversation(turns, config: GatewayConfig, source: Callable[[gateway_pb2.ImageRef], Awaitable[ImageSource]],
+                       ) -> tuple[list[llm_decoder_pb2.ChatMessage], list[ImageSource]]:
+    """The decoder's messages (images as placeholders) and the images in order of appearance.
+    Every bound is checked before the first image is validated or counted against a quota."""
+    if not turns:
+        raise InvalidRequest("at least one message is required")
+    if len(turns) > config.max_messages:
+        raise TooLarge(f"{len(turns)} messages; the limit is {config.max_messages} (VLSPLIT_MAX_MESSAGES)")
+    images = sum(part.WhichOneof("part") == "image" for turn in turns for part in turn.content)
+    if images > config.max_images:
+        raise TooLarge(f"{images} images in the conversation; the limit is {config.max_images} (VLSPLIT_MAX_IMAGES)")
+    chars = sum(len(part.text) for turn in turns for part in turn.content)
+    if chars > config.max_chat_chars:
+        raise TooLarge(f"the messages hold {chars} characters of text; the limit is {config.max_chat_chars} "
+                       "(VLSPLIT_MAX_CHAT_CHARS)")
+    messages, sources = [], []
+    for i, turn in enumerate(turns):
+        if turn.role not in ROLES:
+            raise InvalidRequest(f"message {i}: role must be one of {', '.join(ROLES)}, not {turn.role!r}")
+        if not turn.content:
+            raise InvalidRequest(f"message {i} has no content")
+        message = llm_decoder_pb2.ChatMessage(role=turn.role)
+        for part in turn.content:
+            kind = part.WhichOneof("part")
+            if kind == "image":
+                if turn.role != "user":
+                    raise InvalidRequest(f"message {i}: images belong in user messages, not {turn.role}")
+                sources.append(await source(part.image))
+                message.content.add(image=llm_decoder_pb2.ImagePlaceholder())
+            elif kind == "text":
+                message.content.add(text=part.text)
+            else:
+                raise InvalidRequest(f"message {i}: a part has neither text nor image")
+        messages.append(message)
+    return messages, sources
+
+
+def route_key(messages: list[llm_decoder_pb2.ChatMessage]) -> str:
+    """Where a conversation without images goes: by its first message, so its turns meet their KV."""
+    first = messages[0]
+    return "text:" + hashlib.sha256(first.SerializeToString(deterministic=True)).hexdigest()
+
+
+class ChatAnswers:
+    """Collects the decoder's replies for `n` answers into one ChatResponse."""
+
+    def __init__(self, n: int, image_ids: list[str], start: float):
+        self.choices = [gateway_pb2.ChatChoice(index=j) for j in range(n)]
+        self._text: list[list[str]] = [[] for _ in range(n)]
+        self.image_ids, self.start = image_ids, start
+        self.ttft_ms: float | None = None
+        self.decoder_ttft_ms = 0.0
+
+    def add(self, reply: llm_decoder_pb2.GenerateResponse) -> None:
+        if self.ttft_ms is None and reply.token_ids:
+            self.ttft_ms = (time.perf_counter() - self.start) * 1000
+        self.decoder_ttft_ms = self.decoder_ttft_ms or reply.ttft_ms
+        choice = self.choices[reply.index]
+        self._text[reply.index].append(reply.text)
+        choice.token_ids.extend(reply.token_ids)
+        choice.logprobs.extend(reply.logprobs)
+        if reply.finish_reason:
+            choice.finish_reason = reply.finish_reason
+            choice.usage.CopyFrom(reply.usage)
+
+    def response(self, cache_hit: bool, encode_ms: float) -> gateway_pb2.ChatResponse:
+        total_ms = (time.perf_counter() - self.start) * 1000
+        for choice, text in zip(self.choices, self._text):
+            choice.text = "".join(text)
+        first = self.choices[0].usage
+        usage = common_pb2.Usage(prompt_tokens=first.prompt_tokens, image_tokens=first.image_tokens,
+                                 completion_tokens=sum(c.usage.completion_tokens for c in self.choices))
+        return gateway_pb2.ChatResponse(
+            choices=self.choices, image_ids=self.image_ids, cache=CACHE_STATUS[cache_hit], usage=usage,
+            timings=gateway_pb2.Timings(encode_ms=encode_ms, ttft_ms=total_ms if self.ttft_ms is None else self.ttft_ms,
+                                        total_ms=total_ms, decoder_ttft_ms=self.decoder_ttft_ms))

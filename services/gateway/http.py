@@ -1,0 +1,279 @@
+"""The gateway's HTTP side: the OpenAI-compatible API and the web page, served by uvicorn on the
+gateway's own event loop, so it shares the pipeline, pools, caches, auth and limits with gRPC.
+
+    GET  /                       the web page (services/gateway/web/index.html)
+    GET  /v1/models              the served model
+    POST /v1/chat/completions    chat, streamed as server-sent events with "stream": true
+    POST /v1/images              raw image bytes in the body -> {"id": image_id, "url": "vlsplit://<id>"}
+    POST /v1/classify            vlsplit's Moderate: {"image": url, "checks": [{"question", "labels"}]}
+    GET  /healthz                200 once the gateway is ready
+
+Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the HTTP status of
+the gRPC code the same failure gets (invalid 400, unauthenticated 401, scope 403, unknown image 404,
+body too large 413, rate or capacity 429 with Retry-After, upstream down 503, deadline 504).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import socket
+from importlib import resources
+from typing import AsyncIterator
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from shared.config import GatewayConfig
+from shared.errors import InvalidRequest, Overloaded, TooLarge, VlsplitError
+from vlsplit.v1 import gateway_pb2
+
+from .auth import ANONYMOUS, CLIENT, AuthInterceptor
+from .openai_api import ChatCompletionRequest, Completion, chat_request, usage
+from .remote import ImageUrls
+from .servicer import GatewayServicer
+
+log = logging.getLogger("vlsplit.gateway.http")
+
+STATUS = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
+          "RESOURCE_EXHAUSTED": 429, "FAILED_PRECONDITION": 503, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes ends in 413 before it is all read."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _too_large(self.limit)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, f"the request body is over {self.limit} bytes (VLSPLIT_MAX_HTTP_BODY_BYTES)")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return error_response(413, f"the request body is over {limit} bytes (VLSPLIT_MAX_HTTP_BODY_BYTES)")
+
+
+def error_response(status: int, message: str, code: str | None = None, headers: dict | None = None) -> JSONResponse:
+    kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def error_of(exc: Exception) -> JSONResponse:
+    if isinstance(exc, VlsplitError):
+        status = STATUS.get(exc.grpc_code, 500)
+        headers = None
+        retry = getattr(exc, "retry_after_s", None)
+        if isinstance(exc, Overloaded) and retry:
+            headers = {"Retry-After": str(max(1, math.ceil(retry)))}
+        return error_response(status, str(exc), exc.grpc_code.lower(), headers)
+    log.exception("HTTP request failed")
+    return error_response(500, f"internal error: {type(exc).__name__}")
+
+
+class HttpApi:
+    def __init__(self, servicer: GatewayServicer, config: GatewayConfig, auth: AuthInterceptor | None):
+        self.servicer, self.config, self.auth = servicer, config, auth
+        self.urls = ImageUrls(config.max_image_bytes, config.remote_images, config.remote_image_timeout_s)
+        self._model: str | None = None
+        self.app = self._build()
+
+    async def model(self) -> str:
+        if self._model is None:
+            info = await self.servicer.pipeline.encoder.model_info(self.config.deadline_s)
+            self._model = self.config.served_model_name or info.model_type
+        return self._model
+
+    def admit(self, request: Request, method: str) -> None:
+        """Authenticate as gRPC does (same tokens, scopes and rate limits); the client rides in CLIENT."""
+        client = ANONYMOUS if self.auth is None else self.auth.authenticate(
+            request.headers.get("authorization", ""), method)
+        CLIENT.set(client)
+
+    def _build(self) -> FastAPI:
+        app = FastAPI(title="vlsplit", docs_url=None, redoc_url=None, openapi_url=None)
+        app.add_exception_handler(VlsplitError, lambda _, exc: error_of(exc))
+        app.add_exception_handler(RequestValidationError, lambda _, exc: error_response(400, _validation(exc)))
+        app.add_exception_handler(HTTPException, lambda _, exc: error_response(exc.status_code, str(exc.detail)))
+        app.add_exception_handler(Exception, lambda _, exc: error_of(exc))
+        app.add_api_route("/", self.page, methods=["GET"], response_class=HTMLResponse)
+        app.add_api_route("/healthz", self.healthz, methods=["GET"])
+        app.add_api_route("/v1/models", self.models, methods=["GET"])
+        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+        app.add_api_route("/v1/images", self.upload, methods=["POST"])
+        app.add_api_route("/v1/classify", self.classify, methods=["POST"])
+        return app
+
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(resources.files("services.gateway").joinpath("web/index.html").read_text())
+
+    async def healthz(self) -> dict:
+        await self.model()
+        return {"status": "ok"}
+
+    async def models(self, request: Request) -> dict:
+        self.admit(request, "Ask")
+        return {"object": "list", "data": [{"id": await self.model(), "object": "model", "created": 0,
+                                            "owned_by": "vlsplit"}]}
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        self.admit(request, "Chat")
+        model = await self.model()
+        if body.model != model:
+            return error_response(404, f"the model {body.model!r} does not exist; this gateway serves {model!r}",
+                                  "model_not_found")
+        chat = await chat_request(body, self.urls)
+        completion = Completion(model)
+        events = self.servicer.chat(chat, self.config.deadline_s)
+        if not body.stream:
+            final = None
+            async for _, final in events:
+                pass
+            return completion.response(final)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        first = await _first(events)  # errors before the first token still get a status code
+        return StreamingResponse(self._sse(completion, first, events, include_usage), media_type="text/event-stream")
+
+    async def _sse(self, completion: Completion, first, events, include_usage: bool) -> AsyncIterator[str]:
+        started: set[int] = set()
+        try:
+            async for reply, final in _chain(first, events):
+                if final is not None:
+                    extra = {"usage": usage(final.usage)} if include_usage else {}
+                    if include_usage:
+                        yield _event(completion.chunk([], **extra))
+                    break
+                if not (reply.token_ids or reply.text or reply.finish_reason):
+                    continue
+                delta = gateway_pb2.ChatStreamResponse(index=reply.index, text=reply.text, logprobs=reply.logprobs,
+                                                       finish_reason=reply.finish_reason)
+                yield _event(completion.chunk([completion.delta(delta, reply.index not in started)]))
+                started.add(reply.index)
+        except Exception as exc:  # noqa: BLE001 - mid-stream: the status is sent; say why in the stream
+            yield _event(json.loads(error_of(exc).body))
+        yield "data: [DONE]\n\n"
+
+    async def upload(self, request: Request) -> dict:
+        self.admit(request, "UploadImage")
+        data = await request.body()
+        reply = await self.servicer.UploadImage(gateway_pb2.UploadImageRequest(data=data), _Context(self.config))
+        return {"id": reply.image_id, "object": "image", "url": f"vlsplit://{reply.image_id}",
+                "expires_in": reply.ttl_seconds}
+
+    async def classify(self, request: Request) -> dict:
+        self.admit(request, "Moderate")
+        body = await _json(request)
+        checks = body.get("checks")
+        if not isinstance(body.get("image"), str) or not isinstance(checks, list):
+            raise InvalidRequest('expected {"image": "<url>", "checks": [{"question": str, "labels": [str]}]}')
+        moderate = gateway_pb2.ModerateRequest(image=await self.urls.image_ref(body["image"]))
+        for check in checks:
+            if not isinstance(check, dict) or not isinstance(check.get("question"), str) \
+                    or not isinstance(check.get("labels"), list) or not all(isinstance(x, str) for x in check["labels"]):
+                raise InvalidRequest('each check is {"question": str, "labels": [str, ...]}')
+            moderate.checks.add(question=check["question"], labels=check["labels"])
+        reply = await self.servicer.Moderate(moderate, _Context(self.config))
+        return {"results": [{"question": r.question, "image_id": r.image_id,
+                             "cache": "hit" if r.cache == gateway_pb2.CACHE_STATUS_HIT else "miss",
+                             "labels": [{"label": s.label, "prob": s.prob, "logprob": s.logprob} for s in r.labels],
+                             "total_ms": round(r.timings.total_ms, 2)} for r in reply.results]}
+
+
+class _Context:
+    """What the servicer's unary handlers read of a gRPC context, for calls from HTTP."""
+
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+
+    def time_remaining(self) -> float:
+        return self.config.deadline_s
+
+
+async def _first(events):
+    try:
+        return await anext(events)
+    except StopAsyncIteration:
+        return None
+
+
+async def _chain(first, events):
+    if first is not None:
+        yield first
+    async for item in events:
+        yield item
+
+
+async def _json(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise InvalidRequest("the request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def _validation(exc: RequestValidationError) -> str:
+    problems = ["{}: {}".format(".".join(str(x) for x in e.get("loc", ())[1:]) or "body", e.get("msg"))
+                for e in exc.errors()[:5]]
+    return "invalid request: " + "; ".join(problems)
+
+
+class HttpServer:
+    """uvicorn on the running loop; the socket is bound before the gateway reports SERVING."""
+
+    def __init__(self, api: HttpApi, config: GatewayConfig):
+        ssl = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key} if config.tls_cert else {}
+        self.server = _Server(uvicorn.Config(BodyLimit(api.app, config.max_http_body_bytes), lifespan="off",
+                                             log_config=None, access_log=False, timeout_graceful_shutdown=config.grace_s,
+                                             **ssl))
+        family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((config.host, config.http_port))
+        self.port = self.socket.getsockname()[1]
+        self.task = None
+
+    def start(self) -> None:
+        import asyncio
+
+        self.task = asyncio.create_task(self.server.serve(sockets=[self.socket]))
+        log.info("HTTP API listening", extra={"http_port": self.port})
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self.task is not None:
+            await self.task
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """The gateway's own SIGTERM handling drives shutdown (drain, grace) for gRPC and HTTP alike."""
+        yield
