@@ -27,6 +27,17 @@ def tiny_model(request, tiny_models) -> str:
     return tiny_models[request.param]
 
 
+@pytest.fixture(scope="session", params=FAMILIES)
+def stack(request, tiny_models, tmp_path_factory):
+    """A whole stack per family (Redis, encoder, decoder, gateway with its HTTP API), shared by the
+    end-to-end, chat and OpenAI-API modules; tests that break parts of a stack start their own."""
+    from stack import Stack
+
+    s = Stack(tiny_models[request.param], tmp_path_factory.mktemp("logs")).start()
+    yield s
+    s.stop()
+
+
 def make_image(width: int, height: int, seed: int = 0, fmt: str = "PNG") -> bytes:
     """A deterministic, non-uniform test image (gradients plus a seeded pattern), encoded."""
     import numpy as np

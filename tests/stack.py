@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 
 from procs import Redis, Service
+from vlsplit.launcher import free_port
 from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, vision_encoder_pb2_grpc
 
 
@@ -31,8 +32,10 @@ class Stack:
         self.decoder = self.start_decoder(self.decoder_model or self.model, wait=False)
         self.encoder.wait_serving()
         self.decoder.wait_serving()
+        self.http_port = free_port()
         self.gateway = Service("gateway", "--encoder", self.encoder.address, "--decoder", self.decoder.address,
-                               "--redis", url, env=self.gateway_env, log_dir=self.log_dir).start()
+                               "--redis", url, "--http-port", str(self.http_port), env=self.gateway_env,
+                               log_dir=self.log_dir).start()
         self.channel = grpc.insecure_channel(self.gateway.address,
                                              options=[("grpc.max_send_message_length", 64 << 20)])
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
@@ -59,6 +62,11 @@ class Stack:
             service.kill()
         if self.redis:
             self.redis.stop()
+
+    @property
+    def http_url(self) -> str:
+        """The gateway's OpenAI-compatible API, e.g. for openai.OpenAI(base_url=...)."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     def ask(self, image: bytes | str, question: str, timeout: float = 120, **sampling) -> gateway_pb2.Answer:
         return self.stub.Ask(ask_request(image, question, **sampling), timeout=timeout)

@@ -19,13 +19,6 @@ from vlsplit.v1 import gateway_pb2
 QUESTIONS = ["What is in this picture?", "What colour is the roof?", "Is it day or night?"]
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def stack(request, tiny_models, tmp_path_factory):
-    s = Stack(tiny_models[request.param], tmp_path_factory.mktemp("logs")).start()
-    yield s
-    s.stop()
-
-
 @pytest.fixture
 def fresh_stack(tiny_models, tmp_path):
     """A private qwen2_vl stack for tests that stop or break parts of it."""
