@@ -1,0 +1,467 @@
+"""The Python SDK: `vlsplit.Client` (blocking) and `vlsplit.AsyncClient` (asyncio) for the gateway.
+
+    from pathlib import Path
+    import vlsplit
+
+    with vlsplit.Client("localhost:50051") as client:
+        image_id = client.upload(Path("cat.png"))
+        print(client.ask(image_id, "What is in this picture?").text)
+        for delta in client.ask_stream(image_id, "Describe it."):
+            print(delta.text, end="", flush=True)
+
+Images are `bytes`, a `pathlib.Path` to read, or a `str` image id (from `upload` or an earlier answer).
+Every call has a deadline (`timeout`, default 120 s); UNAVAILABLE and RESOURCE_EXHAUSTED are retried
+with exponential backoff (a server's `retry-after-ms` hint is honoured), streams only until their
+first message. TLS: `tls_ca` (server check), `tls_cert` + `tls_key` (mutual TLS); `token` (or
+$VLSPLIT_TOKEN) is sent as `authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TypeVar, Union, cast
+
+import grpc
+import grpc.aio
+import tenacity
+
+from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+__all__ = ["Answer", "AsyncClient", "ChatChoice", "ChatResult", "Classification", "Client", "Delta", "Image",
+           "Label", "Message", "Retry", "VlsplitError"]
+
+Image = Union[bytes, Path, str]  # bytes, a file to read, or an image id
+Message = Mapping[str, Any]  # {"role": ..., "content": str | [str | Image | {"type": "text"|"image", ...}]}
+T = TypeVar("T")
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+class VlsplitError(Exception):
+    """A call failed: `code` is the gRPC status (e.g. INVALID_ARGUMENT), `details` the server's reason."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Retries of UNAVAILABLE / RESOURCE_EXHAUSTED: `attempts` in all, backoff doubling from
+    `initial_s` up to `max_s` (or the server's retry-after-ms hint when it is longer)."""
+
+    attempts: int = 5
+    initial_s: float = 0.2
+    max_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class Answer:
+    question: str
+    text: str
+    token_ids: list[int]
+    image_id: str
+    cache_hit: bool
+    finish_reason: str
+    encode_ms: float
+    ttft_ms: float
+    total_ms: float
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Text (and token ids) generated since the previous delta of answer `index`."""
+
+    text: str
+    token_ids: list[int]
+    index: int = 0
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Label:
+    label: str
+    prob: float
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Classification:
+    question: str
+    labels: list[Label]  # most likely first
+    image_id: str
+    cache_hit: bool
+
+    @property
+    def top(self) -> str:
+        return self.labels[0].label
+
+
+@dataclass(frozen=True)
+class ChatChoice:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    choices: list[ChatChoice]
+    image_ids: list[str]
+    cache_hit: bool
+    prompt_tokens: int
+    ttft_ms: float
+    total_ms: float
+    deltas: list[Delta] = field(default_factory=list, repr=False)
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+
+# ---- requests --------------------------------------------------------------------------------------
+
+
+def image_ref(image: Image) -> gateway_pb2.ImageRef:
+    if isinstance(image, (bytes, bytearray)):
+        return gateway_pb2.ImageRef(data=bytes(image))
+    if isinstance(image, Path):
+        return gateway_pb2.ImageRef(data=image.read_bytes())
+    if isinstance(image, str):
+        return gateway_pb2.ImageRef(image_id=image)
+    raise TypeError(f"an image is bytes, a pathlib.Path or an image id str, not {type(image).__name__}")
+
+
+def sampling(max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+             top_k: int | None = None, seed: int | None = None, stop: Sequence[str] = (),
+             presence_penalty: float | None = None, frequency_penalty: float | None = None,
+             repetition_penalty: float | None = None, logprobs: bool = False, top_logprobs: int = 0,
+             json_schema: Mapping[str, Any] | None = None, choices: Sequence[str] | None = None,
+             ) -> common_pb2.SamplingParams:
+    """Sampling controls; unset = the server's defaults (greedy, its max_new_tokens)."""
+    import json
+
+    pb = common_pb2.SamplingParams(stop=list(stop), logprobs=logprobs, top_logprobs=top_logprobs)
+    for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
+                        ("top_k", top_k), ("seed", seed), ("presence_penalty", presence_penalty),
+                        ("frequency_penalty", frequency_penalty), ("repetition_penalty", repetition_penalty)):
+        if value is not None:
+            setattr(pb, name, value)
+    if json_schema is not None:
+        pb.response_format.json_schema = json.dumps(json_schema)
+    elif choices is not None:
+        pb.response_format.choices.choices.extend(choices)
+    return pb
+
+
+def chat_request(messages: Iterable[Message], n: int, params: common_pb2.SamplingParams) -> gateway_pb2.ChatRequest:
+    """Content parts: a str is text; bytes or a Path is an image; {"type": "text", "text": str} and
+    {"type": "image", "image": bytes | Path | image id} say which explicitly."""
+    request = gateway_pb2.ChatRequest(n=n, sampling=params)
+    for message in messages:
+        turn = request.messages.add(role=str(message["role"]))
+        content = message["content"]
+        for part in [content] if isinstance(content, str) else content:
+            if isinstance(part, Mapping):
+                if part.get("type") == "text":
+                    turn.content.add(text=str(part["text"]))
+                else:
+                    turn.content.add(image=image_ref(part["image"]))
+            elif isinstance(part, str):
+                turn.content.add(text=part)
+            else:
+                turn.content.add(image=image_ref(part))
+    return request
+
+
+def checks_request(image: Image, checks: Mapping[str, Sequence[str]]) -> gateway_pb2.ModerateRequest:
+    return gateway_pb2.ModerateRequest(image=image_ref(image), checks=[
+        gateway_pb2.ModerationCheck(question=q, labels=list(labels)) for q, labels in checks.items()])
+
+
+# ---- responses -------------------------------------------------------------------------------------
+
+
+def answer(pb: gateway_pb2.Answer) -> Answer:
+    t = pb.timings
+    return Answer(pb.question, pb.text, list(pb.token_ids), pb.image_id, pb.cache == gateway_pb2.CACHE_STATUS_HIT,
+                  FINISH.get(pb.finish_reason, ""), t.encode_ms, t.ttft_ms, t.total_ms, pb.usage.prompt_tokens,
+                  pb.usage.completion_tokens)
+
+
+def classification(pb: gateway_pb2.ClassifyResponse) -> Classification:
+    return Classification(pb.question, [Label(s.label, s.prob, s.logprob) for s in pb.labels], pb.image_id,
+                          pb.cache == gateway_pb2.CACHE_STATUS_HIT)
+
+
+def chat_result(pb: gateway_pb2.ChatResponse) -> ChatResult:
+    return ChatResult([ChatChoice(c.index, c.text, list(c.token_ids), FINISH.get(c.finish_reason, ""),
+                                  c.usage.completion_tokens) for c in pb.choices],
+                      list(pb.image_ids), pb.cache == gateway_pb2.CACHE_STATUS_HIT, pb.usage.prompt_tokens,
+                      pb.timings.ttft_ms, pb.timings.total_ms)
+
+
+def delta(pb: gateway_pb2.AskStreamResponse | gateway_pb2.ChatStreamResponse) -> Delta:
+    index = pb.index if isinstance(pb, gateway_pb2.ChatStreamResponse) else 0
+    finish = FINISH.get(pb.finish_reason) if isinstance(pb, gateway_pb2.ChatStreamResponse) else None
+    return Delta(pb.text, list(pb.token_ids), index, finish)
+
+
+# ---- channels and retries ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Options:
+    address: str
+    token: str | None
+    tls_ca: Path | None
+    tls_cert: Path | None
+    tls_key: Path | None
+    tls_server_name: str | None
+    timeout: float
+    retry: Retry
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def channel_args(self) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, Any]]]:
+        options: list[tuple[str, Any]] = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                                          ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        if not (self.tls_ca or self.tls_cert or self.tls_key):
+            return None, options
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_server_name:
+            options.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.tls_ca.read_bytes() if self.tls_ca else None,
+            private_key=self.tls_key.read_bytes() if self.tls_key else None,
+            certificate_chain=self.tls_cert.read_bytes() if self.tls_cert else None)
+        return credentials, options
+
+    def retrying(self, kind: Callable[..., T]) -> T:
+        """A tenacity Retrying / AsyncRetrying for this client's policy."""
+        return kind(stop=tenacity.stop_after_attempt(self.retry.attempts), wait=self._wait,
+                    retry=tenacity.retry_if_exception(_retryable), reraise=True)
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        backoff = min(self.retry.max_s, self.retry.initial_s * 2.0 ** (state.attempt_number - 1))
+        status = _status(state.outcome.exception() if state.outcome is not None else None)
+        return max(backoff, status[2]) if status is not None else backoff
+
+
+def _options(address: str, token: str | None, tls_ca: str | Path | None, tls_cert: str | Path | None,
+             tls_key: str | Path | None, tls_server_name: str | None, timeout: float, retry: Retry | None) -> _Options:
+    return _Options(address, token or os.environ.get("VLSPLIT_TOKEN"), _path(tls_ca), _path(tls_cert), _path(tls_key),
+                    tls_server_name, timeout, retry or Retry())
+
+
+def _path(value: str | Path | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _status(exc: BaseException | None) -> tuple[grpc.StatusCode, str, float] | None:
+    """(code, details, retry-after seconds) of a gRPC error; None for anything else."""
+    if not isinstance(exc, grpc.RpcError):
+        return None
+    call = cast(Any, exc)  # every RpcError raised by a call is also a grpc.Call
+    retry_after_s = 0.0
+    for key, value in call.trailing_metadata() or ():
+        if key == "retry-after-ms":
+            retry_after_s = float(value) / 1000
+    return call.code(), call.details() or "", retry_after_s
+
+
+def _retryable(exc: BaseException) -> bool:
+    status = _status(exc)
+    return status is not None and status[0] in RETRYABLE
+
+
+def _error(exc: grpc.RpcError) -> VlsplitError:
+    code, details, _ = _status(exc) or (grpc.StatusCode.UNKNOWN, str(exc), 0.0)
+    return VlsplitError(code, details)
+
+
+class Client:
+    """A blocking client of the gateway (thread-safe: one channel, shared)."""
+
+    def __init__(self, address: str = "localhost:50051", *, token: str | None = None, tls_ca: str | Path | None = None,
+                 tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+                 tls_server_name: str | None = None, timeout: float = 120.0, retry: Retry | None = None):
+        self._options = _options(address, token, tls_ca, tls_cert, tls_key, tls_server_name, timeout, retry)
+        credentials, options = self._options.channel_args()
+        self._channel = (grpc.secure_channel(address, credentials, options) if credentials
+                         else grpc.insecure_channel(address, options))
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def upload(self, image: bytes | Path) -> str:
+        """Store the image; returns its id for later calls."""
+        reply: gateway_pb2.UploadImageResponse = self._unary(
+            self._stub.UploadImage, gateway_pb2.UploadImageRequest(data=image_ref(image).data))
+        return reply.image_id
+
+    def ask(self, image: Image, question: str, **sampling_args: Any) -> Answer:
+        request = gateway_pb2.AskRequest(image=image_ref(image), question=question, sampling=sampling(**sampling_args))
+        return answer(self._unary(self._stub.Ask, request))
+
+    def ask_stream(self, image: Image, question: str, **sampling_args: Any) -> Iterator[Delta]:
+        """The answer as it is generated; the last item's `finish_reason` is set."""
+        request = gateway_pb2.AskRequest(image=image_ref(image), question=question, sampling=sampling(**sampling_args))
+        for reply in self._stream(self._stub.AskStream, request):
+            if reply.HasField("final"):
+                yield Delta("", [], 0, FINISH.get(reply.final.finish_reason, ""))
+            else:
+                yield delta(reply)
+
+    def ask_many(self, image: Image, questions: Sequence[str], **sampling_args: Any) -> list[Answer]:
+        request = gateway_pb2.AskManyRequest(image=image_ref(image), questions=list(questions),
+                                             sampling=sampling(**sampling_args))
+        return [answer(a) for a in self._unary(self._stub.AskMany, request).answers]
+
+    def classify(self, image: Image, question: str, labels: Sequence[str]) -> Classification:
+        request = gateway_pb2.ClassifyRequest(image=image_ref(image), question=question, labels=list(labels))
+        return classification(self._unary(self._stub.Classify, request))
+
+    def moderate(self, image: Image, checks: Mapping[str, Sequence[str]]) -> list[Classification]:
+        """Several checks ({question: labels}) of one image in one call."""
+        return [classification(r) for r in self._unary(self._stub.Moderate, checks_request(image, checks)).results]
+
+    def chat(self, messages: Iterable[Message], n: int = 1, **sampling_args: Any) -> ChatResult:
+        return chat_result(self._unary(self._stub.Chat, chat_request(messages, n, sampling(**sampling_args))))
+
+    def chat_stream(self, messages: Iterable[Message], n: int = 1, **sampling_args: Any) -> Iterator[Delta]:
+        for reply in self._stream(self._stub.ChatStream, chat_request(messages, n, sampling(**sampling_args))):
+            if not reply.HasField("final"):
+                yield delta(reply)
+
+    def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            for attempt in self._options.retrying(tenacity.Retrying):
+                with attempt:
+                    return method(request, timeout=self._options.timeout, metadata=self._options.metadata)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        raise AssertionError("unreachable")
+
+    def _stream(self, method: Any, request: Any) -> Iterator[Any]:
+        """Retried while nothing was received (a retry then cannot repeat what the caller saw)."""
+        received = False
+        try:
+            for attempt in self._options.retrying(tenacity.Retrying):
+                with attempt:
+                    try:
+                        for reply in method(request, timeout=self._options.timeout, metadata=self._options.metadata):
+                            received = True
+                            yield reply
+                        return
+                    except grpc.RpcError as exc:
+                        if received:  # not retried: VlsplitError is final
+                            raise _error(exc) from None
+                        raise
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+
+
+class AsyncClient:
+    """The asyncio client: the same calls as `Client`, as coroutines and async iterators."""
+
+    def __init__(self, address: str = "localhost:50051", *, token: str | None = None, tls_ca: str | Path | None = None,
+                 tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+                 tls_server_name: str | None = None, timeout: float = 120.0, retry: Retry | None = None):
+        self._options = _options(address, token, tls_ca, tls_cert, tls_key, tls_server_name, timeout, retry)
+        credentials, options = self._options.channel_args()
+        self._channel = (grpc.aio.secure_channel(address, credentials, options) if credentials
+                         else grpc.aio.insecure_channel(address, options))
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def upload(self, image: bytes | Path) -> str:
+        request = gateway_pb2.UploadImageRequest(data=image_ref(image).data)
+        reply: gateway_pb2.UploadImageResponse = await self._unary(self._stub.UploadImage, request)
+        return reply.image_id
+
+    async def ask(self, image: Image, question: str, **sampling_args: Any) -> Answer:
+        request = gateway_pb2.AskRequest(image=image_ref(image), question=question, sampling=sampling(**sampling_args))
+        return answer(await self._unary(self._stub.Ask, request))
+
+    async def ask_stream(self, image: Image, question: str, **sampling_args: Any) -> AsyncIterator[Delta]:
+        request = gateway_pb2.AskRequest(image=image_ref(image), question=question, sampling=sampling(**sampling_args))
+        async for reply in self._stream(self._stub.AskStream, request):
+            if reply.HasField("final"):
+                yield Delta("", [], 0, FINISH.get(reply.final.finish_reason, ""))
+            else:
+                yield delta(reply)
+
+    async def ask_many(self, image: Image, questions: Sequence[str], **sampling_args: Any) -> list[Answer]:
+        request = gateway_pb2.AskManyRequest(image=image_ref(image), questions=list(questions),
+                                             sampling=sampling(**sampling_args))
+        return [answer(a) for a in (await self._unary(self._stub.AskMany, request)).answers]
+
+    async def classify(self, image: Image, question: str, labels: Sequence[str]) -> Classification:
+        request = gateway_pb2.ClassifyRequest(image=image_ref(image), question=question, labels=list(labels))
+        return classification(await self._unary(self._stub.Classify, request))
+
+    async def moderate(self, image: Image, checks: Mapping[str, Sequence[str]]) -> list[Classification]:
+        reply = await self._unary(self._stub.Moderate, checks_request(image, checks))
+        return [classification(r) for r in reply.results]
+
+    async def chat(self, messages: Iterable[Message], n: int = 1, **sampling_args: Any) -> ChatResult:
+        return chat_result(await self._unary(self._stub.Chat, chat_request(messages, n, sampling(**sampling_args))))
+
+    async def chat_stream(self, messages: Iterable[Message], n: int = 1, **sampling_args: Any) -> AsyncIterator[Delta]:
+        async for reply in self._stream(self._stub.ChatStream, chat_request(messages, n, sampling(**sampling_args))):
+            if not reply.HasField("final"):
+                yield delta(reply)
+
+    async def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            async for attempt in self._options.retrying(tenacity.AsyncRetrying):
+                with attempt:
+                    return await method(request, timeout=self._options.timeout, metadata=self._options.metadata)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        raise AssertionError("unreachable")
+
+    async def _stream(self, method: Any, request: Any) -> AsyncIterator[Any]:
+        received = False
+        try:
+            async for attempt in self._options.retrying(tenacity.AsyncRetrying):
+                with attempt:
+                    try:
+                        async for reply in method(request, timeout=self._options.timeout,
+                                                  metadata=self._options.metadata):
+                            received = True
+                            yield reply
+                        return
+                    except grpc.RpcError as exc:
+                        if received:
+                            raise _error(exc) from None
+                        raise
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
