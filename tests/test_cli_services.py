@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -20,9 +21,10 @@ FIELDS = {"question", "text", "token_ids", "image_id", "cache", "encode_ms", "tt
 
 
 def test_up_then_ask_json_then_ctrl_c(tiny_models):
-    port = free_port()
+    port, http_port = free_port(), free_port()
     up = subprocess.Popen([sys.executable, "-m", "vlsplit.cli", "up", "--model", tiny_models["qwen2_vl"],
-                           "--gateway-port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           "--gateway-port", str(port), "--http-port", str(http_port)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = up.stdout.readline()  # blocks until everything is serving
         assert f"gateway on 127.0.0.1:{port}" in line, up.stderr.read() if up.poll() is not None else line
@@ -49,6 +51,14 @@ def test_up_then_ask_json_then_ctrl_c(tiny_models):
         assert sorted(label["label"] for label in result["labels"]) == ["maybe", "no", "yes"]
         assert abs(sum(label["prob"] for label in result["labels"]) - 1) < 1e-6
         assert result["labels"][0]["logprob"] >= result["labels"][-1]["logprob"]
+        chat = subprocess.run([sys.executable, "-m", "vlsplit.cli", "chat", "--gateway", f"127.0.0.1:{port}",
+                               "--max-new-tokens", "8", "--system", "Be brief."],
+                              input=f"/image {SAMPLE}\nWhat is this?\nAnd the roof?\n/quit\n",
+                              check=True, capture_output=True, text=True)
+        turns = [line for line in chat.stdout.splitlines() if line.startswith("assistant> ")]
+        assert len(turns) == 2 and "[hit]" in chat.stdout  # the second turn reuses the image
+        page = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/", timeout=10).read().decode()
+        assert "<html" in page.lower()
         for service, code, status in (("", 0, "SERVING"), ("vlsplit.v1.Gateway", 0, "SERVING"),
                                       ("no.such.Service", 1, "NOT_FOUND")):
             health = subprocess.run([sys.executable, "-m", "vlsplit.cli", "health", f"127.0.0.1:{port}",

@@ -20,6 +20,23 @@ RANDOM_WEIGHTS_WARNING = (
 )
 
 
+EXAMPLES = """examples:
+  vlsplit up                                     # all services on this machine (gateway localhost:50051,
+                                                 # OpenAI API and web page on http://localhost:8080)
+  vlsplit ask cat.png "What is in this picture?" "What colour is it?"
+  vlsplit ask --stream cat.png "Describe it in detail."
+  vlsplit chat cat.png --system "Answer briefly."
+  vlsplit classify cat.png "Is this image safe?" --labels safe,unsafe
+  vlsplit make-model ./bench-qwen2 --family qwen2_vl --size bench
+  vlsplit serve gateway --encoder enc:50052 --decoder dns:///decoders:50053 --http-port 8080
+"""
+CHAT_EXAMPLES = r"""examples:
+  vlsplit chat cat.png                     # then type questions; each turn sees the whole conversation
+  vlsplit chat --system "You are a content moderator." --temperature 0.7
+  printf '/image cat.png\nWhat is it?\nAnd its colour?\n' | vlsplit chat   # scripted
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from shared.config import env_get
@@ -40,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlsplit", description=__doc__)
+    parser = argparse.ArgumentParser(prog="vlsplit", description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     p = sub.add_parser("make-model", help="write a random-weight Qwen-VL checkpoint (offline)")
@@ -82,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, help="checkpoint directory (default: a tiny random-weight model)")
     p.add_argument("--redis", help="redis://host:port/db, or 'memory' (default: private redis-server if on PATH)")
     p.add_argument("--gateway-port", type=int, default=50051)
+    p.add_argument("--http-port", type=int, default=8080, help="OpenAI-compatible API and web page (-1 = off)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.set_defaults(func=_up)
@@ -97,6 +116,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_sampling_args(p)
     _add_gateway_args(p)
     p.set_defaults(func=_ask)
+
+    p = sub.add_parser("chat", help="talk about images, turn by turn (interactive; /image PATH attaches one)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=CHAT_EXAMPLES)
+    p.add_argument("images", nargs="*", type=Path, help="images attached to your first message")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--gateway", default="localhost:50051")
+    p.add_argument("--timeout", type=float, default=120.0, help="deadline per answer, seconds")
+    _add_sampling_args(p)
+    _add_gateway_args(p)
+    p.set_defaults(func=_chat)
 
     p = sub.add_parser("classify", help="probability of each candidate label as the answer to a question")
     p.add_argument("image", type=Path)
@@ -212,10 +241,12 @@ def _up(args) -> int:
     model = args.model or default_model()
     if is_random_checkpoint(model):
         print(RANDOM_WEIGHTS_WARNING.format(model=model), file=sys.stderr)
-    stack = Stack(model=model, redis=args.redis, gateway_port=args.gateway_port, host=args.host, dtype=args.dtype)
+    stack = Stack(model=model, redis=args.redis, gateway_port=args.gateway_port, http_port=args.http_port,
+                  host=args.host, dtype=args.dtype)
     try:
         address = stack.start()
-        print(f"vlsplit is up: gateway on {address}  (Ctrl-C to stop)", flush=True)
+        web = f", web page and OpenAI API on http://{args.host}:{args.http_port}" if args.http_port >= 0 else ""
+        print(f"vlsplit is up: gateway on {address}{web}  (Ctrl-C to stop)", flush=True)
         stack.wait()
     finally:
         stack.stop()
@@ -235,6 +266,12 @@ def _ask(args) -> int:
     if not questions:
         raise ValueError("give at least one QUESTION")
     return ask_questions(args.gateway, image, args.image_id, questions, args, _sampling(args))
+
+
+def _chat(args) -> int:
+    from vlsplit.client import chat_loop
+
+    return chat_loop(args.gateway, args.images, args.system, args, _sampling(args))
 
 
 def _classify(args) -> int:

@@ -1,18 +1,15 @@
-"""`vlsplit ask` / `classify` / `health`: a small gRPC client of the gateway, printing one line (or JSON object) per question."""
+"""`vlsplit ask` / `classify` / `health`: the command line's side of the SDK (vlsplit/sdk.py), printing
+one line (or JSON object) per question."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import grpc
 
-from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-
-CACHE = {gateway_pb2.CACHE_STATUS_HIT: "hit", gateway_pb2.CACHE_STATUS_MISS: "miss"}
-FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+from vlsplit.sdk import Answer, Client, Image, VlsplitError
 
 
 def open_channel(address: str, args=None, options: list | None = None) -> grpc.Channel:
@@ -29,29 +26,6 @@ def open_channel(address: str, args=None, options: list | None = None) -> grpc.C
     credentials = grpc.ssl_channel_credentials(root_certificates=_read(ca), private_key=_read(key),
                                                certificate_chain=_read(cert))
     return grpc.secure_channel(address, credentials, options=options)
-
-
-class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    """Adds `authorization: Bearer <token>` to every call (the gateway's client authentication)."""
-
-    def __init__(self, token: str):
-        self.metadata = ("authorization", f"Bearer {token}")
-
-    def _details(self, details):
-        return details._replace(metadata=[*(details.metadata or ()), self.metadata])
-
-    def intercept_unary_unary(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation, details, request):
-        return continuation(self._details(details), request)
-
-
-def gateway_channel(address: str, args, options: list | None = None) -> grpc.Channel:
-    """`open_channel`, plus the token of --token / VLSPLIT_TOKEN when there is one."""
-    channel = open_channel(address, args, options)
-    token = getattr(args, "token", None) or os.environ.get("VLSPLIT_TOKEN")
-    return grpc.intercept_channel(channel, BearerToken(token)) if token else channel
 
 
 def _read(path: str | None) -> bytes | None:
@@ -72,53 +46,56 @@ def health_status(address: str, service: str = "", timeout: float = 3.0, args=No
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-def sampling_pb(params) -> common_pb2.SamplingParams:
-    pb = common_pb2.SamplingParams(max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                                   top_p=params.top_p, top_k=params.top_k, stop=list(params.stop))
-    if params.seed is not None:
-        pb.seed = params.seed
-    return pb
+def sdk_client(address: str, args) -> Client:
+    """A `vlsplit.Client` from the CLI's --token / --tls-* flags (token default: $VLSPLIT_TOKEN)."""
+    return Client(address, token=getattr(args, "token", None), tls_ca=getattr(args, "tls_ca", None),
+                  tls_cert=getattr(args, "tls_cert", None), tls_key=getattr(args, "tls_key", None),
+                  tls_server_name=getattr(args, "tls_server_name", None), timeout=getattr(args, "timeout", 120.0))
 
 
-def answer_json(answer: gateway_pb2.Answer) -> dict:
+def sampling_kwargs(params) -> dict:
+    """shared.sampling.SamplingParams -> the SDK's keyword arguments."""
+    return {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+            "top_k": params.top_k, "seed": params.seed, "stop": list(params.stop)}
+
+
+def answer_json(answer: Answer) -> dict:
     return {
-        "question": answer.question, "text": answer.text, "token_ids": list(answer.token_ids),
-        "image_id": answer.image_id, "cache": CACHE.get(answer.cache, "unknown"),
-        "finish_reason": FINISH.get(answer.finish_reason, "unknown"),
-        "encode_ms": round(answer.timings.encode_ms, 2), "ttft_ms": round(answer.timings.ttft_ms, 2),
-        "total_ms": round(answer.timings.total_ms, 2),
-        "prompt_tokens": answer.usage.prompt_tokens, "completion_tokens": answer.usage.completion_tokens,
+        "question": answer.question, "text": answer.text, "token_ids": answer.token_ids, "image_id": answer.image_id,
+        "cache": "hit" if answer.cache_hit else "miss", "finish_reason": answer.finish_reason or "unknown",
+        "encode_ms": round(answer.encode_ms, 2), "ttft_ms": round(answer.ttft_ms, 2),
+        "total_ms": round(answer.total_ms, 2), "prompt_tokens": answer.prompt_tokens,
+        "completion_tokens": answer.completion_tokens,
     }
 
 
 def ask_questions(address: str, image: bytes | None, image_id: str | None, questions: list[str], args,
                   params) -> int:
-    ref = gateway_pb2.ImageRef(data=image) if image is not None else gateway_pb2.ImageRef(image_id=image_id)
-    options = [("grpc.max_send_message_length", 64 << 20)]
-    with gateway_channel(address, args, options) as channel:
-        stub = gateway_pb2_grpc.GatewayStub(channel)
+    ref: Image = image if image is not None else image_id
+    with sdk_client(address, args) as client:
         for question in questions:
             try:
-                answer = _ask_one(stub, ref, question, args, params)
+                answer = _ask_one(client, ref, question, args, params)
                 if answer is None and image is not None:  # the id expired everywhere: send the bytes again
-                    answer = _ask_one(stub, gateway_pb2.ImageRef(data=image), question, args, params)
+                    answer = _ask_one(client, image, question, args, params)
                 if answer is None:
                     raise_not_found(image_id)
-            except grpc.RpcError as exc:
-                print(f"vlsplit: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            except VlsplitError as exc:
+                print(f"vlsplit: error: {exc}", file=sys.stderr)
                 return 1
             _print(answer, args)
-            ref = gateway_pb2.ImageRef(image_id=answer.image_id)  # later questions send the id, not the bytes
+            ref = answer.image_id  # later questions send the id, not the bytes
     return 0
 
 
-def _ask_one(stub, ref, question, args, params) -> gateway_pb2.Answer | None:
+def _ask_one(client: Client, ref: Image, question: str, args, params) -> Answer | None:
     """The answer, or None when the gateway no longer knows an image_id (NOT_FOUND)."""
-    request = gateway_pb2.AskRequest(image=ref, question=question, sampling=sampling_pb(params))
     try:
-        return _stream(stub, request, args) if args.stream else stub.Ask(request, timeout=args.timeout)
-    except grpc.RpcError as exc:
-        if exc.code() == grpc.StatusCode.NOT_FOUND and ref.WhichOneof("source") == "image_id":
+        if not args.stream:
+            return client.ask(ref, question, **sampling_kwargs(params))
+        return _stream(client, ref, question, args, params)
+    except VlsplitError as exc:
+        if exc.code == grpc.StatusCode.NOT_FOUND and isinstance(ref, str):
             return None
         raise
 
@@ -127,45 +104,100 @@ def raise_not_found(image_id: str | None) -> None:
     raise ValueError(f"image {image_id} is unknown or expired: send the image file instead")
 
 
-def _stream(stub, request, args) -> gateway_pb2.Answer:
+def _stream(client: Client, ref: Image, question: str, args, params) -> Answer:
+    """Prints the text as it comes; the timings line comes from the gateway's final answer message."""
     final = None
-    for reply in stub.AskStream(request, timeout=args.timeout):
-        if reply.HasField("final"):
-            final = reply.final
-        elif not args.json:
-            print(reply.text, end="", flush=True)
+    for delta in client.ask_stream(ref, question, **sampling_kwargs(params)):
+        if not args.json:
+            print(delta.text, end="", flush=True)
+        final = delta.final
     if not args.json:
         print()
+    assert isinstance(final, Answer)  # the gateway's last stream message is the whole answer
     return final
 
 
-def _print(answer: gateway_pb2.Answer, args) -> None:
+def _print(answer: Answer, args) -> None:
+    cache = "hit" if answer.cache_hit else "miss"
     if args.json:
         print(json.dumps(answer_json(answer)), flush=True)
     elif args.stream:
-        print(f"   [{CACHE.get(answer.cache)}] encode {answer.timings.encode_ms:.0f} ms, "
-              f"ttft {answer.timings.ttft_ms:.0f} ms, total {answer.timings.total_ms:.0f} ms", flush=True)
+        print(f"   [{cache}] encode {answer.encode_ms:.0f} ms, ttft {answer.ttft_ms:.0f} ms, "
+              f"total {answer.total_ms:.0f} ms", flush=True)
     else:
-        print(f"Q: {answer.question}\nA: {answer.text}\n   [{CACHE.get(answer.cache)}] "
-              f"encode {answer.timings.encode_ms:.0f} ms, ttft {answer.timings.ttft_ms:.0f} ms, "
-              f"total {answer.timings.total_ms:.0f} ms", flush=True)
+        print(f"Q: {answer.question}\nA: {answer.text}\n   [{cache}] encode {answer.encode_ms:.0f} ms, "
+              f"ttft {answer.ttft_ms:.0f} ms, total {answer.total_ms:.0f} ms", flush=True)
 
 
 def classify_image(address: str, image: bytes, question: str, labels: list[str], args) -> int:
-    request = gateway_pb2.ClassifyRequest(image=gateway_pb2.ImageRef(data=image), question=question, labels=labels)
-    with gateway_channel(address, args, [("grpc.max_send_message_length", 64 << 20)]) as channel:
+    with sdk_client(address, args) as client:
         try:
-            result = gateway_pb2_grpc.GatewayStub(channel).Classify(request, timeout=args.timeout)
-        except grpc.RpcError as exc:
-            print(f"vlsplit: error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            result = client.classify(image, question, labels)
+        except VlsplitError as exc:
+            print(f"vlsplit: error: {exc}", file=sys.stderr)
             return 1
     scores = [{"label": s.label, "prob": s.prob, "logprob": s.logprob} for s in result.labels]
     if args.json:
         print(json.dumps({"question": result.question, "image_id": result.image_id,
-                          "cache": CACHE.get(result.cache, "unknown"), "labels": scores,
-                          "total_ms": round(result.timings.total_ms, 2)}), flush=True)
+                          "cache": "hit" if result.cache_hit else "miss", "labels": scores}), flush=True)
     else:
         print(f"Q: {result.question}")
         for score in scores:
             print(f"   {score['prob']:7.2%}  {score['label']}  (logprob {score['logprob']:.3f})")
     return 0
+
+
+CHAT_HELP = "type a message; /image PATH attaches an image to your next message; /reset starts over; /quit ends"
+
+
+def chat_loop(address: str, images: list[Path], system: str | None, args, params) -> int:
+    """`vlsplit chat`: an interactive, multi-turn conversation read line by line from stdin. Images are
+    uploaded once and referred to by id, so every turn reuses their embeddings and the decoder's KV."""
+    interactive = sys.stdin.isatty()
+    with sdk_client(address, args) as client:
+        base = [{"role": "system", "content": system}] if system else []
+        history, pending = list(base), [client.upload(path) for path in images]
+        print(f"vlsplit chat: {CHAT_HELP}", file=sys.stderr)
+        while (line := _read_line(interactive)) is not None:
+            if not line:
+                continue
+            if line in ("/quit", "/exit"):
+                break
+            if line == "/reset":
+                history, pending = list(base), []
+                continue
+            if line.startswith("/image"):
+                path = Path(line[len("/image"):].strip())
+                pending.append(client.upload(path))
+                print(f"[attached {path.name}]", file=sys.stderr)
+                continue
+            history.append({"role": "user", "content": [{"type": "image", "image": i} for i in pending] + [line]})
+            pending = []
+            try:
+                text = _chat_turn(client, history, params)
+            except VlsplitError as exc:
+                print(f"vlsplit: error: {exc}", file=sys.stderr)
+                history.pop()
+                continue
+            history.append({"role": "assistant", "content": text})
+    return 0
+
+
+def _read_line(interactive: bool) -> str | None:
+    try:
+        line = input("you> ") if interactive else sys.stdin.readline()
+    except EOFError:
+        return None
+    return None if not interactive and not line else line.strip()
+
+
+def _chat_turn(client: Client, history: list, params) -> str:
+    print("assistant> ", end="", flush=True)
+    final = None
+    for delta in client.chat_stream(history, **sampling_kwargs(params)):
+        print(delta.text, end="", flush=True)
+        final = delta.final
+    assert final is not None and not isinstance(final, Answer)
+    print(f"\n   [{'hit' if final.cache_hit else 'miss'}] ttft {final.ttft_ms:.0f} ms, total {final.total_ms:.0f} ms",
+          flush=True)
+    return final.text

@@ -62,20 +62,30 @@ class Stack:
     model: Path
     redis: str | None = None  # URL, "memory", or None = private redis-server if available
     gateway_port: int = 50051
+    http_port: int = 8080  # the OpenAI-compatible API and web page; -1 = off
     host: str = "127.0.0.1"
     dtype: str = "float32"
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
     metrics_ports: dict[str, int] = field(default_factory=dict)  # service -> its Prometheus port
 
     def start(self) -> str:
+        from tqdm import tqdm
+
         redis_url = self._redis()
         encoder, decoder = f"{self.host}:{free_port()}", f"{self.host}:{free_port()}"
         common = ["--dtype", self.dtype, "--log-json", "false"]
-        self._serve("encoder", encoder, "--model", str(self.model), "--redis", redis_url, *common)
-        self._serve("decoder", decoder, "--model", str(self.model), *common)
         gateway = f"{self.host}:{self.gateway_port}"
-        self._serve("gateway", gateway, "--encoder", encoder, "--decoder", decoder, "--redis", redis_url,
-                    "--log-json", "false")
+        services = [("encoder", encoder, "--model", str(self.model), "--redis", redis_url, *common),
+                    ("decoder", decoder, "--model", str(self.model), *common),
+                    ("gateway", gateway, "--encoder", encoder, "--decoder", decoder, "--redis", redis_url,
+                     "--http-port", str(self.http_port), "--log-json", "false")]
+        # a bar on a terminal (loading a real checkpoint takes a while), plain lines otherwise
+        with tqdm(total=len(services), desc="starting vlsplit", unit="service", file=sys.stderr,
+                  disable=None) as bar:
+            for name, address, *args in services:
+                bar.set_postfix_str(f"loading {name}")
+                self._serve(name, address, *args)
+                bar.update(1)
         return gateway
 
     def _redis(self) -> str:
@@ -97,7 +107,9 @@ class Stack:
         self.procs.append((name, proc))
         start = time.perf_counter()
         wait_serving(address, proc, name)
-        print(f"{name}: serving on {address} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
+        from tqdm import tqdm
+
+        tqdm.write(f"{name}: serving on {address} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
 
     def wait(self) -> None:
         """Until Ctrl-C / SIGTERM, or until a child dies."""

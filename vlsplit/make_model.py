@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 from safetensors.torch import save_file
 from transformers.initialization import no_init_weights
 
@@ -81,7 +82,10 @@ def _random_state(fam: Family, config_dict: dict, seed: int) -> dict[str, torch.
     with no_init_weights():
         model = fam.model_class._from_config(config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
-    state = {name: _random_like(name, p, generator) for name, p in model.state_dict().items()}
+    tensors = model.state_dict().items()
+    # a bar on a terminal: a bench checkpoint is hundreds of MB of random numbers
+    state = {name: _random_like(name, p, generator)
+             for name, p in tqdm(tensors, desc="random weights", unit="tensor", disable=None, leave=False)}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # tied checkpoints do not store the head
     return state

@@ -10,7 +10,7 @@
             print(delta.text, end="", flush=True)
 
 Images are `bytes`, a `pathlib.Path` to read, or a `str` image id (from `upload` or an earlier answer).
-Every call has a deadline (`timeout`, default 120 s); UNAVAILABLE and RESOURCE_EXHAUSTED are retried
+Every call has a deadline (`timeout`, default 120 s, for all its attempts); UNAVAILABLE and RESOURCE_EXHAUSTED are retried
 with exponential backoff (a server's `retry-after-ms` hint is honoured), streams only until their
 first message. TLS: `tls_ca` (server check), `tls_cert` + `tls_key` (mutual TLS); `token` (or
 $VLSPLIT_TOKEN) is sent as `authorization: Bearer <token>`.
@@ -19,8 +19,9 @@ $VLSPLIT_TOKEN) is sent as `authorization: Bearer <token>`.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar, Union, cast
 
@@ -76,12 +77,14 @@ class Answer:
 
 @dataclass(frozen=True)
 class Delta:
-    """Text (and token ids) generated since the previous delta of answer `index`."""
+    """Text (and token ids) generated since the previous delta of answer `index`. The stream's last
+    delta carries the whole response in `final` (an Answer for ask_stream, a ChatResult for chat_stream)."""
 
     text: str
     token_ids: list[int]
     index: int = 0
     finish_reason: str | None = None
+    final: "Answer | ChatResult | None" = None
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,6 @@ class ChatResult:
     prompt_tokens: int
     ttft_ms: float
     total_ms: float
-    deltas: list[Delta] = field(default_factory=list, repr=False)
 
     @property
     def text(self) -> str:
@@ -249,9 +251,14 @@ class _Options:
         return credentials, options
 
     def retrying(self, kind: Callable[..., T]) -> T:
-        """A tenacity Retrying / AsyncRetrying for this client's policy."""
-        return kind(stop=tenacity.stop_after_attempt(self.retry.attempts), wait=self._wait,
-                    retry=tenacity.retry_if_exception(_retryable), reraise=True)
+        """A tenacity Retrying / AsyncRetrying for this client's policy, within the call's deadline."""
+        return kind(stop=tenacity.stop_after_attempt(self.retry.attempts) | tenacity.stop_after_delay(self.timeout),
+                    wait=self._wait, retry=tenacity.retry_if_exception(_retryable), reraise=True)
+
+    def deadline(self) -> Callable[[], float]:
+        """Seconds left of a call's `timeout` (every attempt of a call shares one deadline)."""
+        end = time.monotonic() + self.timeout
+        return lambda: max(0.001, end - time.monotonic())
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         backoff = min(self.retry.max_s, self.retry.initial_s * 2.0 ** (state.attempt_number - 1))
@@ -327,7 +334,7 @@ class Client:
         request = gateway_pb2.AskRequest(image=image_ref(image), question=question, sampling=sampling(**sampling_args))
         for reply in self._stream(self._stub.AskStream, request):
             if reply.HasField("final"):
-                yield Delta("", [], 0, FINISH.get(reply.final.finish_reason, ""))
+                yield Delta("", [], 0, FINISH.get(reply.final.finish_reason, ""), answer(reply.final))
             else:
                 yield delta(reply)
 
@@ -349,26 +356,26 @@ class Client:
 
     def chat_stream(self, messages: Iterable[Message], n: int = 1, **sampling_args: Any) -> Iterator[Delta]:
         for reply in self._stream(self._stub.ChatStream, chat_request(messages, n, sampling(**sampling_args))):
-            if not reply.HasField("final"):
-                yield delta(reply)
+            yield Delta("", [], 0, None, chat_result(reply.final)) if reply.HasField("final") else delta(reply)
 
     def _unary(self, method: Any, request: Any) -> Any:
+        left = self._options.deadline()
         try:
             for attempt in self._options.retrying(tenacity.Retrying):
                 with attempt:
-                    return method(request, timeout=self._options.timeout, metadata=self._options.metadata)
+                    return method(request, timeout=left(), metadata=self._options.metadata)
         except grpc.RpcError as exc:
             raise _error(exc) from None
         raise AssertionError("unreachable")
 
     def _stream(self, method: Any, request: Any) -> Iterator[Any]:
         """Retried while nothing was received (a retry then cannot repeat what the caller saw)."""
-        received = False
+        received, left = False, self._options.deadline()
         try:
             for attempt in self._options.retrying(tenacity.Retrying):
                 with attempt:
                     try:
-                        for reply in method(request, timeout=self._options.timeout, metadata=self._options.metadata):
+                        for reply in method(request, timeout=left(), metadata=self._options.metadata):
                             received = True
                             yield reply
                         return
@@ -414,7 +421,7 @@ class AsyncClient:
         request = gateway_pb2.AskRequest(image=image_ref(image), question=question, sampling=sampling(**sampling_args))
         async for reply in self._stream(self._stub.AskStream, request):
             if reply.HasField("final"):
-                yield Delta("", [], 0, FINISH.get(reply.final.finish_reason, ""))
+                yield Delta("", [], 0, FINISH.get(reply.final.finish_reason, ""), answer(reply.final))
             else:
                 yield delta(reply)
 
@@ -436,26 +443,25 @@ class AsyncClient:
 
     async def chat_stream(self, messages: Iterable[Message], n: int = 1, **sampling_args: Any) -> AsyncIterator[Delta]:
         async for reply in self._stream(self._stub.ChatStream, chat_request(messages, n, sampling(**sampling_args))):
-            if not reply.HasField("final"):
-                yield delta(reply)
+            yield Delta("", [], 0, None, chat_result(reply.final)) if reply.HasField("final") else delta(reply)
 
     async def _unary(self, method: Any, request: Any) -> Any:
+        left = self._options.deadline()
         try:
             async for attempt in self._options.retrying(tenacity.AsyncRetrying):
                 with attempt:
-                    return await method(request, timeout=self._options.timeout, metadata=self._options.metadata)
+                    return await method(request, timeout=left(), metadata=self._options.metadata)
         except grpc.RpcError as exc:
             raise _error(exc) from None
         raise AssertionError("unreachable")
 
     async def _stream(self, method: Any, request: Any) -> AsyncIterator[Any]:
-        received = False
+        received, left = False, self._options.deadline()
         try:
             async for attempt in self._options.retrying(tenacity.AsyncRetrying):
                 with attempt:
                     try:
-                        async for reply in method(request, timeout=self._options.timeout,
-                                                  metadata=self._options.metadata):
+                        async for reply in method(request, timeout=left(), metadata=self._options.metadata):
                             received = True
                             yield reply
                         return

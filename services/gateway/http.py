@@ -34,7 +34,7 @@ from shared.errors import InvalidRequest, Overloaded, TooLarge, VlsplitError
 from vlsplit.v1 import gateway_pb2
 
 from .auth import ANONYMOUS, CLIENT, AuthInterceptor
-from .openai_api import ChatCompletionRequest, Completion, chat_request, usage
+from .openai_api import ChatCompletionRequest, Completion, chat_request, stats, usage
 from .remote import ImageUrls
 from .servicer import GatewayServicer
 
@@ -161,9 +161,8 @@ class HttpApi:
         try:
             async for reply, final in _chain(first, events):
                 if final is not None:
-                    extra = {"usage": usage(final.usage)} if include_usage else {}
-                    if include_usage:
-                        yield _event(completion.chunk([], **extra))
+                    if include_usage:  # vlsplit's stats ride on the usage chunk (choices: [], as OpenAI's)
+                        yield _event(completion.chunk([], usage=usage(final.usage), vlsplit=stats(final)))
                     break
                 if not (reply.token_ids or reply.text or reply.finish_reason):
                     continue
