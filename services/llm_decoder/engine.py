@@ -145,6 +145,11 @@ class DecoderEngine:
         images' KV must be cached, else NeedPayload. `resume`: the answer's first tokens (migration)."""
         return self.intake.prepare(conversations, payloads, sampling, image_ids, labels, resume)
 
+    def check_sampling(self, sampling: SamplingParams | list[SamplingParams]) -> None:
+        """Refuse bad sampling values and response formats up front (before payloads are asked for)."""
+        for params in sampling if isinstance(sampling, list) else [sampling]:
+            self.intake.check_sampling(params)
+
     def check_payload(self, payload: EmbeddingPayload) -> None:
         self.intake.check_payload(payload)
 

@@ -20,6 +20,7 @@ import threading
 import llguidance
 import llguidance.hf
 import llguidance.torch
+import numpy as np
 import torch
 
 from shared.errors import InvalidRequest, TooLarge
@@ -27,7 +28,6 @@ from shared.sampling import ResponseFormat
 
 # Bounds on what one grammar may cost (llguidance's own fuel limits, per compile and per token).
 LIMITS = llguidance.LLParserLimits(max_grammar_size=500_000, step_lexer_fuel=200_000, initial_lexer_fuel=1_000_000)
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 class GrammarCompiler:
@@ -91,7 +91,8 @@ class GrammarMask:
         bitmask = llguidance.torch.allocate_token_bitmask(len(rows), vocab)
         llguidance.torch.fill_next_token_bitmask_par(self.executor, [(matchers[r], k) for k, r in enumerate(rows)],
                                                      bitmask)
-        allowed = ((bitmask[:, :, None] >> _BITS) & 1).flatten(1)[:, :vocab].bool()  # [rows, vocab]
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+        allowed = torch.from_numpy(bits).to(logits.device, torch.bool)  # [rows, vocab]
         index = torch.tensor(rows, device=logits.device)
         masked = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
         return logits.index_copy(0, index, masked)

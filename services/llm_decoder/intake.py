@@ -182,6 +182,9 @@ class Intake:
                 consume(samplers[0].matcher, token_id)
         return GenerateRequest(seqs, samplers, detokenizers, self.eos_ids, self.max_len)
 
+    def check_sampling(self, params: SamplingParams) -> None:
+        self._matcher(self._validate_sampling(params))
+
     def _matcher(self, params: SamplingParams):
         """The grammar matcher of a response format (each row its own: they advance separately)."""
         if not params.response_format:

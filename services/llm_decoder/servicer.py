@@ -119,6 +119,7 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
         payloads are needed, then ((job, engine output), cached) for each output."""
         engine = self._ready()
         job = job_from_header(await stream.header(), self.config, classify)
+        await asyncio.to_thread(engine.check_sampling, job.sampling)  # a bad grammar fails before any payload
         request = await asyncio.to_thread(_warm, engine, job) if job.negotiates else None
         reserved = 0
         try:
