@@ -251,7 +251,8 @@ class HttpServer:
         ssl = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key} if config.tls_cert else {}
         self.server = _Server(uvicorn.Config(BodyLimit(api.app, config.max_http_body_bytes), lifespan="off",
                                              log_config=None, access_log=False, timeout_graceful_shutdown=config.grace_s,
-                                             **ssl))
+                                             # requests at once, as MAX_CONCURRENT_RPCS for gRPC (503 beyond it)
+                                             limit_concurrency=config.max_concurrent_rpcs or None, **ssl))
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -19,7 +19,7 @@ import threading
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
+import llguidance.numpy  # not llguidance.torch: it compiles a kernel with torch.compile at import (~2 s a start)
 import numpy as np
 import torch
 
@@ -88,10 +88,10 @@ class GrammarMask:
         if not rows:
             return logits
         vocab = logits.shape[1]
-        bitmask = llguidance.torch.allocate_token_bitmask(len(rows), vocab)
-        llguidance.torch.fill_next_token_bitmask_par(self.executor, [(matchers[r], k) for k, r in enumerate(rows)],
+        bitmask = llguidance.numpy.allocate_token_bitmask(len(rows), vocab)  # [rows, vocab / 32] int32
+        llguidance.numpy.fill_next_token_bitmask_par(self.executor, [(matchers[r], k) for k, r in enumerate(rows)],
                                                      bitmask)
-        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+        bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab]
         allowed = torch.from_numpy(bits).to(logits.device, torch.bool)  # [rows, vocab]
         index = torch.tensor(rows, device=logits.device)
         masked = logits[index].masked_fill(~allowed.to(logits.device), float("-inf"))
