@@ -14,6 +14,7 @@ import pytest
 
 from conftest import make_image
 from procs import Service
+from test_encoder_service import wait_for
 from services.gateway.auth import new_token
 from vlsplit.launcher import free_port
 from vlsplit.v1 import common_pb2, gateway_pb2
@@ -196,3 +197,15 @@ def test_remote_urls_to_private_addresses_are_refused(guarded, url, reason):
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model=MODEL, messages=question(url, "x"))
     assert reason in err.value.body["message"]
+
+
+def test_client_leaving_a_stream_cancels_its_generation(stack):
+    data = make_image(140, 140, seed=57)
+    cancelled = stack.decoder.metric("vlsplit_decoder_cancelled_total")
+    body = {"model": MODEL, "messages": question(data_url(data), "Tell me everything."), "max_tokens": 2000,
+            "stream": True}
+    with httpx.stream("POST", stack.http_url + "/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())  # the first token arrived; then the client hangs up
+    wait_for(lambda: stack.decoder.metric("vlsplit_decoder_cancelled_total") > cancelled)
+    assert stack.gateway.health() == 1

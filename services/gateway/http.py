@@ -172,6 +172,8 @@ class HttpApi:
                 started.add(reply.index)
         except Exception as exc:  # noqa: BLE001 - mid-stream: the status is sent; say why in the stream
             yield _event(json.loads(error_of(exc).body))
+        finally:  # the client went away (or we are done): end the decoder call now, not at garbage collection
+            await events.aclose()
         yield "data: [DONE]\n\n"
 
     async def upload(self, request: Request) -> dict:
