@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from conftest import FAMILIES, make_image
+from conftest import make_image
 from reference import reference_tokens
 from stack import Stack, ask_request
 from shared.images import load_image

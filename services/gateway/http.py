@@ -30,7 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from shared.config import GatewayConfig
-from shared.errors import InvalidRequest, Overloaded, TooLarge, VlsplitError
+from shared.errors import InvalidRequest, Overloaded, VlsplitError
 from vlsplit.v1 import gateway_pb2
 
 from .auth import ANONYMOUS, CLIENT, AuthInterceptor
