@@ -47,8 +47,9 @@ def stack(tiny_models, tokens, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("auth-logs")
     model = tiny_models["qwen2_vl"]
     redis = Redis().start()
-    encoder = Service("encoder", "--model", model, "--redis", redis.url, log_dir=log_dir).start()
-    decoder = Service("decoder", "--model", model, log_dir=log_dir).start()
+    encoder = Service("encoder", "--model", model, "--redis", redis.url, log_dir=log_dir).start(wait=False)
+    decoder = Service("decoder", "--model", model, log_dir=log_dir).start(wait=False)
+    encoder.wait_serving(), decoder.wait_serving()  # the models load side by side
     gateway = Service("gateway", "--encoder", encoder.address, "--decoder", decoder.address, "--redis", redis.url,
                       env={"VLSPLIT_AUTH_TOKENS": str(path)}, log_dir=log_dir).start()
     channel = grpc.insecure_channel(gateway.address, options=[("grpc.max_send_message_length", 64 << 20)])

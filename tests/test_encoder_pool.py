@@ -31,9 +31,10 @@ def start_pool_stack(tiny_models, tmp_path, a_env: dict) -> Stack:
                 env={"VLSPLIT_DRAIN_S": "600", **a_env})
     b = Service("encoder", "--model", stack.model, "--redis", stack.url, log_dir=tmp_path,
                 env={"VLSPLIT_DRAIN_S": "600"})
-    a.start(), b.start()
     stack.encoder, stack.encoders = b, (a, b)
-    stack.decoder = stack.start_decoder(stack.model)
+    stack.decoder = stack.start_decoder(stack.model, wait=False)
+    for service in (a.start(wait=False), b.start(wait=False), stack.decoder):  # the models load side by side
+        service.wait_serving()
     stack.gateway = Service("gateway", "--encoder", f"{a.address},{b.address}", "--decoder", stack.decoder.address,
                             "--redis", stack.url, log_dir=tmp_path).start()
     stack.channel = grpc.insecure_channel(stack.gateway.address)

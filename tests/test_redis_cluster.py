@@ -23,7 +23,8 @@ def test_replicas_share_the_cache_through_a_redis_cluster(tiny_models, cluster, 
     a, b = (Service("encoder", "--model", tiny_models["qwen2_vl"], "--redis", cluster.url, "--payload-dtype",
                     "float32", log_dir=tmp_path, env=env) for _ in range(2))
     try:
-        a.start(), b.start()
+        for service in (a.start(wait=False), b.start(wait=False)):  # the models load side by side
+            service.wait_serving()
         images = [gradient_png(200 + 40 * i, shift=30 + i) for i in range(6)]  # keys spread over the slots
         firsts = [encode(a, image=data) for data in images]
         seconds = [encode(b, image=data) for data in images]

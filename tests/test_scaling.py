@@ -79,22 +79,23 @@ def test_scale_out_drain_and_kill_under_a_steady_stream(tiny_models, tmp_path, p
     # Encoders release the cross-replica lock of a killed peer after 3 s; drains are short.
     common = {"VLSPLIT_DRAIN_S": "1", "VLSPLIT_GRACE_S": "30"}
 
-    def encoder(ip: str, **env: str) -> Service:
+    def encoder(ip: str, wait: bool = True, **env: str) -> Service:
         service = Service("encoder", "--model", model, "--redis", redis.url, host=ip, port=encoder_port,
                           env={**common, "VLSPLIT_ENCODE_LOCK_S": "3", **env}, log_dir=tmp_path)
         procs.append(service)
-        service.start()
+        service.start(wait)
         hosts.add(ENCODER_NAME, ip)
         return service
 
-    def decoder(ip: str) -> Service:
+    def decoder(ip: str, wait: bool = True) -> Service:
         service = Service("decoder", "--model", model, host=ip, port=decoder_port, env=common, log_dir=tmp_path)
         procs.append(service)
-        service.start()
+        service.start(wait)
         hosts.add(DECODER_NAME, ip)
         return service
 
-    e1, d1 = encoder("127.0.0.2"), decoder("127.0.0.2")
+    e1, d1 = encoder("127.0.0.2", wait=False), decoder("127.0.0.2", wait=False)  # loading side by side
+    e1.wait_serving(), d1.wait_serving()
     gateway = Service("gateway", "--encoder", f"{ENCODER_NAME}:{encoder_port}",
                       "--decoder", f"{DECODER_NAME}:{decoder_port}", "--redis", redis.url,
                       env={"VLSPLIT_DECODER_RESOLVE_S": "0.5"}, command=private_hosts_command(hosts.path),
