@@ -276,7 +276,14 @@ def test_a_request_blocked_on_the_pool_is_not_overtaken(tiny_models):
     small = Stream(decoder, GenerationRequest(hello, [], SamplingParams(max_new_tokens=10)))  # 2: would fit
     big_first = big.next()
     assert big_first is not END
-    first_step = {id_: i for i, r in enumerate(decoder.stats.records) for id_ in (*r.prefill, *r.decode)}
-    assert min(first_step[s] for s in big.seq_ids) <= min(first_step[s] for s in small.seq_ids)
+
+    def first_steps(stats) -> dict[int, int]:
+        return {id_: i for i, r in enumerate(stats.records) for id_ in (*r.prefill, *r.decode)}
+
+    # the token reaches the stream before its step's record is appended: wait for the record
+    assert decoder.stats.wait(lambda stats: set(big.seq_ids) <= set(first_steps(stats)))
+    first_step = first_steps(decoder.stats)
+    never = len(decoder.stats.records)  # small has not run at all yet: later than big, as it must be
+    assert min(first_step[s] for s in big.seq_ids) <= min(first_step.get(s, never) for s in small.seq_ids)
     for stream in (running, big, small):
         decoder.cancel(stream.request)
