@@ -137,6 +137,9 @@ def test_bad_response_formats_are_refused_before_running(tiny_model):
 
     with pytest.raises(InvalidRequest, match="not JSON"):
         prepare(ResponseFormat(json_schema="{oops"))
+    for _ in range(2):  # refused again, not served from the compiled-grammar cache
+        with pytest.raises(InvalidRequest, match="cannot be compiled"):
+            prepare(ResponseFormat(json_schema='{"type": "no-such-type"}'))
     with pytest.raises(TooLarge, match="VLSPLIT_MAX_SCHEMA_BYTES"):
         prepare(ResponseFormat(json_schema=json.dumps({"description": "x" * (decoder.config.max_schema_bytes + 1)})))
     with pytest.raises(InvalidRequest, match="distinct"):

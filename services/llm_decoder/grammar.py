@@ -14,6 +14,7 @@ grammar allows only end-of-sequence, so the answer ends there.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 
@@ -38,6 +39,7 @@ class GrammarCompiler:
         self.max_schema_bytes = max_schema_bytes
         self._lltok: llguidance.LLTokenizer | None = None
         self._lock = threading.Lock()
+        self._compiled = functools.lru_cache(maxsize=64)(self._compile)  # grammar text -> unadvanced matcher
         # built in the background from the start (~2 s for Qwen's 151k vocabulary), not by the first request
         threading.Thread(target=lambda: self.lltokenizer, name="grammar-tokenizer", daemon=True).start()
 
@@ -50,17 +52,18 @@ class GrammarCompiler:
             return self._lltok
 
     def matcher(self, fmt: ResponseFormat) -> llguidance.LLMatcher:
-        """A fresh matcher for `fmt` (intake thread); InvalidRequest when the grammar is refused."""
-        grammar = self.grammar(fmt)
-        error = llguidance.LLMatcher.validate_grammar(grammar, self.lltokenizer, limits=LIMITS)
-        if error and not error.startswith("WARNING"):
-            raise InvalidRequest(f"response_format cannot be compiled: {error}")
+        """A fresh matcher for `fmt` (intake thread); InvalidRequest when the grammar is refused. A grammar
+        is compiled once (the header check, the request and its n rows share it); each row gets a copy."""
+        return self._compiled(self.grammar(fmt)).deep_copy()
+
+    def _compile(self, grammar: str) -> llguidance.LLMatcher:
         matcher = llguidance.LLMatcher(self.lltokenizer, grammar, log_level=0, limits=LIMITS)
         if matcher.is_error():
             raise InvalidRequest(f"response_format cannot be compiled: {matcher.get_error()}")
-        return matcher
+        return matcher  # never advanced: only copied
 
     def grammar(self, fmt: ResponseFormat) -> str:
+        """The llguidance grammar of a validated format (SamplingParams.validate checked the schema is JSON)."""
         if fmt.choices:
             return llguidance.LLMatcher.grammar_from_lark(
                 "start: " + " | ".join(json.dumps(choice) for choice in fmt.choices))
@@ -68,14 +71,9 @@ class GrammarCompiler:
         if len(schema.encode()) > self.max_schema_bytes:
             raise TooLarge(f"response_format json_schema is {len(schema.encode())} bytes; the limit is "
                            f"{self.max_schema_bytes} (VLSPLIT_MAX_SCHEMA_BYTES)")
-        try:
-            parsed = json.loads(schema)
-        except ValueError as exc:
-            raise InvalidRequest(f"response_format json_schema is not JSON: {exc}") from None
-        if not isinstance(parsed, dict):
-            raise InvalidRequest("response_format json_schema must be a JSON object")
         # compact JSON: flexible whitespace would let a weak model pad an answer with blanks forever
-        return llguidance.LLMatcher.grammar_from_json_schema(parsed, overrides={"whitespace_flexible": False})
+        return llguidance.LLMatcher.grammar_from_json_schema(json.loads(schema),
+                                                             overrides={"whitespace_flexible": False})
 
 
 class GrammarMask:
