@@ -18,6 +18,7 @@ $VLSPLIT_TOKEN) is sent as `authorization: Bearer <token>`.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
@@ -149,8 +150,6 @@ def sampling(max_new_tokens: int | None = None, temperature: float | None = None
              json_schema: Mapping[str, Any] | None = None, choices: Sequence[str] | None = None,
              ) -> common_pb2.SamplingParams:
     """Sampling controls; unset = the server's defaults (greedy, its max_new_tokens)."""
-    import json
-
     pb = common_pb2.SamplingParams(stop=list(stop), logprobs=logprobs, top_logprobs=top_logprobs)
     for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
                         ("top_k", top_k), ("seed", seed), ("presence_penalty", presence_penalty),

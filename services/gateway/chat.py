@@ -61,36 +61,50 @@ def route_key(messages: list[llm_decoder_pb2.ChatMessage]) -> str:
     return "text:" + hashlib.sha256(first.SerializeToString(deterministic=True)).hexdigest()
 
 
-class ChatAnswers:
-    """Collects the decoder's replies for `n` answers into one ChatResponse."""
+class AnswerParts:
+    """One answer's decoder replies, gathered: text, token ids, logprobs, finish reason, usage, and when
+    its first token came (Ask's answers and each of Chat's n answers)."""
 
-    def __init__(self, n: int, image_ids: list[str], start: float):
-        self.choices = [gateway_pb2.ChatChoice(index=j) for j in range(n)]
-        self._text: list[list[str]] = [[] for _ in range(n)]
-        self.image_ids, self.start = image_ids, start
+    def __init__(self, start: float):
+        self.start = start
+        self.text: list[str] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list = []
         self.ttft_ms: float | None = None
         self.decoder_ttft_ms = 0.0
+        self.finish, self.usage = common_pb2.FINISH_REASON_UNSPECIFIED, None
 
     def add(self, reply: llm_decoder_pb2.GenerateResponse) -> None:
         if self.ttft_ms is None and reply.token_ids:
             self.ttft_ms = (time.perf_counter() - self.start) * 1000
         self.decoder_ttft_ms = self.decoder_ttft_ms or reply.ttft_ms
-        choice = self.choices[reply.index]
-        self._text[reply.index].append(reply.text)
-        choice.token_ids.extend(reply.token_ids)
-        choice.logprobs.extend(reply.logprobs)
+        self.text.append(reply.text)
+        self.token_ids.extend(reply.token_ids)
+        self.logprobs.extend(reply.logprobs)
         if reply.finish_reason:
-            choice.finish_reason = reply.finish_reason
-            choice.usage.CopyFrom(reply.usage)
+            self.finish, self.usage = reply.finish_reason, reply.usage
+
+
+class ChatAnswers:
+    """Collects the decoder's replies for `n` answers into one ChatResponse."""
+
+    def __init__(self, n: int, image_ids: list[str], start: float):
+        self.answers = [AnswerParts(start) for _ in range(n)]
+        self.image_ids, self.start = image_ids, start
+
+    def add(self, reply: llm_decoder_pb2.GenerateResponse) -> None:
+        self.answers[reply.index].add(reply)
 
     def response(self, cache_hit: bool, encode_ms: float) -> gateway_pb2.ChatResponse:
         total_ms = (time.perf_counter() - self.start) * 1000
-        for choice, text in zip(self.choices, self._text):
-            choice.text = "".join(text)
-        first = self.choices[0].usage
+        choices = [gateway_pb2.ChatChoice(index=j, text="".join(a.text), token_ids=a.token_ids, finish_reason=a.finish,
+                                          logprobs=a.logprobs, usage=a.usage) for j, a in enumerate(self.answers)]
+        first = choices[0].usage
         usage = common_pb2.Usage(prompt_tokens=first.prompt_tokens, image_tokens=first.image_tokens,
-                                 completion_tokens=sum(c.usage.completion_tokens for c in self.choices))
+                                 completion_tokens=sum(c.usage.completion_tokens for c in choices))
+        ttft_ms = min((a.ttft_ms for a in self.answers if a.ttft_ms is not None), default=total_ms)  # of any answer
+        decoder_ttft_ms = next((a.decoder_ttft_ms for a in self.answers if a.decoder_ttft_ms), 0.0)
         return gateway_pb2.ChatResponse(
-            choices=self.choices, image_ids=self.image_ids, cache=CACHE_STATUS[cache_hit], usage=usage,
-            timings=gateway_pb2.Timings(encode_ms=encode_ms, ttft_ms=total_ms if self.ttft_ms is None else self.ttft_ms,
-                                        total_ms=total_ms, decoder_ttft_ms=self.decoder_ttft_ms))
+            choices=choices, image_ids=self.image_ids, cache=CACHE_STATUS[cache_hit], usage=usage,
+            timings=gateway_pb2.Timings(encode_ms=encode_ms, ttft_ms=ttft_ms, total_ms=total_ms,
+                                        decoder_ttft_ms=decoder_ttft_ms))

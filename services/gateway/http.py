@@ -15,6 +15,7 @@ body too large 413, rate or capacity 429 with Retry-After, upstream down 503, de
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -57,7 +58,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or ()).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _too_large(self.limit)(scope, receive, send)
+            return await error_response(413, self.message)(scope, receive, send)
         seen = 0
 
         async def counted():
@@ -65,14 +66,14 @@ class BodyLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise HTTPException(413, f"the request body is over {self.limit} bytes (VLSPLIT_MAX_HTTP_BODY_BYTES)")
+                raise HTTPException(413, self.message)
             return message
 
         await self.app(scope, counted, send)
 
-
-def _too_large(limit: int) -> JSONResponse:
-    return error_response(413, f"the request body is over {limit} bytes (VLSPLIT_MAX_HTTP_BODY_BYTES)")
+    @property
+    def message(self) -> str:
+        return f"the request body is over {self.limit} bytes (VLSPLIT_MAX_HTTP_BODY_BYTES)"
 
 
 def error_response(status: int, message: str, code: str | None = None, headers: dict | None = None) -> JSONResponse:
@@ -84,10 +85,8 @@ def error_response(status: int, message: str, code: str | None = None, headers: 
 def error_of(exc: Exception) -> JSONResponse:
     if isinstance(exc, VlsplitError):
         status = STATUS.get(exc.grpc_code, 500)
-        headers = None
-        retry = getattr(exc, "retry_after_s", None)
-        if isinstance(exc, Overloaded) and retry:
-            headers = {"Retry-After": str(max(1, math.ceil(retry)))}
+        retry = exc.retry_after_s if isinstance(exc, Overloaded) else None
+        headers = {"Retry-After": str(max(1, math.ceil(retry)))} if retry else None
         return error_response(status, str(exc), exc.grpc_code.lower(), headers)
     log.exception("HTTP request failed")
     return error_response(500, f"internal error: {type(exc).__name__}")
@@ -166,9 +165,7 @@ class HttpApi:
                     break
                 if not (reply.token_ids or reply.text or reply.finish_reason):
                     continue
-                delta = gateway_pb2.ChatStreamResponse(index=reply.index, text=reply.text, logprobs=reply.logprobs,
-                                                       finish_reason=reply.finish_reason)
-                yield _event(completion.chunk([completion.delta(delta, reply.index not in started)]))
+                yield _event(completion.chunk([completion.delta(reply, reply.index not in started)]))
                 started.add(reply.index)
         except Exception as exc:  # noqa: BLE001 - mid-stream: the status is sent; say why in the stream
             yield _event(json.loads(error_of(exc).body))
@@ -263,8 +260,6 @@ class HttpServer:
         self.task = None
 
     def start(self) -> None:
-        import asyncio
-
         self.task = asyncio.create_task(self.server.serve(sockets=[self.socket]))
         log.info("HTTP API listening", extra={"http_port": self.port})
 

@@ -19,7 +19,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import InvalidRequest
-from vlsplit.v1 import common_pb2, gateway_pb2
+from vlsplit.sdk import sampling
+from vlsplit.v1 import common_pb2, gateway_pb2, llm_decoder_pb2
 
 from .remote import ImageUrls
 
@@ -96,15 +97,12 @@ async def chat_request(body: ChatCompletionRequest, urls: ImageUrls) -> gateway_
 
 
 def _sampling(body: ChatCompletionRequest) -> common_pb2.SamplingParams:
-    out = common_pb2.SamplingParams(logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0)
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    for name, value in (("max_new_tokens", max_tokens), ("temperature", body.temperature), ("top_p", body.top_p),
-                        ("top_k", body.top_k), ("seed", body.seed), ("presence_penalty", body.presence_penalty),
-                        ("frequency_penalty", body.frequency_penalty),
-                        ("repetition_penalty", body.repetition_penalty)):
-        if value is not None:
-            setattr(out, name, value)
-    out.stop.extend([body.stop] if isinstance(body.stop, str) else body.stop or [])
+    out = sampling(max_new_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
+                   top_p=body.top_p, top_k=body.top_k, seed=body.seed,
+                   stop=[body.stop] if isinstance(body.stop, str) else body.stop or [],
+                   presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                   repetition_penalty=body.repetition_penalty, logprobs=body.logprobs,
+                   top_logprobs=body.top_logprobs or 0)
     fmt = _response_format(body)
     if fmt is not None:
         out.response_format.CopyFrom(fmt)
@@ -148,7 +146,8 @@ class Completion:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                 "choices": choices, **extra}
 
-    def delta(self, reply: gateway_pb2.ChatStreamResponse, first: bool) -> dict:
+    def delta(self, reply: llm_decoder_pb2.GenerateResponse, first: bool) -> dict:
+        """One answer's stream delta (`first`: that answer's first chunk, which names the role)."""
         delta = {"role": "assistant", "content": reply.text} if first else {"content": reply.text}
         return {"index": reply.index, "delta": delta,
                 "logprobs": _logprobs(reply.logprobs) if reply.logprobs else None,

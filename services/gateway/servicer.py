@@ -11,7 +11,7 @@ from shared.sampling import sampling_from_pb
 from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, llm_decoder_pb2
 
 from .auth import CLIENT, ImageQuota
-from .chat import CACHE_STATUS, ChatAnswers, conversation, route_key
+from .chat import CACHE_STATUS, AnswerParts, ChatAnswers, conversation, route_key
 from .pipeline import ImageFetch, ImageSource, Pipeline, question_message
 
 
@@ -174,23 +174,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return self.config.deadline_s if remaining is None else max(0.001, min(remaining, self.config.deadline_s))
 
 
-class _AnswerBuilder:
+class _AnswerBuilder(AnswerParts):
     def __init__(self, question: str, image_id: str, start: float):
-        self.question, self.image_id, self.start = question, image_id, start
-        self.text, self.token_ids, self.logprobs = [], [], []
-        self.ttft_ms = None
-        self.decoder_ttft_ms = 0.0
-        self.finish, self.usage = common_pb2.FINISH_REASON_UNSPECIFIED, None
-
-    def add(self, reply) -> None:
-        if self.ttft_ms is None and reply.token_ids:
-            self.ttft_ms = (time.perf_counter() - self.start) * 1000
-        self.decoder_ttft_ms = self.decoder_ttft_ms or reply.ttft_ms
-        self.text.append(reply.text)
-        self.token_ids.extend(reply.token_ids)
-        self.logprobs.extend(reply.logprobs)
-        if reply.finish_reason:
-            self.finish, self.usage = reply.finish_reason, reply.usage
+        super().__init__(start)
+        self.question, self.image_id = question, image_id
 
     def build(self, fetch: ImageFetch) -> gateway_pb2.Answer:
         total_ms = (time.perf_counter() - self.start) * 1000
