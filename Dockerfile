@@ -54,7 +54,8 @@ ENTRYPOINT ["vlsplit", "serve", "gateway"]
 
 FROM runtime AS model-runtime
 COPY --from=model-build /opt/venv /opt/venv
-ENV VLSPLIT_MODEL=/models
+# auto: bfloat16 on CPUs/GPUs with native bf16, else float32 (the services' default, stated here for `docker inspect`)
+ENV VLSPLIT_MODEL=/models VLSPLIT_DTYPE=auto
 VOLUME ["/models"]
 
 FROM model-runtime AS vision-encoder

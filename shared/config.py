@@ -61,8 +61,11 @@ class CacheConfig:
 @dataclass(frozen=True)
 class EncoderConfig(ServerConfig, CacheConfig):
     model: str = ""  # checkpoint directory (required)
-    dtype: str = "float32"
+    # "auto": bfloat16 where the CPU (AMX / AVX-512 BF16) or CUDA device has it natively, else float32
+    # (shared/hardware.py); or float32 / bfloat16 / float16.
+    dtype: str = "auto"
     device: str = "cpu"
+    quantize: str = "off"  # "int8": the tower's linear weights int8 at load (per output channel)
     cache_ttl_s: int = 24 * 3600  # embedding cache entries
     image_ttl_s: int = 3600  # uploaded image bytes kept for Ask(image_id)
     payload_dtype: str = ""  # dtype of cached/sent payloads; "" = the serving dtype (exact)
@@ -71,7 +74,7 @@ class EncoderConfig(ServerConfig, CacheConfig):
     max_image_pixels: int = 8192 * 8192
     redis_timeout_s: float = 0.5
     cache_part_bytes: int = 64 * MiB  # Redis values above this are stored in parts (Redis's bulk limit is 512 MB)
-    torch_threads: int = 0  # torch intra-op threads; 0 = torch's default (one per physical core)
+    torch_threads: int = 0  # torch intra-op threads; 0 = every CPU this process may use (affinity, cgroup quota)
     # Dynamic batching (services/vision_encoder/batcher.py): different images, one tower forward.
     encode_max_batch: int = 8  # images per forward; 1 = no batching
     encode_max_wait_ms: float = 20.0  # how long an image waits for others; 0 = batch only behind a busy tower
@@ -107,14 +110,17 @@ class EngineConfig:
     # CPU: weights also pre-packed for oneDNN's small-batch kernels, where supported: "all" (layers +
     # head; the layers' weights are then held twice), "head" (the LM head only), "off"
     packed_linear: str = "all"
+    # "int8": the decoder layers' and LM head's weights int8 at load (per output channel, symmetric);
+    # few-row calls (decode) on an int8 kernel, prefill on bf16/fp32 weights dequantized per call.
+    quantize: str = "off"
 
 
 @dataclass(frozen=True)
 class DecoderConfig(ServerConfig, EngineConfig):
     model: str = ""
-    dtype: str = "float32"
+    dtype: str = "auto"  # as the encoder's: bfloat16 where native, else float32
     device: str = "cpu"
-    torch_threads: int = 0  # torch intra-op threads; 0 = torch's default (one per physical core)
+    torch_threads: int = 0  # torch intra-op threads; 0 = every CPU this process may use (affinity, cgroup quota)
     default_max_new_tokens: int = 64
     # The payload stream.
     max_payload_bytes: int = 0  # one request's payloads; 0 = the largest image's float32 payload (>= 512 MiB)

@@ -7,6 +7,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The equivalence oracle is float32 on both sides: every service a test starts serves float32 unless the
+# test says otherwise (the default, `auto`, would pick bfloat16 on CPUs with AMX / AVX-512 BF16).
+os.environ["VLSPLIT_DTYPE"] = "float32"
 
 import pytest
 from PIL import Image

@@ -163,6 +163,8 @@ def test_model_info(encoder, fingerprint):
     info = stub(encoder).GetModelInfo(common_pb2.ModelInfoRequest())
     assert (info.model_type, info.dtype, info.payload_format) == ("qwen2_vl", "float32", PAYLOAD_FORMAT)
     assert info.fingerprint == fingerprint
+    assert (info.dtype_reason, info.quantize, info.backend) == ("set explicitly", "off", "torch")
+    assert info.torch_threads >= 1 and info.weight_bytes > 0 and info.device_name
 
 
 def test_second_encode_hits_cache(encoder, redis_client, fingerprint):

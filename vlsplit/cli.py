@@ -13,7 +13,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+DTYPES = ("auto", "bfloat16", "float16", "float32")  # shared/hardware.py::DTYPE_NAMES (no torch import here)
+QUANTIZE = ("off", "int8")  # shared/quantize.py::MODES
+DTYPE_HELP = "auto (default): bfloat16 where the CPU/GPU has it natively (AMX, AVX-512 BF16, CUDA), else float32"
+QUANTIZE_HELP = "int8: linear weights int8 at load (half the bytes of bf16; see README 'Performance')"
 RANDOM_WEIGHTS_WARNING = (
     "NOTE: {model} has RANDOM weights (built by `vlsplit make-model`): its answers are meaningless text.\n"
     "      Point --model at a real Qwen2-VL / Qwen2.5-VL / Qwen3-VL directory for real answers."
@@ -76,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("questions", nargs="+", metavar="QUESTION")
     p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
     _add_sampling_args(p)
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP + " (default: $VLSPLIT_DTYPE, else auto)")
     p.add_argument("--json", action="store_true", help="one JSON object per question")
     p.set_defaults(func=_local_ask)
 
@@ -87,11 +90,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--metrics-port", type=int)
     p.add_argument("--port-file", help="write the bound ports here as JSON once serving")
-    p.add_argument("--dtype", choices=sorted(DTYPES))
+    p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
+    p.add_argument("--quantize", choices=QUANTIZE, help=QUANTIZE_HELP + " (encoder, decoder)")
+    p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: every CPU this process may use)")
     p.add_argument("--redis", dest="redis_url", help="redis://host:port/db or 'memory' (encoder, gateway)")
     p.add_argument("--encoder", help="encoder address host:port (gateway)")
     p.add_argument("--decoder", help="decoder address(es) (gateway): host:port, a comma-separated list, or dns:///name:port")
-    p.add_argument("--payload-dtype", choices=sorted(DTYPES), help="dtype of cached embeddings (encoder)")
+    p.add_argument("--payload-dtype", choices=DTYPES[1:], help="dtype of cached embeddings (encoder)")
     p.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API and web page port (gateway; -1 = off)")
     p.add_argument("--log-json", type=lambda v: v.lower() in ("1", "true", "yes"), help="true|false")
     p.set_defaults(func=_serve)
@@ -102,7 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway-port", type=int, default=50051)
     p.add_argument("--http-port", type=int, default=8080, help="OpenAI-compatible API and web page (-1 = off)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
+    p.add_argument("--quantize", choices=QUANTIZE, help=QUANTIZE_HELP)
+    p.add_argument("--quantize-encoder", choices=QUANTIZE, help="the encoder's, when it differs from --quantize")
+    p.add_argument("--encoder-threads", type=int, help="torch threads of the encoder (default: every usable CPU)")
+    p.add_argument("--decoder-threads", type=int, help="torch threads of the decoder (default: every usable CPU)")
     p.set_defaults(func=_up)
 
     p = sub.add_parser("ask", help="ask the gateway questions about an image")
@@ -141,6 +150,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("address", nargs="?", default="localhost:50051", help="host:port (default localhost:50051)")
     p.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="also print what an encoder/decoder serves: dtype and why, threads, CPU, quantization")
     _add_tls_args(p)
     p.set_defaults(func=_health)
 
@@ -223,7 +234,11 @@ def _local_ask(args) -> int:
 
     if is_random_checkpoint(args.model):
         print(RANDOM_WEIGHTS_WARNING.format(model=args.model), file=sys.stderr)
-    pipeline = LocalPipeline(args.model, dtype=getattr(torch, args.dtype))
+    from shared.config import env_get
+    from shared.hardware import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype or env_get("DTYPE", "auto"), "cpu").name
+    pipeline = LocalPipeline(args.model, dtype=getattr(torch, dtype))
     image = args.image.read_bytes()
     for answer in pipeline.ask(image, args.questions, _sampling(args).validate(pipeline.decoder.max_new_tokens_limit)):
         if args.json:
@@ -241,8 +256,10 @@ def _up(args) -> int:
     model = args.model or default_model()
     if is_random_checkpoint(model):
         print(RANDOM_WEIGHTS_WARNING.format(model=model), file=sys.stderr)
+    quantize_encoder = args.quantize_encoder or args.quantize
     stack = Stack(model=model, redis=args.redis, gateway_port=args.gateway_port, http_port=args.http_port,
-                  host=args.host, dtype=args.dtype)
+                  host=args.host, dtype=args.dtype, quantize=(quantize_encoder, args.quantize),
+                  threads=(args.encoder_threads, args.decoder_threads))
     try:
         address = stack.start()
         web = f", web page and OpenAI API on http://{args.host}:{args.http_port}" if args.http_port >= 0 else ""
@@ -288,6 +305,12 @@ def _health(args) -> int:
 
     status = health_status(args.address, args.service, args.timeout, args)
     print(status)
+    if args.verbose:
+        from vlsplit.client import model_info
+
+        info = model_info(args.address, args.timeout, args)
+        for key, value in (info or {"service": "no model (a gateway, or no vlsplit encoder/decoder)"}).items():
+            print(f"{key}: {value}")
     return 0 if status == "SERVING" else 1
 
 

@@ -46,6 +46,27 @@ def health_status(address: str, service: str = "", timeout: float = 3.0, args=No
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
+def model_info(address: str, timeout: float = 3.0, args=None) -> dict | None:
+    """What an encoder or decoder at `address` serves (GetModelInfo: model, dtype and why, threads, device,
+    quantization, weight bytes) as a dict naming the service; None for a server with neither (a gateway)."""
+    from google.protobuf.json_format import MessageToDict
+
+    from vlsplit.v1 import common_pb2, llm_decoder_pb2_grpc, vision_encoder_pb2_grpc
+
+    stubs = (("encoder", vision_encoder_pb2_grpc.VisionEncoderStub), ("decoder", llm_decoder_pb2_grpc.LLMDecoderStub))
+    with open_channel(address, args) as channel:
+        for name, stub in stubs:
+            try:
+                info = stub(channel).GetModelInfo(common_pb2.ModelInfoRequest(), timeout=timeout)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    continue
+                return {"service": name, "error": exc.code().name}
+            return {"service": name, **MessageToDict(info, preserving_proto_field_name=True,
+                                                     always_print_fields_with_no_presence=True)}
+    return None
+
+
 def sdk_client(address: str, args) -> Client:
     """A `vlsplit.Client` from the CLI's --token / --tls-* flags (token default: $VLSPLIT_TOKEN)."""
     return Client(address, token=getattr(args, "token", None), tls_ca=getattr(args, "tls_ca", None),

@@ -64,7 +64,11 @@ class Stack:
     gateway_port: int = 50051
     http_port: int = 8080  # the OpenAI-compatible API and web page; -1 = off
     host: str = "127.0.0.1"
-    dtype: str = "float32"
+    dtype: str | None = None  # None: the services' own default (VLSPLIT_DTYPE, else auto)
+    quantize: tuple[str | None, str | None] = (None, None)  # encoder's, decoder's; None: VLSPLIT_QUANTIZE, else off
+    # torch threads of the encoder and the decoder; None: each uses every usable CPU. One image's encode
+    # and its prefill/decode run one after the other, so on a small machine neither should own half the cores.
+    threads: tuple[int | None, int | None] = (None, None)
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
     metrics_ports: dict[str, int] = field(default_factory=dict)  # service -> its Prometheus port
 
@@ -73,10 +77,12 @@ class Stack:
 
         redis_url = self._redis()
         encoder, decoder = f"{self.host}:{free_port()}", f"{self.host}:{free_port()}"
-        common = ["--dtype", self.dtype, "--log-json", "false"]
+        common = ["--log-json", "false", *_flag("--dtype", self.dtype)]
         gateway = f"{self.host}:{self.gateway_port}"
-        services = [("encoder", encoder, "--model", str(self.model), "--redis", redis_url, *common),
-                    ("decoder", decoder, "--model", str(self.model), *common),
+        services = [("encoder", encoder, "--model", str(self.model), "--redis", redis_url, *common,
+                     *_flag("--quantize", self.quantize[0]), *_flag("--torch-threads", self.threads[0])),
+                    ("decoder", decoder, "--model", str(self.model), *common,
+                     *_flag("--quantize", self.quantize[1]), *_flag("--torch-threads", self.threads[1])),
                     ("gateway", gateway, "--encoder", encoder, "--decoder", decoder, "--redis", redis_url,
                      "--http-port", str(self.http_port), "--log-json", "false")]
         # a bar on a terminal (loading a real checkpoint takes a while), plain lines otherwise
@@ -133,6 +139,10 @@ class Stack:
             except subprocess.TimeoutExpired:
                 print(f"{name} did not stop in 30s; killing it", file=sys.stderr)
                 proc.kill()
+
+
+def _flag(name: str, value) -> list[str]:
+    return [] if value is None else [name, str(value)]
 
 
 def default_model() -> Path:

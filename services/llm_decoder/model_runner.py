@@ -18,6 +18,7 @@ from transformers.initialization import no_init_weights
 from shared.checkpoint import Checkpoint, load_strict
 from shared.errors import CheckpointError
 from shared.families.base import LM_HEAD
+from shared.quantize import Int8Embedding, Int8Linear, check_quantize, quantize_linears, resident_bytes
 
 from . import attention
 from .attention import Alone, Cascade, StepAttention
@@ -46,13 +47,18 @@ class Chunk:
 
 class ModelRunner:
     def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, kv_cache_bytes: int,
-                 block_size: int, packed_linear: str = "all"):
+                 block_size: int, packed_linear: str = "all", quantize: str = "off"):
         self.checkpoint, self.dtype, self.device = checkpoint, dtype, device
         self.config = checkpoint.config.text_config
         self.text_model, self.lm_head = self._load()
         if packed_linear not in MODES:
             raise ValueError(f"packed_linear must be one of {', '.join(MODES)}, not {packed_linear!r}")
-        self.packed = packed_linear if packed_linear != "off" and can_pack(dtype, device) else "off"
+        check_quantize(quantize)
+        self.quantize = quantize
+        if quantize == "int8":  # shared/quantize.py; int8 weights are not packed for oneDNN
+            self._quantize()
+        pack = packed_linear != "off" and quantize == "off" and can_pack(dtype, device)
+        self.packed = packed_linear if pack else "off"
         if self.packed != "off":  # weights reordered for oneDNN's small-batch kernels (packed_linear.py)
             self.lm_head = PackedLinear(self.lm_head.weight, None)
         if self.packed == "all":
@@ -89,6 +95,18 @@ class ModelRunner:
         else:
             raise CheckpointError(f"{checkpoint.path}: tie_word_embeddings is false but {LM_HEAD} is missing")
         return text_model.eval().to(self.device), lm_head.eval().to(self.device)
+
+    def _quantize(self) -> None:
+        """Layers' linears and the head to int8; a tied embedding then reads the head's int8 rows."""
+        quantize_linears(self.text_model.layers)
+        tied = self.lm_head.weight is self.text_model.embed_tokens.weight
+        self.lm_head = Int8Linear(self.lm_head.weight, None)
+        if tied:
+            self.text_model.embed_tokens = Int8Embedding(self.lm_head)
+
+    def weight_bytes(self) -> int:
+        """Model weights resident in memory (the KV pool not included)."""
+        return resident_bytes(self.text_model, self.lm_head)
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> list[torch.Tensor | None]:

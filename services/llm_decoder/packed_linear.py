@@ -37,8 +37,9 @@ class PackedLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dense: bool = False):
         super().__init__()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-        self.dense = weight.detach() if dense else None
+        # buffers, so the weights resident are counted (shared/quantize.py::resident_bytes)
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
+        self.register_buffer("dense", weight.detach() if dense else None)
         self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

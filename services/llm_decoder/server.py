@@ -3,7 +3,7 @@
 `vlsplit serve decoder --model DIR` calls `main`. Health stays NOT_SERVING (and Generate answers
 UNAVAILABLE) until the engine is loaded and has generated its warm-up tokens.
 
-Threads: torch's intra-op pool (VLSPLIT_TORCH_THREADS, default one per physical core) runs every
+Threads: torch's intra-op pool (VLSPLIT_TORCH_THREADS, default every CPU this process may use) runs every
 forward, on the engine's one step thread, so forwards never compete for cores; the event loop
 only moves bytes, and short CPU work (payload decoding, tokenizing) runs in a small worker pool.
 """
@@ -15,12 +15,12 @@ import dataclasses
 import logging
 import time
 
-import torch
-
 from shared.codec import DTYPES
 from shared.config import DecoderConfig, EngineConfig
+from shared.hardware import Runtime, check_dtype, resolve_dtype, set_torch_threads
 from shared.logs import setup_logging
 from shared.processor import question_messages
+from shared.quantize import check_quantize
 from shared.sampling import SamplingParams
 from shared.server import Service, run
 from vlsplit.v1 import llm_decoder_pb2, llm_decoder_pb2_grpc
@@ -39,7 +39,7 @@ def main(config: DecoderConfig) -> None:
     servicer = LLMDecoderServicer(config)
 
     async def start() -> None:
-        servicer.serve(await asyncio.to_thread(load_engine, config))
+        servicer.serve(*await asyncio.to_thread(load_engine, config))
 
     async def stop() -> None:
         await asyncio.to_thread(servicer.close)
@@ -52,21 +52,24 @@ def main(config: DecoderConfig) -> None:
     )))
 
 
-def load_engine(config: DecoderConfig) -> DecoderEngine:
+def load_engine(config: DecoderConfig) -> tuple[DecoderEngine, Runtime]:
     start = time.perf_counter()
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
-    engine = DecoderEngine(config.model, dtype=DTYPES[config.dtype], device=config.device,
+    dtype = resolve_dtype(config.dtype, config.device)
+    threads = set_torch_threads(config.torch_threads)
+    engine = DecoderEngine(config.model, dtype=DTYPES[dtype.name], device=config.device,
                            config=engine_config(config))
+    runtime = Runtime.of(dtype, threads, config.device, config.quantize, engine.runner.weight_bytes())
     loaded = time.perf_counter()
     for _ in engine.generate(WARMUP):
         pass
     load_s, warmup_s = round(loaded - start, 2), round(time.perf_counter() - loaded, 2)
-    log.info("decoder ready: %s (%s) fingerprint %s, loaded in %.2fs, warm-up %.2fs",
+    fields = runtime.log_fields()
+    log.info("decoder ready: %s (%s) fingerprint %s, loaded in %.2fs, warm-up %.2fs, %s",
              config.model, engine.family.model_type, engine.fingerprint, load_s, warmup_s,
+             " ".join(f"{k}={v}" for k, v in fields.items()),
              extra={"model": config.model, "model_type": engine.family.model_type, "fingerprint": engine.fingerprint,
-                    "dtype": config.dtype, "device": config.device, "load_s": load_s, "warmup_s": warmup_s})
-    return engine
+                    "device": config.device, "load_s": load_s, "warmup_s": warmup_s, **fields})
+    return engine, runtime
 
 
 def engine_config(config: DecoderConfig) -> EngineConfig:
@@ -78,8 +81,8 @@ def _check(config: DecoderConfig) -> None:
     """Refuse a bad configuration before anything is loaded, with one clear line."""
     if not config.model:
         raise ValueError("the decoder needs a checkpoint: --model DIR or VLSPLIT_MODEL")
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype {config.dtype!r} is not one of {', '.join(DTYPES)}")
+    check_dtype(config.dtype)
+    check_quantize(config.quantize)
     if config.max_step_tokens < config.max_batch:
         raise ValueError(f"max_step_tokens {config.max_step_tokens} must be >= max_batch {config.max_batch} "
                          "(every running sequence decodes one token a step)")

@@ -24,6 +24,7 @@ from shared import metrics
 from shared.codec import FORMAT_VERSION, decode_payload
 from shared.config import DecoderConfig
 from shared.errors import InvalidRequest, Unavailable
+from shared.hardware import Runtime
 from shared.processor import Message, validate_messages
 from shared.sampling import SamplingParams, sampling_from_pb
 from shared.transfer import Assembler
@@ -67,7 +68,8 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
         self.engine: DecoderEngine | None = None  # set by `serve` once loaded and warmed up
         self.budget: PayloadBudget | None = None
 
-    def serve(self, engine: DecoderEngine) -> None:
+    def serve(self, engine: DecoderEngine, runtime: Runtime) -> None:
+        self.runtime = runtime
         limit = self.config.max_payload_bytes or engine.largest_request_payload
         self.max_payload_bytes = limit
         self.budget = PayloadBudget(self.config.max_receiving_bytes or 4 * limit)
@@ -80,7 +82,7 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
     async def GetModelInfo(self, request, context) -> common_pb2.ModelInfo:
         engine = self._ready()
         return common_pb2.ModelInfo(model_type=engine.family.model_type, fingerprint=engine.fingerprint,
-                                    dtype=self.config.dtype, payload_format=FORMAT_VERSION)
+                                    payload_format=FORMAT_VERSION, **self.runtime.info_fields())
 
     async def Generate(self, requests, context):
         stream = RequestStream(aiter(requests), self.config.stream_idle_s, self.config.payload_wait_s)

@@ -38,6 +38,7 @@ from shared import metrics
 from shared.cache import SafeStore, embedding_key, image_key
 from shared.codec import DTYPES, FORMAT_VERSION, decode_payload, dtype_name, encode_payload
 from shared.errors import BadImage, CorruptPayload, NotFound, Overloaded, TooLarge, Unavailable
+from shared.hardware import Runtime
 from shared.image_ids import image_id as content_id, scoped_image_id
 from shared.images import ImageLimits, load_image
 from shared.payload import EmbeddingPayload
@@ -84,18 +85,19 @@ class Upload:
 class ModelInfo:
     model_type: str
     fingerprint: str
-    dtype: str
     payload_format: int
+    runtime: Runtime  # dtype (and why), threads, device, quantization, weight bytes, backend
 
 
 class CachedEncoder:
-    def __init__(self, engine: VisionEngine, executor: ThreadPoolExecutor, store: SafeStore, *,
+    def __init__(self, engine: VisionEngine, executor: ThreadPoolExecutor, store: SafeStore, runtime: Runtime, *,
                  payload_dtype: str, cache_ttl_s: int, image_ttl_s: int, limits: ImageLimits,
                  batch_limits: BatchLimits = BatchLimits(), replica_flight: ReplicaFlight | None = None,
                  max_queue: int = 0):
         self.engine = engine
         self.executor = executor  # the one thread every tower forward runs in (the batcher's)
         self.store = store
+        self.runtime = runtime
         self.payload_dtype = DTYPES[payload_dtype]
         self.cache_ttl_s, self.image_ttl_s = cache_ttl_s, image_ttl_s
         self.limits = limits
@@ -110,7 +112,7 @@ class CachedEncoder:
         return self.engine.fingerprint
 
     def model_info(self) -> ModelInfo:
-        return ModelInfo(self.engine.family.model_type, self.fingerprint, dtype_name(self.engine.dtype), FORMAT_VERSION)
+        return ModelInfo(self.engine.family.model_type, self.fingerprint, FORMAT_VERSION, self.runtime)
 
     def check_size(self, data: bytes) -> None:
         """Byte-size checks before hashing: an over-limit image is refused even if it is cached."""

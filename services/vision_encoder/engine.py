@@ -18,6 +18,7 @@ from shared.checkpoint import Checkpoint, load_strict
 from shared.fingerprint import compute_fingerprint
 from shared.payload import EmbeddingPayload
 from shared.processor import ImageInputs, ImagePreprocessor
+from shared.quantize import check_quantize, quantize_linears, resident_bytes
 
 from .fast_ops import use_linear_patch_embed
 
@@ -31,6 +32,7 @@ class VisionEngine:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         attn_implementation: str = "sdpa",
+        quantize: str = "off",
     ):
         start = time.perf_counter()
         self.checkpoint = Checkpoint(checkpoint)
@@ -42,6 +44,10 @@ class VisionEngine:
             tower = self.family.vision_class._from_config(config, dtype=torch.float32)
         load_strict(tower, self.checkpoint.read(self.checkpoint.visual_names(), dtype))
         use_linear_patch_embed(tower)  # fast_ops.py: the patchify Conv3d as the linear it is
+        check_quantize(quantize)
+        if quantize == "int8":  # shared/quantize.py: every linear of the blocks and the merger
+            quantize_linears(tower)
+        self.quantize = quantize
         self.tower = tower.eval().to(self.device)
         self.preprocessor = ImagePreprocessor.from_pretrained(self.checkpoint.path)
         self.fingerprint = compute_fingerprint(self.checkpoint.path)
@@ -49,6 +55,9 @@ class VisionEngine:
             "vision tower %s loaded in %.2fs (%s, %s, fingerprint %s)",
             self.family.model_type, time.perf_counter() - start, dtype, device, self.fingerprint,
         )
+
+    def weight_bytes(self) -> int:
+        return resident_bytes(self.tower)
 
     def preprocess(self, images: list[Image.Image]) -> list[ImageInputs]:
         return [self.preprocessor(image) for image in images]

@@ -19,11 +19,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
-import torch
+from functools import partial
 
 from shared.cache import Signer, safe_store_for
 from shared.codec import DTYPES
 from shared.config import MiB, EncoderConfig
+from shared.hardware import Runtime, check_dtype, resolve_dtype, set_torch_threads
+from shared.quantize import check_quantize
 from shared.images import ImageLimits
 from shared.logs import setup_logging
 from shared.server import Service, run
@@ -71,14 +73,17 @@ def encoder_service(config: EncoderConfig) -> Service:
 async def _open(config: EncoderConfig, executor: ThreadPoolExecutor) -> CachedEncoder:
     loop = asyncio.get_running_loop()
     start = time.perf_counter()
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)  # the tower's forwards run one at a time (batcher.py)
-    engine = await loop.run_in_executor(executor, VisionEngine, config.model, DTYPES[config.dtype], config.device)
+    dtype = resolve_dtype(config.dtype, config.device)
+    threads = set_torch_threads(config.torch_threads)  # the tower's forwards run one at a time (batcher.py)
+    engine = await loop.run_in_executor(executor, partial(VisionEngine, config.model, DTYPES[dtype.name],
+                                                          config.device, quantize=config.quantize))
     loaded_s = time.perf_counter() - start
+    runtime = Runtime.of(dtype, threads, config.device, config.quantize, engine.weight_bytes(), backend="torch")
     store = safe_store_for(config)
+    payload_dtype = config.payload_dtype or dtype.name
     encoder = CachedEncoder(
-        engine, executor, store,
-        payload_dtype=config.payload_dtype or config.dtype,
+        engine, executor, store, runtime,
+        payload_dtype=payload_dtype,
         cache_ttl_s=config.cache_ttl_s,
         image_ttl_s=config.image_ttl_s,
         limits=ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels),
@@ -90,11 +95,10 @@ async def _open(config: EncoderConfig, executor: ThreadPoolExecutor) -> CachedEn
     await loop.run_in_executor(executor, encoder.warm_up)
     fields = {"model_type": engine.family.model_type, "fingerprint": engine.fingerprint,
               "cache": _backend(config.redis_url), "load_s": round(loaded_s, 2),
-              "warmup_s": round(time.perf_counter() - start, 2)}
+              "warmup_s": round(time.perf_counter() - start, 2), **runtime.log_fields()}
     log.info("vision encoder ready: %s", " ".join(f"{k}={v}" for k, v in fields.items()),
-             extra={**fields, "model": config.model, "dtype": config.dtype, "device": config.device,
-                    "payload_dtype": config.payload_dtype or config.dtype, "encode_max_batch": config.encode_max_batch,
-                    "encode_max_wait_ms": config.encode_max_wait_ms})
+             extra={**fields, "model": config.model, "payload_dtype": payload_dtype,
+                    "encode_max_batch": config.encode_max_batch, "encode_max_wait_ms": config.encode_max_wait_ms})
     return encoder
 
 
@@ -102,10 +106,10 @@ def _check(config: EncoderConfig) -> None:
     """Configuration mistakes fail at start, before the port opens."""
     if not config.model:
         raise ValueError("the encoder needs a checkpoint: --model DIR or VLSPLIT_MODEL")
-    for name in ("dtype", "payload_dtype"):
-        value = getattr(config, name)
-        if value not in DTYPES and not (name == "payload_dtype" and value == ""):
-            raise ValueError(f"{name} {value!r} is not one of {', '.join(DTYPES)}")
+    check_dtype(config.dtype)
+    if config.payload_dtype not in ("", *DTYPES):
+        raise ValueError(f"payload_dtype {config.payload_dtype!r} is not one of {', '.join(DTYPES)}")
+    check_quantize(config.quantize)
     if min(config.cache_ttl_s, config.image_ttl_s) < 1:
         raise ValueError("cache_ttl_s and image_ttl_s must be at least 1 second")
     _batch_limits(config)

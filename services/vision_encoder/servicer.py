@@ -52,8 +52,8 @@ class VisionEncoderServicer(vision_encoder_pb2_grpc.VisionEncoderServicer):
 
     async def GetModelInfo(self, request, context):
         info = self._ready().model_info()
-        return common_pb2.ModelInfo(model_type=info.model_type, fingerprint=info.fingerprint, dtype=info.dtype,
-                                    payload_format=info.payload_format)
+        return common_pb2.ModelInfo(model_type=info.model_type, fingerprint=info.fingerprint,
+                                    payload_format=info.payload_format, **info.runtime.info_fields())
 
 
 def _info(encoded: Encoded) -> common_pb2.EmbeddingInfo:

@@ -113,16 +113,28 @@ class EmbeddingInfo(_message.Message):
     def __init__(self, image_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., grid_thw: _Optional[_Iterable[int]] = ..., n_tokens: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_type", "fingerprint", "dtype", "payload_format")
+    __slots__ = ("model_type", "fingerprint", "dtype", "payload_format", "dtype_reason", "torch_threads", "device_name", "quantize", "weight_bytes", "backend")
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_REASON_FIELD_NUMBER: _ClassVar[int]
+    TORCH_THREADS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     model_type: str
     fingerprint: str
     dtype: str
     payload_format: int
-    def __init__(self, model_type: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., payload_format: _Optional[int] = ...) -> None: ...
+    dtype_reason: str
+    torch_threads: int
+    device_name: str
+    quantize: str
+    weight_bytes: int
+    backend: str
+    def __init__(self, model_type: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., payload_format: _Optional[int] = ..., dtype_reason: _Optional[str] = ..., torch_threads: _Optional[int] = ..., device_name: _Optional[str] = ..., quantize: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ()
