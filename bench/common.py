@@ -26,6 +26,24 @@ def ensure_model(family: str) -> Path:
     return path
 
 
+def machine() -> str:
+    """The CPU model and ISA, for every table's header (bf16 is native only with AMX / AVX-512 BF16)."""
+    from shared.hardware import cpu_features, usable_cpus
+
+    return f"{cpu_features().describe()}, {usable_cpus()} usable CPUs, torch {torch.__version__}"
+
+
+def read_bandwidth_gbs(mib: int = 1024) -> float:
+    """This machine's memory read bandwidth (GB/s, best of 5 sums over `mib` MiB): the decode floor's divisor."""
+    data = torch.ones(mib << 18, dtype=torch.float32)  # 4-byte elements
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best / 1e9
+
+
 def photo(width: int, height: int, seed: int = 0) -> bytes:
     """A deterministic JPEG with smooth structure and some texture."""
     rng = np.random.default_rng(seed)

@@ -1,13 +1,19 @@
-"""Decode milliseconds per step with a shared image prefix, at batch 1, 8 and 64.
+"""Decode milliseconds per step with a shared image prefix, at 1, 8 and 64 rows, against the
+weight-bandwidth floor measured in the same run.
 
-    .venv/bin/python bench/decode_steps.py [--family qwen2_vl] [--dtype float32] [--batches 1,8,64]
-                                           [--packed-linear off,all]
+    .venv/bin/python bench/decode_steps.py [--family qwen2_vl] [--dtype auto] [--batches 1,8,64]
+                                           [--variants all,int8]
 
 One 1024x1024 image (1369 tokens with Qwen2-VL-2B's processor) and N questions about it, asked as
 one AskMany request of the in-process engine; a step's time is taken from the engine's own step
-records, over the steps that decoded all N rows and prefilled nothing (median). Each
-`--packed-linear` mode (the decoder's weight layout on CPU) gets its own engine in the same run,
-and the rounds alternate between them, so a noisy machine affects both columns alike.
+records, over the steps that decoded all N rows and prefilled nothing (median). Variants: a
+`packed_linear` mode (off, head, all: the decoder's weight layout on CPU) or `int8` (int8 weights,
+`--quantize int8`). Each gets its own engine in the same run and the rounds alternate between them,
+so a noisy machine affects every column alike.
+
+The floor: a decode step must read every weight it multiplies once (the layers' matrices and the
+LM head; the embedding table only where it is the tied head), so bytes read / the memory read
+bandwidth measured here is the fastest a step can be at one row.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ensure_model, photo  # noqa: E402
+from common import ensure_model, machine, photo, read_bandwidth_gbs  # noqa: E402
 
 
 def decode_ms(decoder, payload, img_id: str, rows: int, new_tokens: int) -> tuple[float, int]:
@@ -38,41 +44,75 @@ def decode_ms(decoder, payload, img_id: str, rows: int, new_tokens: int) -> tupl
     return statistics.median(steps) * 1000, len(steps)
 
 
+def step_bytes(runner) -> int:
+    """Weight bytes one decode step reads: every linear once (one copy of a packed layer) and the head."""
+    from torch import nn
+
+    from shared.packed_linear import PackedLinear
+    from shared.quantize import Int8Linear
+
+    total = 0
+    for module in [*runner.text_model.layers.modules(), runner.lm_head]:
+        if isinstance(module, PackedLinear):
+            total += module.packed.numel() * module.packed.element_size()
+        elif isinstance(module, Int8Linear):
+            total += module.qweight.numel() + module.scale.numel() * module.scale.element_size()
+        elif isinstance(module, nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def engine_for(model: Path, dtype, variant: str):
+    from services.llm_decoder.engine import DecoderEngine
+
+    if variant == "int8":
+        return DecoderEngine(model, dtype=dtype, quantize="int8")
+    return DecoderEngine(model, dtype=dtype, packed_linear=variant)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", default="qwen2_vl")
     parser.add_argument("--model", type=Path)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto", help="auto (the services' default), float32, bfloat16")
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--new-tokens", type=int, default=17)
-    parser.add_argument("--packed-linear", default="off,all", help="modes to compare (off, head, all)")
+    parser.add_argument("--variants", default="all,int8", help="packed_linear modes (off, head, all) and/or int8")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     import torch
 
-    from services.llm_decoder.engine import DecoderEngine
     from services.vision_encoder.engine import VisionEngine
+    from shared.hardware import resolve_dtype
     from shared.image_ids import image_id
     from shared.images import load_image
 
     model = args.model or ensure_model(args.family)
-    dtype = getattr(torch, args.dtype)
+    dtype_name = resolve_dtype(args.dtype, "cpu").name
+    dtype = getattr(torch, dtype_name)
     data = photo(1024, 1024)
     [payload] = VisionEngine(model, dtype=dtype).encode([load_image(data)])
     payload = payload.named(image_id(data))
-    modes = args.packed_linear.split(",")
-    decoders = {mode: DecoderEngine(model, dtype=dtype, packed_linear=mode) for mode in modes}
+    variants = args.variants.split(",")
+    decoders = {v: engine_for(model, dtype, v) for v in variants}
     for decoder in decoders.values():
         decode_ms(decoder, payload, image_id(data), 2, 3)  # warm-up; the image prefix is cached from here on
-    print(f"{model.name}, {args.dtype}, image prefix {payload.n_tokens} tokens, torch threads {torch.get_num_threads()}")
-    print(f"{'rows':>6}" + "".join(f"{'ms/step ' + m:>18}" for m in modes) + f"{'steps':>7}")
+    bandwidth = read_bandwidth_gbs()
+    floors = {v: step_bytes(d.runner) / bandwidth / 1e6 for v, d in decoders.items()}
+    print(f"{model.name}, {dtype_name}, image prefix {payload.n_tokens} tokens, torch threads {torch.get_num_threads()}")
+    print(f"CPU: {machine()}; memory read bandwidth {bandwidth:.1f} GB/s")
+    print("floor ms/step (weights read once / bandwidth): "
+          + ", ".join(f"{v} {floors[v]:.1f} ({step_bytes(d.runner) / 2**20:.0f} MiB)" for v, d in decoders.items()))
+    print(f"{'rows':>6}" + "".join(f"{'ms/step ' + v:>18}" for v in variants) + f"{'steps':>7}"
+          + "".join(f"{'1-row/floor ' + v:>18}" for v in variants))
     for rows in (int(b) for b in args.batches.split(",")):
-        times: dict[str, list[float]] = {m: [] for m in modes}
+        times: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(args.rounds):
-            for mode, decoder in decoders.items():
+            for variant, decoder in decoders.items():
                 ms, steps = decode_ms(decoder, payload, image_id(data), rows, args.new_tokens)
-                times[mode].append(ms)
-        print(f"{rows:>6}" + "".join(f"{min(v):>10.1f}-{max(v):<7.1f}" for v in times.values()) + f"{steps:>7}")
+                times[variant].append(ms)
+        ratios = "".join(f"{min(times[v]) / floors[v]:>18.2f}" for v in variants) if rows == 1 else ""
+        print(f"{rows:>6}" + "".join(f"{min(v):>10.1f}-{max(v):<7.1f}" for v in times.values()) + f"{steps:>7}" + ratios)
 
 
 if __name__ == "__main__":

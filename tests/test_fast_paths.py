@@ -11,7 +11,7 @@ import torch
 from conftest import make_image
 from reference import reference_tokens
 from services.llm_decoder.engine import DecoderEngine, GenerationRequest
-from services.llm_decoder.packed_linear import DENSE_FROM_ROWS, PackedLinear, can_pack
+from shared.packed_linear import DENSE_FROM_ROWS, PackedLinear, can_pack
 from shared.sampling import SamplingParams
 from services.vision_encoder.engine import VisionEngine
 from services.vision_encoder.fast_ops import LinearPatchEmbed
@@ -88,3 +88,52 @@ def test_linear_patch_embed_equals_the_convolution(tiny_model):
     torch.testing.assert_close(engine.tower.patch_embed(pixels), conv_tower.patch_embed(pixels), rtol=1e-5, atol=1e-5)
     # shares the checkpoint's storage: no second copy of the weight
     assert engine.tower.patch_embed.weight.untyped_storage().nbytes() == engine.tower.patch_embed.weight.nbytes
+
+
+def plain_tower(path: str, dtype: torch.dtype):
+    """The family's transformers vision tower with the checkpoint's weights and the linear patch embedding
+    (tested above), nothing else replaced."""
+    from services.vision_encoder.fast_ops import use_linear_patch_embed
+    from shared.checkpoint import load_strict
+
+    checkpoint = Checkpoint(path)
+    config = copy.deepcopy(checkpoint.config.vision_config)
+    config._attn_implementation = "sdpa"
+    tower = checkpoint.family.vision_class._from_config(config, dtype=torch.float32)
+    load_strict(tower, checkpoint.read(checkpoint.visual_names(), dtype))
+    use_linear_patch_embed(tower)
+    return tower.eval()
+
+
+@torch.inference_mode()
+def tower_outputs(engine: VisionEngine, tower, width: int = 300, height: int = 220) -> tuple[torch.Tensor, ...]:
+    """(pooled embeddings, *deepstack levels) of one image through `tower`, from the engine's preprocessing."""
+    [inputs] = engine.preprocess([load_image(make_image(width, height, seed=8))])
+    out = tower(inputs.pixel_values.to(engine.dtype), grid_thw=torch.tensor([inputs.grid_thw]))
+    return (out.pooler_output, *(getattr(out, "deepstack_features", None) or []))
+
+
+def test_fast_rotary_is_bit_identical_to_transformers_in_float32(tiny_model):
+    engine = VisionEngine(tiny_model)
+    assert engine.fused_activations == 0  # float32 keeps torch's own activations: the exact reference
+    for ours, theirs in zip(tower_outputs(engine, engine.tower), tower_outputs(engine, plain_tower(tiny_model, torch.float32))):
+        assert torch.equal(ours, theirs)
+
+
+def test_bf16_tower_with_fused_activations_stays_within_bf16_tolerance(tiny_model):
+    """bf16: each block's MLP activation runs as its first GEMM's oneDNN post-op (QuickGELU, SiLU gate or
+    tanh-GELU by family), next to the fast rotary; the output matches the plain bf16 tower within bf16 noise."""
+    if not can_pack(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("this CPU's oneDNN has no bf16 kernels: the tower runs unfused (the fused path is not taken)")
+    engine = VisionEngine(tiny_model, dtype=torch.bfloat16)
+    assert engine.fused_activations == len(engine.tower.blocks)
+    for block in engine.tower.blocks:
+        assert any(isinstance(m, PackedLinear) and m.activation[0] != "none" for m in block.mlp.modules())
+    ours = tower_outputs(engine, engine.tower)
+    theirs = tower_outputs(engine, plain_tower(tiny_model, torch.bfloat16))
+    exact = tower_outputs(engine, plain_tower(tiny_model, torch.float32).float())  # what both approximate
+    for a, b, ref in zip(ours, theirs, exact):
+        a, b, ref = a.float(), b.float(), ref.float()
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) >= 0.9999
+        # no further from float32 than bf16 itself is, give or take a rounding
+        assert (a - ref).norm() <= 1.5 * (b - ref).norm() + 1e-6

@@ -23,7 +23,7 @@ from shared.quantize import Int8Embedding, Int8Linear, check_quantize, quantize_
 from . import attention
 from .attention import Alone, Cascade, StepAttention
 from .kv_pool import KVPool
-from .packed_linear import MODES, PackedLinear, can_pack, pack_linears
+from shared.packed_linear import MODES, PackedLinear, can_pack, pack_linears
 from .sequence import Sequence
 
 

@@ -20,7 +20,7 @@ from shared.payload import EmbeddingPayload
 from shared.processor import ImageInputs, ImagePreprocessor
 from shared.quantize import check_quantize, quantize_linears, resident_bytes
 
-from .fast_ops import use_linear_patch_embed
+from .fast_ops import fuse_mlp_activations, use_fast_rotary, use_linear_patch_embed
 
 log = logging.getLogger("vlsplit.vision")
 
@@ -44,9 +44,12 @@ class VisionEngine:
             tower = self.family.vision_class._from_config(config, dtype=torch.float32)
         load_strict(tower, self.checkpoint.read(self.checkpoint.visual_names(), dtype))
         use_linear_patch_embed(tower)  # fast_ops.py: the patchify Conv3d as the linear it is
+        use_fast_rotary(tower)  # the same rotary embedding in fewer passes (bit-identical)
         check_quantize(quantize)
         if quantize == "int8":  # shared/quantize.py: every linear of the blocks and the merger
             quantize_linears(tower)
+        tower = tower.to(self.device)
+        self.fused_activations = fuse_mlp_activations(tower, dtype)  # bf16: activations fused into the GEMMs
         self.quantize = quantize
         self.tower = tower.eval().to(self.device)
         self.preprocessor = ImagePreprocessor.from_pretrained(self.checkpoint.path)

@@ -1,4 +1,5 @@
-"""Linear layers with weights pre-packed for oneDNN, for the decoder's small-M matmuls on CPU.
+"""Linear layers with weights pre-packed for oneDNN: the decoder's small-M matmuls on CPU, and the
+vision towers' MLP GEMMs with their activation fused in (services/vision_encoder/fast_ops.py).
 
 A decode step multiplies a handful of rows by every weight matrix. torch's default CPU path (MKL
 sgemm on a plain [out, in] weight) is poorly blocked for that shape: on a 2-core AVX2 machine the
@@ -32,11 +33,16 @@ DENSE_FROM_ROWS = 256  # calls with at least this many rows use the dense weight
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b with W held in oneDNN's blocked layout (and, with `dense`, also as given)."""
+    """y = act(x W^T + b) with W held in oneDNN's blocked layout (and, with `dense`, also as given).
+    `activation` is a oneDNN post-op fused into the GEMM: ("swish", "") = SiLU, ("gelu", "tanh"), or none."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dense: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dense: bool = False,
+                 activation: tuple[str, str] = ("none", "")):
         super().__init__()
+        if dense and activation[0] != "none":
+            raise ValueError("a fused activation has no dense fallback")
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.activation = activation
         # buffers, so the weights resident are counted (shared/quantize.py::resident_bytes)
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
         self.register_buffer("dense", weight.detach() if dense else None)
@@ -45,10 +51,11 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.numel() >= DENSE_FROM_ROWS * self.in_features:
             return nn.functional.linear(x, self.dense, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.activation[0], [], self.activation[1])
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        act = "" if self.activation[0] == "none" else f", activation={'-'.join(filter(None, self.activation))}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{act}"
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:
