@@ -42,6 +42,7 @@ class Sampler:
     def __init__(self, params: SamplingParams, device: torch.device | str = "cpu", matcher=None):
         self.params = params
         self.matcher = matcher
+        self.seen: Seen | None = None  # the penalties' view of the history, kept up to date incrementally
         self.generator = None
         if not params.greedy:
             self.generator = torch.Generator(device=device)
@@ -76,14 +77,35 @@ def sample(logits: torch.Tensor, samplers: list[Sampler], histories: list[Histor
     return chosen.tolist()
 
 
+class Seen:
+    """A sequence's tokens as the penalties need them, updated with the tokens added since the last step
+    (not rebuilt from the whole history every step): which ids occurred at all (prompt + answer), and
+    how often each occurred in the answer."""
+
+    def __init__(self, vocab: int, device: torch.device):
+        self.upto = 0  # tokens of the history already counted
+        self.any = torch.zeros(vocab, dtype=torch.bool, device=device)
+        self.answer_counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+
+    def update(self, tokens: list[int], prompt_len: int) -> None:
+        new = tokens[self.upto:]
+        if new:
+            ids = torch.tensor(new, device=self.any.device)
+            self.any[ids] = True
+            answer = ids[max(0, prompt_len - self.upto):]
+            self.answer_counts.index_add_(0, answer, torch.ones(len(answer), device=self.any.device))
+            self.upto = len(tokens)
+
+
 def _probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """[R, vocab] logits -> probabilities after temperature, top-k and top-p, per row's settings."""
     device = logits.device
     temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
     logits = logits / temperature
     top_k = torch.tensor([p.top_k or logits.shape[1] for p in params], device=device)
-    if (top_k < logits.shape[1]).any():
-        kth = logits.sort(-1, descending=True).values.gather(1, (top_k.clamp(max=logits.shape[1]) - 1)[:, None])
+    if (top_k < logits.shape[1]).any():  # the k largest of the largest k_max, not a full-vocabulary sort
+        k = top_k.clamp(max=logits.shape[1])
+        kth = logits.topk(int(k.max()), -1).values.gather(1, (k - 1)[:, None])
         logits = logits.masked_fill(logits < kth, -math.inf)
     top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
     if (top_p < 1.0).any():
@@ -104,13 +126,15 @@ def _penalize(logits: torch.Tensor, samplers: list[Sampler], histories: list[His
         if not p.penalized:
             continue
         x = logits[row]
+        if sampler.seen is None:
+            sampler.seen = Seen(x.shape[0], x.device)
+        seen = sampler.seen
+        seen.update(seq.tokens, len(seq.prompt))
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.tokens)), device=x.device)
-            score = x[seen]
-            x[seen] = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
-        answer = seq.tokens[len(seq.prompt):]
-        if answer and (p.presence_penalty or p.frequency_penalty):
-            counts = torch.bincount(torch.tensor(answer, device=x.device), minlength=x.shape[0]).to(x.dtype)
+            penalized = torch.where(x < 0, x * p.repetition_penalty, x / p.repetition_penalty)
+            x.copy_(torch.where(seen.any, penalized, x))
+        if len(seq.tokens) > len(seq.prompt) and (p.presence_penalty or p.frequency_penalty):
+            counts = seen.answer_counts.to(x.dtype)
             x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(x.dtype)
     return logits
 
