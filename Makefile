@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: all setup test test-slow demo bench-load bench-ask bench-many bench-decode bench-grammar bench-peer peer-setup protos clean
+.PHONY: all setup test test-slow demo bench-load bench-ask bench-many bench-decode bench-tower bench-quantize bench-grammar bench-peer peer-setup protos clean
 
 all: test
 
@@ -56,6 +56,13 @@ bench-many: setup
 
 bench-decode: setup
 	$(BIN)/python bench/decode_steps.py
+
+# The vision tower's levers one at a time (bench/tower.py), and int8's memory and accuracy (bench/quantize.py).
+bench-tower: setup
+	$(BIN)/python bench/tower.py
+
+bench-quantize: setup
+	$(BIN)/python bench/quantize.py
 
 bench-grammar: setup
 	$(BIN)/python bench/grammar.py

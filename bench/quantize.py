@@ -8,9 +8,10 @@ cosine of the first answer token's logits (over the vocabulary; mean and worst),
 (answers identical, first tokens identical, mean fraction of each answer before the first difference).
 The vision tower's embeddings: cosine between the unquantized and the int8 tower's output.
 
-The bench checkpoints have random weights: their logits are flatter than a trained model's, so greedy
-agreement here is a pessimistic figure (near-ties flip on small errors); run it on a real checkpoint
-with --model DIR for the number that matters to you.
+The bench checkpoints have random weights: a random network amplifies any rounding (bf16 alone moves
+its logits to a cosine of ~0.99 against float32, printed as the yardstick) and its logits are flat, so
+near-ties flip and greedy agreement here is a pessimistic figure; run it on a real checkpoint with
+--model DIR for the number that matters to you.
 """
 
 from __future__ import annotations
@@ -87,11 +88,16 @@ def main() -> None:
                                                     payloads["int8"].embeddings.float().flatten(), dim=0).item()
     payload = payloads["off"].named(image_id(data))  # both decoders get the unquantized tower's embeddings
     decoders = {q: DecoderEngine(model, dtype=dtype, quantize=q, packed_linear="off") for q in ("off", "int8")}
-    cosines, same, first, prefix = [], 0, 0, []
+    # the yardstick: how far bf16 itself moves the logits from float32 (random-weight models amplify any rounding)
+    yardstick = DecoderEngine(model, dtype=torch.float32, packed_linear="off") if dtype != torch.float32 else None
+    cosines, same, first, prefix, bf16_cosines = [], 0, 0, [], []
     for question in prompts(args.prompts):
         (la, ia), (lb, ib) = (answer(decoders[q], payload, image_id(data), question, args.new_tokens)
                               for q in ("off", "int8"))
         cosines.append(torch.nn.functional.cosine_similarity(la, lb, dim=0).item())
+        if yardstick is not None:
+            lf, _ = answer(yardstick, payload, image_id(data), question, 1)
+            bf16_cosines.append(torch.nn.functional.cosine_similarity(la, lf, dim=0).item())
         same += ia == ib
         first += ia[:1] == ib[:1]
         prefix.append(common_prefix(ia, ib) / max(1, len(ia)))
@@ -104,6 +110,9 @@ def main() -> None:
           f"{mib(towers['int8'].weight_bytes()):.0f} MiB |")
     print(f"\nlogits cosine, first answer token, {args.prompts} prompts: mean {statistics.mean(cosines):.5f}, "
           f"worst {min(cosines):.5f}")
+    if bf16_cosines:
+        print(f"yardstick: {dtype_name} vs float32 logits cosine (both unquantized): mean "
+              f"{statistics.mean(bf16_cosines):.5f}, worst {min(bf16_cosines):.5f}")
     print(f"greedy agreement over {args.new_tokens} tokens: identical answers {same}/{args.prompts}, "
           f"identical first token {first}/{args.prompts}, mean agreeing prefix {statistics.mean(prefix):.2f}")
     print(f"vision embeddings cosine (int8 tower vs unquantized): {emb_cos:.5f}")
