@@ -20,7 +20,7 @@ from engines import image_payload, request, tokens
 from services.llm_decoder.engine import DecoderEngine
 from services.vision_encoder.engine import VisionEngine
 from shared import quantize
-from shared.quantize import Int8Embedding, Int8Linear, quantize_linears, quantize_rows, resident_bytes
+from shared.quantize import Int8Linear, quantize_linears, quantize_rows, resident_bytes
 
 # Stated tolerance of a quantized model's last-layer logits against the same model unquantized (tiny
 # random-weight models, float32): cosine over the vocabulary. bench/quantize.py prints the same figure,
@@ -66,14 +66,6 @@ def test_a_large_weight_is_dequantized_slice_by_slice_with_the_same_result(monke
     assert torch.allclose(int8(x), whole, atol=1e-5)
 
 
-def test_a_tied_embedding_reads_the_heads_int8_rows():
-    table = torch.randn(100, 64)
-    head = Int8Linear(table, None)
-    ids = torch.tensor([0, 5, 99, 5])
-    assert torch.allclose(Int8Embedding(head)(ids), dequantized(head)[ids])
-    assert resident_bytes(head, Int8Embedding(head)) == resident_bytes(head)  # one copy
-
-
 def test_quantize_linears_replaces_every_linear_and_shrinks_the_weights():
     model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Sequential(nn.Linear(128, 64)))
     before = resident_bytes(model)
@@ -85,6 +77,12 @@ def test_quantize_linears_replaces_every_linear_and_shrinks_the_weights():
 @lru_cache(maxsize=None)
 def decoders(path: str) -> tuple[DecoderEngine, DecoderEngine]:
     return DecoderEngine(path), DecoderEngine(path, quantize="int8")
+
+
+@lru_cache(maxsize=None)
+def decoders_off(path: str) -> DecoderEngine:
+    """Unquantized and unpacked: one float copy of every weight, the int8 layers' baseline."""
+    return DecoderEngine(path, packed_linear="off", kv_cache_bytes=1 << 20)
 
 
 def first_logits(decoder: DecoderEngine, req) -> tuple[torch.Tensor, list[int]]:
@@ -102,8 +100,11 @@ def first_logits(decoder: DecoderEngine, req) -> tuple[torch.Tensor, list[int]]:
 def test_an_int8_decoder_holds_fewer_bytes_and_its_logits_stay_close(tiny_models, family):
     path = tiny_models[family]
     full, int8 = decoders(path)
-    assert int8.runner.quantize == "int8" and int8.runner.packed == "off"
-    assert int8.runner.weight_bytes() < full.runner.weight_bytes() / 2
+    assert int8.runner.quantize == "int8" and int8.runner.packed == "head"  # the head stays as loaded, packed
+    layers = [m for m in int8.runner.text_model.layers.modules() if isinstance(m, nn.Linear)]
+    assert not layers and isinstance(int8.runner.text_model.layers[0].mlp.down_proj, Int8Linear)
+    assert int8.runner.weight_bytes() < full.runner.weight_bytes()
+    assert (resident_bytes(int8.runner.text_model.layers) < resident_bytes(decoders_off(path).runner.text_model.layers) / 3)
     payload, img_id, _ = image_payload(path, seed=7)
     req = request(payload, img_id, "What is in the picture?", max_new_tokens=8)
     (a, answer_full), (b, answer_int8) = first_logits(full, req), first_logits(int8, req)
@@ -165,7 +166,7 @@ def test_vlsplit_up_with_int8_answers_from_smaller_weights(tiny_models, family, 
         torch_dtype = DTYPES[dtype]
         assert int(encoder["weight_bytes"]) < VisionEngine(path, dtype=torch_dtype).weight_bytes()
         unquantized = DecoderEngine(path, dtype=torch_dtype, kv_cache_bytes=1 << 20)
-        assert int(decoder["weight_bytes"]) < unquantized.runner.weight_bytes() / 2
+        assert int(decoder["weight_bytes"]) < unquantized.runner.weight_bytes()
         unquantized.close()
         out = subprocess.run([sys.executable, "-m", "vlsplit.cli", "ask", str(SAMPLE), "What is this?", "Why?",
                               "--json", "--gateway", f"127.0.0.1:{port}", "--max-new-tokens", "6"],

@@ -18,7 +18,7 @@ from transformers.initialization import no_init_weights
 from shared.checkpoint import Checkpoint, load_strict
 from shared.errors import CheckpointError
 from shared.families.base import LM_HEAD
-from shared.quantize import Int8Embedding, Int8Linear, check_quantize, quantize_linears, resident_bytes
+from shared.quantize import check_quantize, quantize_linears, resident_bytes
 
 from . import attention
 from .attention import Alone, Cascade, StepAttention
@@ -55,10 +55,10 @@ class ModelRunner:
             raise ValueError(f"packed_linear must be one of {', '.join(MODES)}, not {packed_linear!r}")
         check_quantize(quantize)
         self.quantize = quantize
-        if quantize == "int8":  # shared/quantize.py; int8 weights are not packed for oneDNN
-            self._quantize()
-        pack = packed_linear != "off" and quantize == "off" and can_pack(dtype, device)
-        self.packed = packed_linear if pack else "off"
+        if quantize == "int8":  # shared/quantize.py: the layers' linears (the head and embedding stay as loaded)
+            quantize_linears(self.text_model.layers)
+            packed_linear = "head" if packed_linear != "off" else "off"  # no float layer weights left to pack
+        self.packed = packed_linear if packed_linear != "off" and can_pack(dtype, device) else "off"
         if self.packed != "off":  # weights reordered for oneDNN's small-batch kernels (packed_linear.py)
             self.lm_head = PackedLinear(self.lm_head.weight, None)
         if self.packed == "all":
@@ -95,14 +95,6 @@ class ModelRunner:
         else:
             raise CheckpointError(f"{checkpoint.path}: tie_word_embeddings is false but {LM_HEAD} is missing")
         return text_model.eval().to(self.device), lm_head.eval().to(self.device)
-
-    def _quantize(self) -> None:
-        """Layers' linears and the head to int8; a tied embedding then reads the head's int8 rows."""
-        quantize_linears(self.text_model.layers)
-        tied = self.lm_head.weight is self.text_model.embed_tokens.weight
-        self.lm_head = Int8Linear(self.lm_head.weight, None)
-        if tied:
-            self.text_model.embed_tokens = Int8Embedding(self.lm_head)
 
     def weight_bytes(self) -> int:
         """Model weights resident in memory (the KV pool not included)."""
