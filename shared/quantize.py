@@ -16,11 +16,11 @@ Which kernel, by rows per call (measured on a 2-core Xeon with AMX, bf16, bench 
   with the rows (1.9 ms at 8, 15 ms at 64), so it is used up to INT8PACK_MAX_ROWS.
 - more rows (prefill, the vision tower): the weight is dequantized into a reused scratch buffer
   (2.9 ms for 1536 x 8960) and multiplied by the dense kernel; the GEMM dominates (77 ms for a
-  2,048-row chunk). Large weights (an LM head) are dequantized slice by slice, so the scratch stays
-  bounded (SCRATCH_ELEMENTS).
+  2,048-row chunk). Large weights are dequantized slice by slice, so the scratch stays bounded
+  (SCRATCH_ELEMENTS).
 Measured and not used: W8A8 through oneDNN's AMX-int8 `onednn.qlinear_pointwise` is faster per
 GEMM (51-84 ms vs 111-132 ms at 5,476 x 1280 x 5120) but quantizing activations in eager torch
-costs more than it saves (13-175 ms a call) and its error is 5x bf16's (docs/performance.md).
+costs more than it saves (13-175 ms a call) and its error is 5x bf16's (README "Performance").
 `_weight_int8pack_mm` is only used where `in_features % 32 == 0`: for other widths its bf16 path
 returned wrong values in our tests (tiny test models); those fall back to the dequantized kernel.
 """
@@ -52,11 +52,10 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Linear(nn.Module):
     """y = x (q s)^T + b, computed in x's dtype; see the module docstring for the kernels."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
-                 quantized: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        qweight, scale = quantized or quantize_rows(weight)
+        qweight, scale = quantize_rows(weight)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale.to(weight.dtype))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
