@@ -110,8 +110,8 @@ class EngineConfig:
     # CPU: weights also pre-packed for oneDNN's small-batch kernels, where supported: "all" (layers +
     # head; the layers' weights are then held twice), "head" (the LM head only), "off"
     packed_linear: str = "all"
-    # "int8": the decoder layers' and LM head's weights int8 at load (per output channel, symmetric);
-    # few-row calls (decode) on an int8 kernel, prefill on bf16/fp32 weights dequantized per call.
+    # "int8": the decoder layers' linear weights int8 at load (per output channel, symmetric; the embedding and
+    # LM head stay as loaded); few-row calls (decode) on an int8 kernel, larger ones on weights dequantized per call.
     quantize: str = "off"
 
 

@@ -164,6 +164,6 @@ class Runtime:
                 "backend": self.backend}
 
     def log_fields(self) -> dict:
-        return {"dtype": self.dtype.name, "dtype_reason": self.dtype.reason, "torch_threads": self.threads,
-                "device_name": self.device_name, "quantize": self.quantize,
-                "weight_mib": round(self.weight_bytes / (1 << 20), 1), **({"backend": self.backend} if self.backend else {})}
+        """The same, for the start-up log: weights in MiB, no empty backend."""
+        fields = {k: v for k, v in self.info_fields().items() if k != "weight_bytes" and v != ""}
+        return {**fields, "weight_mib": round(self.weight_bytes / (1 << 20), 1)}

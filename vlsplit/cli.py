@@ -9,11 +9,12 @@ import os
 import sys
 from pathlib import Path
 
+from shared.hardware import DTYPE_NAMES  # torch-free: the gateway-only install runs this CLI too
+
 # No hub, ever: every model is a local directory. Set before transformers is imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-DTYPES = ("auto", "bfloat16", "float16", "float32")  # shared/hardware.py::DTYPE_NAMES (no torch import here)
 QUANTIZE = ("off", "int8")  # shared/quantize.py::MODES
 DTYPE_HELP = "auto (default): bfloat16 where the CPU/GPU has it natively (AMX, AVX-512 BF16, CUDA), else float32"
 QUANTIZE_HELP = "int8: linear weights int8 at load (half the bytes of bf16; see README 'Performance')"
@@ -79,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("questions", nargs="+", metavar="QUESTION")
     p.add_argument("--model", type=Path, required=True, help="checkpoint directory")
     _add_sampling_args(p)
-    p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP + " (default: $VLSPLIT_DTYPE, else auto)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help=DTYPE_HELP + " (default: $VLSPLIT_DTYPE, else auto)")
     p.add_argument("--json", action="store_true", help="one JSON object per question")
     p.set_defaults(func=_local_ask)
 
@@ -90,13 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int)
     p.add_argument("--metrics-port", type=int)
     p.add_argument("--port-file", help="write the bound ports here as JSON once serving")
-    p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help=DTYPE_HELP)
     p.add_argument("--quantize", choices=QUANTIZE, help=QUANTIZE_HELP + " (encoder, decoder)")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: every CPU this process may use)")
     p.add_argument("--redis", dest="redis_url", help="redis://host:port/db or 'memory' (encoder, gateway)")
     p.add_argument("--encoder", help="encoder address host:port (gateway)")
     p.add_argument("--decoder", help="decoder address(es) (gateway): host:port, a comma-separated list, or dns:///name:port")
-    p.add_argument("--payload-dtype", choices=DTYPES[1:], help="dtype of cached embeddings (encoder)")
+    p.add_argument("--payload-dtype", choices=DTYPE_NAMES[1:], help="dtype of cached embeddings (encoder)")
     p.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API and web page port (gateway; -1 = off)")
     p.add_argument("--log-json", type=lambda v: v.lower() in ("1", "true", "yes"), help="true|false")
     p.set_defaults(func=_serve)
@@ -107,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway-port", type=int, default=50051)
     p.add_argument("--http-port", type=int, default=8080, help="OpenAI-compatible API and web page (-1 = off)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--dtype", choices=DTYPES, help=DTYPE_HELP)
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help=DTYPE_HELP)
     p.add_argument("--quantize", choices=QUANTIZE, help=QUANTIZE_HELP)
     p.add_argument("--quantize-encoder", choices=QUANTIZE, help="the encoder's, when it differs from --quantize")
     p.add_argument("--encoder-threads", type=int, help="torch threads of the encoder (default: every usable CPU)")

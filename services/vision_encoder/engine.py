@@ -48,10 +48,9 @@ class VisionEngine:
         check_quantize(quantize)
         if quantize == "int8":  # shared/quantize.py: every linear of the blocks and the merger
             quantize_linears(tower)
-        tower = tower.to(self.device)
-        self.fused_activations = fuse_mlp_activations(tower, dtype)  # bf16: activations fused into the GEMMs
-        self.quantize = quantize
         self.tower = tower.eval().to(self.device)
+        self.fused_activations = fuse_mlp_activations(self.tower, dtype)  # bf16: activations fused into the GEMMs
+        self.quantize = quantize
         self.preprocessor = ImagePreprocessor.from_pretrained(self.checkpoint.path)
         self.fingerprint = compute_fingerprint(self.checkpoint.path)
         log.info(

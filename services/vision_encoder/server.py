@@ -17,17 +17,16 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
-
 from functools import partial
+from urllib.parse import urlsplit
 
 from shared.cache import Signer, safe_store_for
 from shared.codec import DTYPES
 from shared.config import MiB, EncoderConfig
 from shared.hardware import Runtime, check_dtype, resolve_dtype, set_torch_threads
-from shared.quantize import check_quantize
 from shared.images import ImageLimits
 from shared.logs import setup_logging
+from shared.quantize import check_quantize
 from shared.server import Service, run
 from shared.tls import server_tls
 from vlsplit.v1 import vision_encoder_pb2_grpc
