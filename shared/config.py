@@ -66,6 +66,11 @@ class EncoderConfig(ServerConfig, CacheConfig):
     dtype: str = "auto"
     device: str = "cpu"
     quantize: str = "off"  # "int8": the tower's linear weights int8 at load (per output channel)
+    # "torch" (the exact reference) or "openvino": the tower converted to OpenVINO at first start (`pip install
+    # openvino nncf`; CPU only); int8 then through nncf. The converted IR is cached under openvino_cache_dir
+    # ("" = $XDG_CACHE_HOME/vlsplit/openvino or ~/.cache/vlsplit/openvino), keyed by the fingerprint.
+    encoder_backend: str = "torch"
+    openvino_cache_dir: str = ""
     cache_ttl_s: int = 24 * 3600  # embedding cache entries
     image_ttl_s: int = 3600  # uploaded image bytes kept for Ask(image_id)
     payload_dtype: str = ""  # dtype of cached/sent payloads; "" = the serving dtype (exact)
@@ -208,9 +213,14 @@ def cache_dir() -> Path:
     return Path(base) / "vlsplit"
 
 
+def openvino_cache_dir() -> Path:
+    """The default OpenVINO IR cache of the encoder (EncoderConfig.openvino_cache_dir = "")."""
+    return cache_dir() / "openvino"
+
+
 def env_get(name: str, default: str | None = None) -> str | None:
     """For the few non-service settings (e.g. the CLI's log level): `VLSPLIT_<name>`."""
     return os.environ.get(PREFIX + name, default)
 
 
-__all__ = ["DecoderConfig", "EncoderConfig", "EngineConfig", "GatewayConfig", "ServerConfig", "cache_dir", "env_get", "load"]
+__all__ = ["DecoderConfig", "EncoderConfig", "EngineConfig", "GatewayConfig", "ServerConfig", "cache_dir", "env_get", "openvino_cache_dir", "load"]

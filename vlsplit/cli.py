@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 QUANTIZE = ("off", "int8")  # shared/quantize.py::MODES
+BACKENDS = ("torch", "openvino")  # services/vision_encoder/engine.py::BACKENDS (the CLI imports no torch)
 DTYPE_HELP = "auto (default): bfloat16 where the CPU/GPU has it natively (AMX, AVX-512 BF16, CUDA), else float32"
 QUANTIZE_HELP = "int8: linear weights int8 at load (half the bytes of bf16; see README 'Performance')"
 RANDOM_WEIGHTS_WARNING = (
@@ -93,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port-file", help="write the bound ports here as JSON once serving")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help=DTYPE_HELP)
     p.add_argument("--quantize", choices=QUANTIZE, help=QUANTIZE_HELP + " (encoder, decoder)")
+    p.add_argument("--backend", dest="encoder_backend", choices=BACKENDS,
+                   help="the tower's runtime (encoder): torch (default, the exact reference) or openvino "
+                        "(converted at first start, cached; pip install openvino nncf)")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads (default: every CPU this process may use)")
     p.add_argument("--redis", dest="redis_url", help="redis://host:port/db or 'memory' (encoder, gateway)")
     p.add_argument("--encoder", help="encoder address host:port (gateway)")
@@ -111,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPE_NAMES, help=DTYPE_HELP)
     p.add_argument("--quantize", choices=QUANTIZE, help=QUANTIZE_HELP)
     p.add_argument("--quantize-encoder", choices=QUANTIZE, help="the encoder's, when it differs from --quantize")
+    p.add_argument("--encoder-backend", choices=BACKENDS, help="the encoder's tower runtime: torch (default) or openvino")
     p.add_argument("--encoder-threads", type=int, help="torch threads of the encoder (default: every usable CPU)")
     p.add_argument("--decoder-threads", type=int, help="torch threads of the decoder (default: every usable CPU)")
     p.set_defaults(func=_up)
@@ -260,7 +265,7 @@ def _up(args) -> int:
     quantize_encoder = args.quantize_encoder or args.quantize
     stack = Stack(model=model, redis=args.redis, gateway_port=args.gateway_port, http_port=args.http_port,
                   host=args.host, dtype=args.dtype, quantize=(quantize_encoder, args.quantize),
-                  threads=(args.encoder_threads, args.decoder_threads))
+                  threads=(args.encoder_threads, args.decoder_threads), encoder_backend=args.encoder_backend)
     try:
         address = stack.start()
         web = f", web page and OpenAI API on http://{args.host}:{args.http_port}" if args.http_port >= 0 else ""

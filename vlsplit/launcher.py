@@ -69,6 +69,7 @@ class Stack:
     # torch threads of the encoder and the decoder; None: each uses every usable CPU. One image's encode
     # and its prefill/decode run one after the other, so on a small machine neither should own half the cores.
     threads: tuple[int | None, int | None] = (None, None)
+    encoder_backend: str | None = None  # None: VLSPLIT_ENCODER_BACKEND, else torch
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
     metrics_ports: dict[str, int] = field(default_factory=dict)  # service -> its Prometheus port
 
@@ -80,7 +81,8 @@ class Stack:
         common = ["--log-json", "false", *_flag("--dtype", self.dtype)]
         gateway = f"{self.host}:{self.gateway_port}"
         services = [("encoder", encoder, "--model", str(self.model), "--redis", redis_url, *common,
-                     *_flag("--quantize", self.quantize[0]), *_flag("--torch-threads", self.threads[0])),
+                     *_flag("--quantize", self.quantize[0]), *_flag("--torch-threads", self.threads[0]),
+                     *_flag("--backend", self.encoder_backend)),
                     ("decoder", decoder, "--model", str(self.model), *common,
                      *_flag("--quantize", self.quantize[1]), *_flag("--torch-threads", self.threads[1])),
                     ("gateway", gateway, "--encoder", encoder, "--decoder", decoder, "--redis", redis_url,

@@ -33,7 +33,8 @@ from vlsplit.v1 import vision_encoder_pb2_grpc
 
 from .batcher import BatchLimits
 from .cached_encoder import CachedEncoder
-from .engine import VisionEngine
+from .engine import VisionEngine, check_backend
+from .openvino_backend import import_openvino
 from .replica_flight import ReplicaFlight
 from .servicer import SERVICE_NAME, VisionEncoderServicer
 
@@ -74,10 +75,12 @@ async def _open(config: EncoderConfig, executor: ThreadPoolExecutor) -> CachedEn
     start = time.perf_counter()
     dtype = resolve_dtype(config.dtype, config.device)
     threads = set_torch_threads(config.torch_threads)  # the tower's forwards run one at a time (batcher.py)
-    engine = await loop.run_in_executor(executor, partial(VisionEngine, config.model, DTYPES[dtype.name],
-                                                          config.device, quantize=config.quantize))
+    engine = await loop.run_in_executor(executor, partial(
+        VisionEngine, config.model, DTYPES[dtype.name], config.device, quantize=config.quantize,
+        backend=config.encoder_backend, openvino_cache_dir=config.openvino_cache_dir or None))
     loaded_s = time.perf_counter() - start
-    runtime = Runtime.of(dtype, threads, config.device, config.quantize, engine.weight_bytes(), backend="torch")
+    runtime = Runtime.of(dtype, threads, config.device, config.quantize, engine.weight_bytes(),
+                         backend=engine.backend_name())
     store = safe_store_for(config)
     payload_dtype = config.payload_dtype or dtype.name
     encoder = CachedEncoder(
@@ -109,6 +112,9 @@ def _check(config: EncoderConfig) -> None:
     if config.payload_dtype not in ("", *DTYPES):
         raise ValueError(f"payload_dtype {config.payload_dtype!r} is not one of {', '.join(DTYPES)}")
     check_quantize(config.quantize)
+    check_backend(config.encoder_backend)
+    if config.encoder_backend == "openvino":
+        import_openvino()  # a missing package fails here, naming the setting and the install command
     if min(config.cache_ttl_s, config.image_ttl_s) < 1:
         raise ValueError("cache_ttl_s and image_ttl_s must be at least 1 second")
     _batch_limits(config)
