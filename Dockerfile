@@ -30,8 +30,8 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_VERSION=2.13.0
 RUN TORCH_INDEX="${TORCH_INDEX}" TORCH_VERSION="${TORCH_VERSION}" sh docker/install.sh model /opt/venv
 
-# ---- runtime: no compiler, no pip cache, a fixed non-root user; the venv is read-only to it
-FROM ${PYTHON_IMAGE} AS runtime
+# ---- runtime: no pip cache, a fixed non-root user; the venv is read-only to it
+FROM ${PYTHON_IMAGE} AS runtime-base
 RUN useradd --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin vlsplit
 ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -43,6 +43,8 @@ ENV PATH=/opt/venv/bin:${PATH} \
     VLSPLIT_METRICS_PORT=9100 \
     VLSPLIT_LOG_JSON=true
 WORKDIR /tmp
+
+FROM runtime-base AS runtime
 USER 10001:10001
 
 FROM runtime AS gateway
@@ -52,7 +54,12 @@ EXPOSE 50051 8080 9100
 HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 CMD ["vlsplit", "health", "localhost:50051"]
 ENTRYPOINT ["vlsplit", "serve", "gateway"]
 
-FROM runtime AS model-runtime
+# The model images carry a C++ compiler: torch.compile builds the decoder's paged decode attention kernel
+# at start (VLSPLIT_DECODE_ATTENTION=auto; without a compiler the decoder gathers each row's context instead).
+FROM runtime-base AS model-runtime
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+USER 10001:10001
 COPY --from=model-build /opt/venv /opt/venv
 # auto: bfloat16 on CPUs/GPUs with native bf16, else float32 (the services' default, stated here for `docker inspect`)
 ENV VLSPLIT_MODEL=/models VLSPLIT_DTYPE=auto

@@ -118,12 +118,18 @@ class EngineConfig:
     # "int8": the decoder layers' linear weights int8 at load (per output channel, symmetric; the embedding and
     # LM head stay as loaded); few-row calls (decode) on an int8 kernel, larger ones on weights dequantized per call.
     quantize: str = "off"
+    # Decode rows (one new token each, sharing no prefix with other rows): "paged" attends all of them in one
+    # flex_attention call over the KV pool in place (compiled at load: a C++ compiler on CPU); "gather" copies
+    # each row's context and runs SDPA per row; "auto" = paged where it compiles. Engines built in code gather
+    # (no compile); the decoder server defaults to auto.
+    decode_attention: str = "gather"
 
 
 @dataclass(frozen=True)
 class DecoderConfig(ServerConfig, EngineConfig):
     model: str = ""
     dtype: str = "auto"  # as the encoder's: bfloat16 where native, else float32
+    decode_attention: str = "auto"
     device: str = "cpu"
     torch_threads: int = 0  # torch intra-op threads; 0 = every CPU this process may use (affinity, cgroup quota)
     default_max_new_tokens: int = 64

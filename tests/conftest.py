@@ -10,6 +10,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The equivalence oracle is float32 on both sides: every service a test starts serves float32 unless the
 # test says otherwise (the default, `auto`, would pick bfloat16 on CPUs with AMX / AVX-512 BF16).
 os.environ["VLSPLIT_DTYPE"] = "float32"
+# Decoder servers gather each decode row's context (no kernel compile per test server); the paged kernel has its
+# own tests (test_paged_attention.py), servers included.
+os.environ.setdefault("VLSPLIT_DECODE_ATTENTION", "gather")
 
 import pytest
 from PIL import Image

@@ -4,7 +4,10 @@ A step packs every scheduled sequence's new tokens into one [1, N] batch (no pad
 projections and MLPs). Each layer's attention module calls `paged_attention`, which writes the new
 keys and values into the pool and attends each sequence's queries to its own context:
 
-- a sequence alone (a prefill chunk, or a decode row sharing nothing): its context's slots are
+- decode rows (one new token each) that share nothing, with the paged kernel on (`decode_attention`
+  "paged", or "auto" where it compiles): all of them in ONE `flex_attention` call over the pool in
+  place, its block mask built from their block tables (paged_kernel.py) — no context is copied;
+- a sequence alone (a prefill chunk, or a decode row under "gather"): its context's slots are
   gathered and run through transformers' own SDPA attention, exactly as the monolithic model does;
 - rows sharing a cached prefix (AskMany's questions, Classify's labels, clients asking about the
   same image), each with a few queries: the cascade. The shared prefix's K/V are read once and
@@ -21,6 +24,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .kv_pool import KVPool
+from .paged_kernel import PagedRows, paged_decode
 
 NAME = "vlsplit_paged"
 CASCADE_MAX_QUERIES = 32  # rows with more new tokens than this are attended alone (SDPA)
@@ -66,6 +70,7 @@ class StepAttention:
     slots: torch.Tensor  # [N] where the packed new tokens' K/V go
     alone: list[Alone] = field(default_factory=list)
     cascades: list[Cascade] = field(default_factory=list)
+    paged: PagedRows | None = None
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, vlsplit: StepAttention | None = None,
@@ -78,6 +83,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, vls
         k, v = step.pool.gather(layer, row.slots)
         o, _ = sdpa_attention_forward(module, query[:, :, row.q0:row.q1], k[None], v[None], row.mask, scaling=scaling)
         out[row.q0:row.q1] = o[0]
+    if step.paged is not None:
+        out[step.paged.queries] = paged_decode(query[0], step.pool, layer, step.paged, scaling)
     for group in step.cascades:
         grid = _cascade(query[0], step.pool, layer, group, scaling)
         out.index_copy_(0, group.targets, grid.flatten(0, 1).index_select(0, group.picks))

@@ -94,7 +94,8 @@ class DecoderEngine:
         text = self.checkpoint.config.text_config
         self.max_len = min(self.config.max_model_len or text.max_position_embeddings, text.max_position_embeddings)
         self.runner = ModelRunner(self.checkpoint, dtype, self.device, self.config.kv_cache_bytes, self.config.block_size,
-                                  packed_linear=self.config.packed_linear, quantize=self.config.quantize)
+                                  packed_linear=self.config.packed_linear, quantize=self.config.quantize,
+                                  decode_attention=self.config.decode_attention)
         self.merge_size: int = self.checkpoint.config.vision_config.spatial_merge_size
         self.prompts = PromptBuilder.from_pretrained(self.checkpoint.path, self.merge_size)
         self.eos_ids = _eos_ids(self.checkpoint.path, self.prompts.tokenizer)

@@ -14,6 +14,7 @@ class KVPool:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device):
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.slots = num_blocks * block_size
         # torch.empty: pages are committed as blocks are first written, not up front.
         self.kv = torch.empty(layers, 2, kv_heads, num_blocks * block_size, head_dim, dtype=dtype, device=device)
 

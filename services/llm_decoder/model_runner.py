@@ -20,10 +20,12 @@ from shared.errors import CheckpointError
 from shared.families.base import LM_HEAD
 from shared.quantize import check_quantize, quantize_linears, resident_bytes
 
-from . import attention
+from shared.packed_linear import MODES, PackedLinear, can_pack, pack_linears
+
+from . import attention, paged_kernel
 from .attention import Alone, Cascade, StepAttention
 from .kv_pool import KVPool
-from shared.packed_linear import MODES, PackedLinear, can_pack, pack_linears
+from .paged_kernel import PagedPlanner
 from .sequence import Sequence
 
 
@@ -47,7 +49,7 @@ class Chunk:
 
 class ModelRunner:
     def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, kv_cache_bytes: int,
-                 block_size: int, packed_linear: str = "all", quantize: str = "off"):
+                 block_size: int, packed_linear: str = "all", quantize: str = "off", decode_attention: str = "gather"):
         self.checkpoint, self.dtype, self.device = checkpoint, dtype, device
         self.config = checkpoint.config.text_config
         self.text_model, self.lm_head = self._load()
@@ -74,6 +76,10 @@ class ModelRunner:
         self.pool = KVPool(layers, kv_heads, head_dim, num_blocks, block_size, dtype, device)
         self.block_size = block_size
         self.heads = heads
+        # decode rows over the pool in place (paged_kernel.py), compiled now; or each row's context gathered
+        self.paged_decode, self.decode_attention = paged_kernel.resolve(decode_attention, self.pool, heads, head_dim,
+                                                                        device)
+        self.paged_planner = PagedPlanner(self.pool, device)
 
     def _load(self) -> tuple[nn.Module, nn.Linear]:
         config, checkpoint = self.config, self.checkpoint
@@ -184,9 +190,17 @@ class ModelRunner:
             if shared and len(members) > 1:
                 self._add_cascades(step, [chunks[i] for i in members], [offsets[i] for i in members], shared)
                 in_cascade.update(members)
+        paged = []
         for i, c in enumerate(chunks):
-            if i not in in_cascade:
+            if i in in_cascade:
+                continue
+            if self.paged_decode and c.n == 1:
+                paged.append(i)
+            else:
                 step.alone.append(Alone.of(offsets[i], c.n, c.start, c.seq.slots(0, c.end).to(self.device)))
+        if paged:
+            step.paged = self.paged_planner.plan([offsets[i] for i in paged], [chunks[i].seq.block_table for i in paged],
+                                                 [chunks[i].end for i in paged])
         return step
 
     def _shared_blocks(self, chunks: list[Chunk]) -> int:

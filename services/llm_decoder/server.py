@@ -26,6 +26,7 @@ from shared.server import Service, run
 from vlsplit.v1 import llm_decoder_pb2, llm_decoder_pb2_grpc
 
 from .engine import DecoderEngine, GenerationRequest
+from .paged_kernel import check_decode_attention
 from .servicer import LLMDecoderServicer
 
 log = logging.getLogger("vlsplit.decoder")
@@ -58,7 +59,8 @@ def load_engine(config: DecoderConfig) -> tuple[DecoderEngine, Runtime]:
     threads = set_torch_threads(config.torch_threads)
     engine = DecoderEngine(config.model, dtype=DTYPES[dtype.name], device=config.device,
                            config=engine_config(config))
-    runtime = Runtime.of(dtype, threads, config.device, config.quantize, engine.runner.weight_bytes())
+    runtime = Runtime.of(dtype, threads, config.device, config.quantize, engine.runner.weight_bytes(),
+                         backend=f"torch, decode attention {engine.runner.decode_attention}")
     loaded = time.perf_counter()
     for _ in engine.generate(WARMUP):
         pass
@@ -83,6 +85,7 @@ def _check(config: DecoderConfig) -> None:
         raise ValueError("the decoder needs a checkpoint: --model DIR or VLSPLIT_MODEL")
     check_dtype(config.dtype)
     check_quantize(config.quantize)
+    check_decode_attention(config.decode_attention)
     if config.max_step_tokens < config.max_batch:
         raise ValueError(f"max_step_tokens {config.max_step_tokens} must be >= max_batch {config.max_batch} "
                          "(every running sequence decodes one token a step)")
