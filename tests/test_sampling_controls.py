@@ -146,3 +146,24 @@ def test_bad_response_formats_are_refused_before_running(tiny_model):
         prepare(ResponseFormat(choices=("a", "a")))
     with pytest.raises(TooLarge, match="VLSPLIT_MAX_LABELS"):
         prepare(ResponseFormat(choices=tuple(f"c{i}" for i in range(decoder.config.max_labels + 1))))
+
+
+def test_masks_filled_during_the_forward_equal_masks_filled_after_it(tiny_model):
+    """The engine starts each step's grammar masks before its forward (GrammarMask.prefetch); apply
+    takes them only for the same matchers, else fills them itself: both give the same masked logits."""
+    from services.llm_decoder.grammar import GrammarMask
+
+    decoder = engines(tiny_model)[1]
+    vocab = decoder.runner.lm_head.out_features
+    fmt = ResponseFormat(json_schema=json.dumps(SCHEMA))
+    matchers = [decoder.intake.grammars.matcher(fmt), None, decoder.intake.grammars.matcher(fmt)]
+    assert matchers[2].consume_token(decoder.prompts.tokenizer.encode("{")[0])  # two different states
+    logits = torch.randn(3, vocab)
+    want = GrammarMask().apply(logits, matchers)
+    mask = GrammarMask()
+    mask.prefetch(matchers, vocab)
+    assert mask._pending is not None
+    torch.testing.assert_close(mask.apply(logits, matchers), want, rtol=0, atol=0)
+    mask.prefetch(matchers[:1], vocab)  # prefetched for other rows than apply is given: not used
+    torch.testing.assert_close(mask.apply(logits, matchers), want, rtol=0, atol=0)
+    assert torch.isinf(want[0]).any() and not torch.isinf(want[1]).any() and not torch.equal(want[0], want[2])

@@ -223,6 +223,7 @@ class DecoderEngine:
             return None
         self.stats.peak_blocks = max(self.stats.peak_blocks, self.blocks.referenced)
         self.stats.peak_committed = max(self.stats.peak_committed, self.blocks.referenced + self.blocks.promised)
+        self._prefetch_masks(chunks)
         try:
             logits = self.runner.run(chunks)
         except Exception as exc:  # noqa: BLE001 - a bug must not wedge every request: fail this step's
@@ -234,6 +235,13 @@ class DecoderEngine:
             self.scheduler.computed(chunk)
         self._outputs(chunks, logits)
         return self._record(chunks, time.perf_counter() - start)
+
+    def _prefetch_masks(self, chunks: list[Chunk]) -> None:
+        """Constrained rows to be sampled this step: their grammar masks are filled during the forward."""
+        rows = [c.seq.request.samplers[c.seq.index].matcher for c in chunks
+                if c.wants_logits and isinstance(c.seq.request, GenerateRequest)]
+        if any(m is not None for m in rows):
+            self.grammar_mask.prefetch(rows, self.runner.lm_head.out_features)
 
     def _outputs(self, chunks: list[Chunk], logits: list[torch.Tensor | None]) -> None:
         ready = [(c.seq, x) for c, x in zip(chunks, logits) if x is not None]

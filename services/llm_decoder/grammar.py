@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import llguidance
 import llguidance.hf
@@ -77,10 +78,27 @@ class GrammarCompiler:
 
 
 class GrammarMask:
-    """The masks of one step's constrained rows, computed in parallel."""
+    """The masks of one step's constrained rows, computed in parallel — and, when the engine says
+    which rows will be sampled (`prefetch`), while the step's forward runs: llguidance releases the
+    GIL, so the mask costs the step nothing but the masked_fill."""
 
     def __init__(self):
         self.executor = llguidance.LLExecutor()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+        self._pending: tuple[list[int], Future] | None = None  # (ids of its matchers, bitmask being filled)
+
+    def prefetch(self, matchers: list[llguidance.LLMatcher | None], vocab: int) -> None:
+        """Start filling the next-token masks of these rows (the matchers' states must not change before
+        `apply`); a later `apply` for the same matchers takes the result."""
+        constrained = [m for m in matchers if m is not None]
+        self._pending = None
+        if constrained:
+            self._pending = ([id(m) for m in constrained], self._thread.submit(self._fill, constrained, vocab))
+
+    def _fill(self, matchers: list[llguidance.LLMatcher], vocab: int) -> np.ndarray:
+        bitmask = llguidance.numpy.allocate_token_bitmask(len(matchers), vocab)  # [rows, vocab / 32] int32
+        llguidance.numpy.fill_next_token_bitmask_par(self.executor, [(m, k) for k, m in enumerate(matchers)], bitmask)
+        return bitmask
 
     def apply(self, logits: torch.Tensor, matchers: list[llguidance.LLMatcher | None]) -> torch.Tensor:
         """logits [R, vocab] -> the same with every token a row's grammar forbids at -inf."""
@@ -88,9 +106,11 @@ class GrammarMask:
         if not rows:
             return logits
         vocab = logits.shape[1]
-        bitmask = llguidance.numpy.allocate_token_bitmask(len(rows), vocab)  # [rows, vocab / 32] int32
-        llguidance.numpy.fill_next_token_bitmask_par(self.executor, [(matchers[r], k) for k, r in enumerate(rows)],
-                                                     bitmask)
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == [id(matchers[r]) for r in rows]:
+            bitmask = pending[1].result()
+        else:
+            bitmask = self._fill([matchers[r] for r in rows], vocab)
         bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab]  # [rows, vocab] 0/1
         forbidden = torch.from_numpy(np.ascontiguousarray(bits)).view(torch.bool).logical_not().to(logits.device)
         out = logits.clone()  # the raw logits stay as they are (logprobs are reported from them)

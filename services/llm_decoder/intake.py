@@ -149,8 +149,8 @@ class Intake:
 
     def _prompt(self, messages: list[Message], grids, keys, embeddings, deepstack) -> Prompt:
         inputs = self.prompts(messages, grids)
-        ids, mm = inputs.input_ids.tolist(), inputs.mm_token_type_ids
-        positions, _ = mrope_positions(mm, grids, self.merge_size)
+        ids, mm = inputs.input_ids.tolist(), inputs.mm_token_type_ids.tolist()  # lists: indexed per token below
+        positions, _ = mrope_positions(inputs.mm_token_type_ids, grids, self.merge_size)
         spans, row = [], 0
         starts = [i for i in range(len(ids)) if mm[i] and (i == 0 or not mm[i - 1])]
         for start, grid, key in zip(starts, grids, keys):
