@@ -7,6 +7,8 @@
 Both servers get the same images and questions, greedy decoding, at most 32 new tokens per answer:
   W1 cold TTFT: first token of a question about a new 1024x1024 image (streamed).
   W2 warm TTFT: a new question about the image of W1.
+  P  prefill: first token of a new text-only prompt of about 1,400 tokens (as long as W1's image
+     prompt): the decoder's prefill alone, no tower, nothing cached.
   W3 8 sequential questions about a new image (the first one pays the encode), total time.
   W4 8 questions at once about a new image: vLLM 8 concurrent requests; vlsplit AskMany, and 8
      concurrent Asks.
@@ -137,6 +139,16 @@ class VLLM:
                 first = time.perf_counter() - start
         return first if first is not None else time.perf_counter() - start
 
+    def text_ttft(self, text: str) -> float:
+        start = time.perf_counter()
+        stream = self.client.chat.completions.create(model="bench", messages=[{"role": "user", "content": text}],
+                                                     max_tokens=2, temperature=0, stream=True)
+        first = None
+        for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - start
+        return first if first is not None else time.perf_counter() - start
+
     def ask(self, image: bytes, question: str) -> int:
         reply = self.client.chat.completions.create(model="bench", messages=self._messages(image, question),
                                                     max_tokens=MAX_NEW_TOKENS, temperature=0)
@@ -196,6 +208,15 @@ class Vlsplit:
                 first = time.perf_counter() - start
         return first if first is not None else time.perf_counter() - start
 
+    def text_ttft(self, text: str) -> float:
+        request = self.pb.ChatRequest(messages=[self.pb.ChatTurn(role="user", content=[self.pb.ChatTurnPart(text=text)])],
+                                      sampling=self.common.SamplingParams(max_new_tokens=2))
+        start = time.perf_counter()
+        for reply in self.stub.ChatStream(request, timeout=1800):
+            if reply.token_ids:
+                return time.perf_counter() - start
+        return time.perf_counter() - start
+
     def ask(self, image: bytes, question: str) -> int:
         return len(self.stub.Ask(self._request(image, question), timeout=1800).token_ids)
 
@@ -215,6 +236,21 @@ class Vlsplit:
 
 
 # ---------------------------------------------------------------------------------- workloads
+
+WORDS = ("the of and a to in is you that it he was for on are as with his they at be this have from or one had by "
+         "word but not what all were we when your can said there use an each which she do how their if will up other "
+         "about out many then them these so some her would make like him into time has look two more write go see "
+         "number no way could people my than first water been call who oil its now find long down day did get come "
+         "made may part").split()
+
+
+def long_text(seed: int, words: int = 1380) -> str:
+    """About `words` tokens of common words (one token each), different for every seed."""
+    import random
+
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
 
 def timed(fn, *args) -> tuple[float, object]:
     start = time.perf_counter()
@@ -240,6 +276,7 @@ def run_workloads(server, rounds: int, seeds: Seeds) -> dict[str, list[float]]:
         image = photo(1024, 1024, seed=seeds())
         note("W1 cold TTFT s", server.ttft(image, QUESTIONS[0]))
         note("W2 warm TTFT s", server.ttft(image, QUESTIONS[1]))
+        note("P prefill 1.4k tokens s", server.text_ttft(long_text(seeds())))
         image = photo(1024, 1024, seed=seeds())
         secs, n = timed(lambda: sum(server.ask(image, q) for q in QUESTIONS))
         note("W3 8 sequential s", secs, n)
