@@ -146,3 +146,27 @@ def test_missing_openvino_names_the_setting_and_the_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
     with pytest.raises(ValueError, match=r"VLSPLIT_ENCODER_BACKEND=openvino.*pip install"):
         import_openvino()
+
+
+def test_encoder_server_serves_openvino_payloads(tiny_models, engines, tmp_path):
+    """End to end, one family: `vlsplit serve encoder --backend openvino`, its payloads and GetModelInfo."""
+    import grpc
+
+    from procs import Service
+    from shared.codec import decode_payload
+    from vlsplit.v1 import common_pb2, vision_encoder_pb2 as pb, vision_encoder_pb2_grpc
+
+    service = Service("encoder", "--model", tiny_models["qwen3_vl"], "--redis", "memory", "--backend", "openvino",
+                      log_dir=tmp_path, env={"VLSPLIT_OPENVINO_CACHE_DIR": str(tmp_path / "ir")}).start()
+    try:
+        with grpc.insecure_channel(service.address) as channel:
+            stub = vision_encoder_pb2_grpc.VisionEncoderStub(channel)
+            info = stub.GetModelInfo(common_pb2.ModelInfoRequest(), timeout=30)
+            data = make_image(120, 90, seed=77)
+            first, *chunks = list(stub.Encode(pb.EncodeRequest(image=data), timeout=60))
+    finally:
+        service.kill()
+    assert info.backend.startswith("openvino 20") and info.quantize == "off" and info.weight_bytes > 0
+    remote = decode_payload(b"".join(m.chunk for m in chunks))
+    assert first.info.n_tokens == remote.n_tokens and len(remote.deepstack) == 3
+    assert_close(engines["qwen3_vl"][0].encode([load_image(data)]), [remote])
