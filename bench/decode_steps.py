@@ -11,7 +11,8 @@ row attends alone (paged or gathered). A step's time is taken from the engine's 
 over the steps that decoded all N rows and prefilled nothing (median). A variant is `+`-joined
 parts: a `packed_linear` mode (off, head, all: the decoder's weight layout on CPU; default all),
 `int8` (int8 weights, `--quantize int8`), `gather` (decode rows gather their context, instead of the
-server default `auto`: the paged kernel). Each gets its own engine in the same run and the rounds
+server default `auto`: the paged kernel), `nomv` (one-row bf16 calls on oneDNN's packed GEMV instead
+of `torch.mv`). Each gets its own engine in the same run and the rounds
 alternate between them, so a noisy machine affects every column alike.
 
 The floor: a decode step must read every weight it multiplies once (the layers' matrices and the
@@ -85,8 +86,15 @@ def engine_for(model: Path, dtype, variant: str):
 
     parts = set(variant.split("+"))
     packed = next((p for p in parts if p in ("off", "head", "all")), "all")
-    return DecoderEngine(model, dtype=dtype, quantize="int8" if "int8" in parts else "off", packed_linear=packed,
-                         decode_attention="gather" if "gather" in parts else "auto")
+    engine = DecoderEngine(model, dtype=dtype, quantize="int8" if "int8" in parts else "off", packed_linear=packed,
+                           decode_attention="gather" if "gather" in parts else "auto")
+    if "nomv" in parts:  # one-row calls on the packed GEMV instead of torch.mv (shared/packed_linear.py)
+        from shared.packed_linear import PackedLinear
+
+        for module in [*engine.runner.text_model.modules(), engine.runner.lm_head]:
+            if isinstance(module, PackedLinear):
+                module.mv_one_row = False
+    return engine
 
 
 def main() -> None:
@@ -97,7 +105,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--new-tokens", type=int, default=17)
     parser.add_argument("--variants", default="all,int8",
-                        help="comma-separated; each a +-joined packed_linear mode (off, head, all), int8, gather")
+                        help="comma-separated; each a +-joined packed_linear mode (off, head, all), int8, gather, nomv")
     parser.add_argument("--prompts", choices=("shared", "distinct"), default="shared")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()

@@ -10,7 +10,9 @@ emits for frozen linears. For many rows (a prefill chunk) it is the other way ro
 kernel is 10-25 % faster from a few hundred rows on. So a layer keeps both copies and picks per
 call by row count (`DENSE_FROM_ROWS`); that costs one more copy of its weights in memory, which
 `packed_linear = "head"` avoids (only the LM head, which multiplies one row per sequence, is packed;
-a tied head keeps its dense rows anyway for the embedding lookup).
+a tied head keeps its dense rows anyway for the embedding lookup, and shares them here). In bf16, a
+call of exactly one row goes to `torch.mv` on the dense weight where one is kept: when the weights
+stream from memory (a real decode step), it reads them faster than the packed GEMV on AMX.
 
 Results differ from the dense kernel only in summation order (max |diff| ~5e-6 in fp32), as any
 change of batch shape already does; the equivalence suite checks greedy tokens stay identical.
@@ -47,10 +49,17 @@ class PackedLinear(nn.Module):
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None))
         self.register_buffer("dense", weight.detach() if dense else None)
         self.bias = None if bias is None else bias.detach()
+        # One-row calls (a decode step of one sequence) of a bf16 weight kept dense go to torch.mv: it streams
+        # the weight from memory faster than oneDNN's packed GEMV on AMX (bench/decode_steps.py, variant "nomv").
+        self.mv_one_row = self.dense is not None and weight.dtype == torch.bfloat16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense is not None and x.numel() >= DENSE_FROM_ROWS * self.in_features:
             return nn.functional.linear(x, self.dense, self.bias)
+        if self.mv_one_row and x.numel() == self.in_features:  # one row, bf16: the matrix-vector kernel
+            flat = x.reshape(-1)
+            out = torch.mv(self.dense, flat) if self.bias is None else torch.addmv(self.bias, self.dense, flat)
+            return out.view(*x.shape[:-1], self.out_features)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.activation[0], [], self.activation[1])
 
     def extra_repr(self) -> str:

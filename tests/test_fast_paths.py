@@ -44,6 +44,25 @@ def test_packed_linear_equals_dense(rows):
         assert torch.equal(both(x), packed_only(x))
 
 
+@pytest.mark.skipif(not can_pack(torch.bfloat16, torch.device("cpu")), reason="oneDNN packs no bf16 weights here")
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_bf16_row_takes_the_matrix_vector_kernel(bias):
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(96, 64, generator=gen).bfloat16()
+    b = torch.randn(96, generator=gen).bfloat16() if bias else None
+    both, packed_only = PackedLinear(weight, b, dense=True), PackedLinear(weight, b)
+    assert both.mv_one_row and not packed_only.mv_one_row  # mv needs the dense weight
+    assert not PackedLinear(weight.float(), None, dense=True).mv_one_row  # float32 keeps the packed kernel
+    x = torch.randn(1, 1, 64, generator=gen).bfloat16()
+    expected = torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float())
+    got = both(x)
+    assert got.shape == (1, 1, 96) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, packed_only(x), rtol=2e-2, atol=2e-2)
+    rows = torch.randn(1, 3, 64, generator=gen).bfloat16()  # more rows: the packed kernel, as before
+    assert torch.equal(both(rows), packed_only(rows))
+
+
 def generate(decoder: DecoderEngine, path: str, width: int, height: int) -> list[int]:
     encoder = VisionEngine(path)
     images = [load_image(make_image(width, height, seed=3))]
