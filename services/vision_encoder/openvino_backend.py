@@ -220,7 +220,10 @@ def convert(tower: nn.Module, compress: str):
     graph = TowerGraph(tower).eval()
     with torch.inference_mode(False), torch.no_grad():
         model = ov.convert_model(graph, example_input=example)
-    for port, name in zip(model.inputs, [n for n in INPUTS if n in example]):  # the ports follow forward's order
+    names = [n for n in INPUTS if n in example]
+    if len(model.inputs) != len(names):
+        raise RuntimeError(f"the converted tower has {len(model.inputs)} inputs, TowerGraph was given {names}")
+    for port, name in zip(model.inputs, names):  # the ports follow forward's order
         port.get_tensor().set_names({name})
     if compress == "int8":
         import nncf
