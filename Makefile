@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: all setup test test-slow demo bench-load bench-ask bench-many bench-decode bench-tower bench-openvino bench-quantize bench-grammar bench-peer peer-setup protos clean
+.PHONY: all setup test test-slow demo bench-load bench-ask bench-many bench-decode bench-prefill bench-tower bench-openvino bench-quantize bench-grammar bench-peer peer-setup protos clean
 
 all: test
 
@@ -56,6 +56,10 @@ bench-many: setup
 
 bench-decode: setup
 	$(BIN)/python bench/decode_steps.py
+
+# The image prompt's prefill at several chunk sizes vs the monolithic forward (vLLM's: bench-peer, workload P).
+bench-prefill: setup
+	$(BIN)/python bench/prefill.py
 
 # The vision tower's levers one at a time (bench/tower.py), and int8's memory and accuracy (bench/quantize.py).
 bench-tower: setup
