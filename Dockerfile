@@ -55,10 +55,12 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 CMD ["vls
 ENTRYPOINT ["vlsplit", "serve", "gateway"]
 
 # The model images carry a C++ compiler: torch.compile builds the decoder's paged decode attention kernel
-# at start (VLSPLIT_DECODE_ATTENTION=auto; without a compiler the decoder gathers each row's context instead).
+# at start (VLSPLIT_DECODE_ATTENTION=auto; without a compiler the decoder gathers each row's context instead);
+# and tcmalloc, which the services run under (VLSPLIT_ALLOCATOR=auto, shared/allocator.py).
 FROM runtime-base AS model-runtime
 # hadolint ignore=DL3008
-RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends g++ libtcmalloc-minimal4 \
+    && rm -rf /var/lib/apt/lists/*
 USER 10001:10001
 COPY --from=model-build /opt/venv /opt/venv
 # auto: bfloat16 on CPUs/GPUs with native bf16, else float32 (the services' default, stated here for `docker inspect`)

@@ -37,6 +37,10 @@ class ServerConfig:
     # A plaintext port serving only gRPC health, for probes that cannot speak TLS (Kubernetes' grpc
     # probe); -1 = off, 0 = pick a free one.
     health_port: int = -1
+    # Encoder and decoder: the malloc they run with (shared/allocator.py): auto = tcmalloc where installed, else
+    # glibc with its mmap/trim thresholds raised (a forward's large tensors then cost no page faults); tcmalloc,
+    # glibc, or system (as started).
+    allocator: str = "auto"
     # Calls handled at once (health watches and probes on the main port count too: use health_port for
     # probes); one more is refused by gRPC with RESOURCE_EXHAUSTED. 0 = unlimited.
     max_concurrent_rpcs: int = 1024
@@ -123,6 +127,9 @@ class EngineConfig:
     # each row's context and runs SDPA per row; "auto" = paged where it compiles. Engines built in code gather
     # (no compile); the decoder server defaults to auto.
     decode_attention: str = "gather"
+    # A step running longer than this turns health NOT_SERVING (Kubernetes restarts the pod); 0 = never. A step
+    # is one forward of at most max_step_tokens tokens: seconds on a CPU, so the default leaves wide room.
+    step_stall_s: float = 300.0
 
 
 @dataclass(frozen=True)

@@ -165,5 +165,7 @@ class Runtime:
 
     def log_fields(self) -> dict:
         """The same, for the start-up log: weights in MiB, no empty backend."""
+        from .allocator import applied
+
         fields = {k: v for k, v in self.info_fields().items() if k != "weight_bytes" and v != ""}
-        return {**fields, "weight_mib": round(self.weight_bytes / (1 << 20), 1)}
+        return {**fields, "weight_mib": round(self.weight_bytes / (1 << 20), 1), "allocator": applied()}

@@ -6,9 +6,10 @@ sgemm on a plain [out, in] weight) is poorly blocked for that shape: on a 2-core
 151,936 x 1,536 head takes 50 ms for one row and 208 ms for eight, against 39 and 58 ms with the
 weight reordered once into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`) and
 multiplied with `torch.ops.mkldnn._linear_pointwise`, the kernel pair torch.compile's CPU backend
-emits for frozen linears. For many rows (a prefill chunk) it is the other way round: the dense
-kernel is 10-25 % faster from a few hundred rows on. So a layer keeps both copies and picks per
-call by row count (`DENSE_FROM_ROWS`); that costs one more copy of its weights in memory, which
+emits for frozen linears. For many rows (a prefill chunk) it is the other way round in float32: the
+dense kernel is 10-25 % faster from a few hundred rows on. So a layer keeps both copies and picks per
+call by row count (`DENSE_FROM_ROWS`; in bf16 on AMX the packed kernel is as fast or faster at every
+row count, and bit-identical, so bf16 calls of two rows or more always take it); that costs one more copy of its weights in memory, which
 `packed_linear = "head"` avoids (only the LM head, which multiplies one row per sequence, is packed;
 a tied head keeps its dense rows anyway for the embedding lookup, and shares them here). In bf16, a
 call of exactly one row goes to `torch.mv` on the dense weight where one is kept: when the weights
@@ -52,9 +53,12 @@ class PackedLinear(nn.Module):
         # One-row calls (a decode step of one sequence) of a bf16 weight kept dense go to torch.mv: it streams
         # the weight from memory faster than oneDNN's packed GEMV on AMX (bench/decode_steps.py, variant "nomv").
         self.mv_one_row = self.dense is not None and weight.dtype == torch.bfloat16
+        # Many-row calls (prefill chunks) on the dense weight: faster in float32 (MKL), but not in bf16 on AMX, where
+        # the packed kernel is as fast or faster (the 8,960 x 1,536 MLP projections at 1,405 rows: 25 vs 34-42 ms)
+        self.dense_for_many_rows = self.dense is not None and weight.dtype != torch.bfloat16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is not None and x.numel() >= DENSE_FROM_ROWS * self.in_features:
+        if self.dense_for_many_rows and x.numel() >= DENSE_FROM_ROWS * self.in_features:
             return nn.functional.linear(x, self.dense, self.bias)
         if self.mv_one_row and x.numel() == self.in_features:  # one row, bf16: the matrix-vector kernel
             flat = x.reshape(-1)

@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port-file", help="write the bound ports here as JSON once serving")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help=DTYPE_HELP)
     p.add_argument("--quantize", choices=QUANTIZE, help=QUANTIZE_HELP + " (encoder, decoder)")
+    p.add_argument("--allocator", choices=("auto", "tcmalloc", "glibc", "system"),
+                   help="malloc of the encoder/decoder process (default auto: tcmalloc where installed, else glibc "
+                        "with raised mmap/trim thresholds)")
     p.add_argument("--backend", dest="encoder_backend", choices=BACKENDS,
                    help="the tower's runtime (encoder): torch (default, the exact reference) or openvino "
                         "(converted at first start, cached; pip install openvino nncf)")
@@ -191,7 +194,12 @@ def _serve(args) -> int:
                    and k not in ("service", "func")]
     if unsupported:
         raise ValueError(f"{args.service} does not take --{unsupported[0].replace('_', '-')}")
-    importlib.import_module(module_name).main(config.load(config_cls, overrides))
+    settings = config.load(config_cls, overrides)
+    if args.service in ("encoder", "decoder"):  # before torch is imported: restarts this process once
+        from shared import allocator
+
+        allocator.reexec(settings.allocator)
+    importlib.import_module(module_name).main(settings)
     return 0
 
 
