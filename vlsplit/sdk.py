@@ -251,7 +251,9 @@ class _Options:
 
     def retrying(self, kind: Callable[..., T]) -> T:
         """A tenacity Retrying / AsyncRetrying for this client's policy, within the call's deadline."""
-        return kind(stop=tenacity.stop_after_attempt(self.retry.attempts) | tenacity.stop_after_delay(self.timeout),
+        # stop_before_delay: no attempt starts after the wait would use up the deadline, so the client sees the
+        # last real error (UNAVAILABLE: nothing listening), not a DEADLINE_EXCEEDED of an attempt given no time
+        return kind(stop=tenacity.stop_after_attempt(self.retry.attempts) | tenacity.stop_before_delay(self.timeout),
                     wait=self._wait, retry=tenacity.retry_if_exception(_retryable), reraise=True)
 
     def deadline(self) -> Callable[[], float]:
