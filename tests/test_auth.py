@@ -20,7 +20,7 @@ from reference import reference_tokens
 from services.gateway.auth import new_token
 from shared.images import load_image
 from stack import ask_request
-from vlsplit.v1 import gateway_pb2, gateway_pb2_grpc
+from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 SAMPLE = Path(__file__).resolve().parent.parent / "vlsplit" / "assets" / "sample.png"
 CLIENTS = {  # name -> (scopes, requests_per_s, images_per_day); "" = the gateway's default
@@ -181,5 +181,51 @@ def test_global_scope_shares_images_between_clients(stack, tokens):
             first = call(stub, "Ask", ask_request(image, "What is this?", max_new_tokens=2), token["alice"])
             shared = call(stub, "Ask", ask_request(first.image_id, "What is this?", max_new_tokens=2), token["bob"])
             assert code(shared) == "OK" and shared.cache == gateway_pb2.CACHE_STATUS_HIT
+    finally:
+        gateway.kill()
+
+
+def _chat(system: str, question: str) -> gateway_pb2.ChatRequest:
+    turn = lambda role, text: gateway_pb2.ChatTurn(role=role, content=[gateway_pb2.ChatTurnPart(text=text)])  # noqa: E731
+    return gateway_pb2.ChatRequest(messages=[turn("system", system), turn("user", question)],
+                                   sampling=common_pb2.SamplingParams(max_new_tokens=2))
+
+
+def _hit_tokens(decoder) -> float:
+    return decoder.metric("vlsplit_kv_cache_hit_tokens_total")
+
+
+def test_tenants_share_no_prefix_in_the_decoder(stack, tokens):
+    """CACHE_SCOPE=tenant reaches the decoder's prefix cache: bob sending alice's long system prompt
+    reuses none of its KV (he prefills all of it, so its timing tells him nothing), alice's next
+    question reuses it."""
+    token, _, _ = tokens
+    stub, decoder = stack["stub"], stack["decoder"]
+    system = "You are the moderation assistant of tenant A. " + " ".join(f"Rule {i}: be careful." for i in range(40))
+    assert code(call(stub, "Chat", _chat(system, "First question?"), token["alice"])) == "OK"
+    before = _hit_tokens(decoder)
+    assert code(call(stub, "Chat", _chat(system, "Second question?"), token["bob"])) == "OK"
+    # nothing of alice's ~280 tokens was reused for bob (at most the template's opening tokens that his own
+    # earlier prompts share with it: "<|im_start|>system\nYou are")
+    assert _hit_tokens(decoder) - before < 16
+    assert code(call(stub, "Chat", _chat(system, "Third question?"), token["alice"])) == "OK"
+    assert _hit_tokens(decoder) - before >= 200  # alice's own system prompt: reused (>= 200 of its ~280 tokens)
+    assert code(call(stub, "Chat", _chat(system, "Fourth question?"), token["bob"])) == "OK"
+    assert _hit_tokens(decoder) - before >= 400  # and bob's own, from his first request
+
+
+def test_global_scope_shares_prefixes_in_the_decoder(stack, tokens):
+    token, _, path = tokens
+    gateway = Service("gateway", "--encoder", stack["encoder"].address, "--decoder", stack["decoder"].address,
+                      "--redis", stack["redis"].url, log_dir=stack["log_dir"],
+                      env={"VLSPLIT_AUTH_TOKENS": str(path), "VLSPLIT_CACHE_SCOPE": "global"}).start()
+    try:
+        with grpc.insecure_channel(gateway.address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            system = "Shared instructions for everyone. " + " ".join(f"Point {i} applies." for i in range(40))
+            assert code(call(stub, "Chat", _chat(system, "One?"), token["alice"])) == "OK"
+            before = _hit_tokens(stack["decoder"])
+            assert code(call(stub, "Chat", _chat(system, "Two?"), token["bob"])) == "OK"
+            assert _hit_tokens(stack["decoder"]) - before >= 200
     finally:
         gateway.kill()

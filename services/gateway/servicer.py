@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import AsyncIterator
 
@@ -92,7 +93,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise TooLarge(f"n is {n}; the limit is {self.config.max_choices} (VLSPLIT_MAX_CHOICES)")
         sampling = self._sampling(request.sampling)
         messages, sources = await conversation(request.messages, self.config, self._source)
-        header = llm_decoder_pb2.GenerateHeader(messages=messages, sampling=sampling, n=n)
+        header = llm_decoder_pb2.GenerateHeader(messages=messages, sampling=sampling, n=n, cache_salt=self._cache_salt())
         fetch = self.pipeline.fetcher(sources, timeout, route=route_key(messages))
         answers = ChatAnswers(n, [s.image_id for s in sources], start)
         async for reply in self.pipeline.call("Generate", header, fetch, timeout):
@@ -109,7 +110,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise InvalidRequest("at least one label is required")
         header = llm_decoder_pb2.GenerateHeader(batch=[
             llm_decoder_pb2.Conversation(messages=[question_message(question)], labels=labels)
-            for question, labels in checks])
+            for question, labels in checks], cache_salt=self._cache_salt())
         fetch = self.pipeline.fetcher(source, self._timeout(context))
         scores = {reply.index: reply.scores
                   async for reply in self.pipeline.call("Classify", header, fetch, self._timeout(context))}
@@ -126,7 +127,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         start = time.perf_counter()
         self._check_questions(questions)
         source = await self._source(image)
-        header = llm_decoder_pb2.GenerateHeader(sampling=self._sampling(sampling))
+        header = llm_decoder_pb2.GenerateHeader(sampling=self._sampling(sampling), cache_salt=self._cache_salt())
         if len(questions) == 1:
             header.messages.append(question_message(questions[0]))
         else:
@@ -137,6 +138,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             answer = answers[reply.index]
             answer.add(reply)
             yield reply, (answer.build(fetch) if reply.finish_reason else None)
+
+    def _cache_salt(self) -> str:
+        """The decoder's prefix-cache partition for this call's client: its own under CACHE_SCOPE=tenant
+        (auth on), so no prefix (system prompt, few-shot text) is shared or timed across clients; else ""."""
+        name = CLIENT.get().name
+        if self.config.cache_scope != "tenant" or not name:
+            return ""
+        return hashlib.blake2b(name.encode(), digest_size=16, person=b"vlsplit-salt").hexdigest()
 
     async def _source(self, image: gateway_pb2.ImageRef) -> ImageSource:
         """The request's image, validated; image bytes count against the client's daily quota."""

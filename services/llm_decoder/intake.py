@@ -21,7 +21,7 @@ from shared.errors import CorruptPayload, InvalidRequest, ModelMismatch, TooLarg
 from shared.payload import EmbeddingPayload
 from shared.processor import Message, PromptBuilder, validate_messages
 
-from .block_manager import BlockManager, Hash
+from .block_manager import BlockManager, Hash, root_hash
 from .detokenizer import Detokenizer
 from .grammar import GrammarCompiler, consume
 from .positions import mrope_positions
@@ -29,6 +29,7 @@ from .request import ClassifyRequest, GenerateRequest, NeedPayload, Request
 from .sampling import Sampler, SamplingParams
 from .sequence import ImageSpan, Prompt, Sequence
 
+MAX_SALT_CHARS = 256  # a cache_salt (the gateway sends a 32-character hash of the tenant)
 MAX_REMEMBERED_IMAGES = 100_000  # image_id -> grid entries kept for warm starts (a few MB)
 
 
@@ -51,11 +52,15 @@ class Intake:
     def prepare(self, conversations: list[list[Message]], payloads: list[EmbeddingPayload] | None,
                 sampling: SamplingParams | list[SamplingParams] = SamplingParams(),
                 image_ids: tuple[str, ...] = (), labels: list[list[str]] | None = None,
-                resume: tuple[int, ...] = ()) -> Request:
+                resume: tuple[int, ...] = (), cache_salt: str = "") -> Request:
         """A validated request. Without payloads (None, or none with image ids) the images' KV must
         be cached, else NeedPayload. `resume`: one conversation's first answer tokens, produced by
         another replica: prefilled after the prompt, counted in max_new_tokens, primed into the
-        detokenizer (its text was delivered already)."""
+        detokenizer (its text was delivered already). `cache_salt`: the prefix cache's partition (a
+        tenant): its blocks chain from a root of their own, so requests of other salts share none."""
+        if len(cache_salt) > MAX_SALT_CHARS:
+            raise TooLarge(f"cache_salt is {len(cache_salt)} characters; the limit is {MAX_SALT_CHARS}")
+        root = root_hash(self.root, cache_salt) if cache_salt else self.root
         if not payloads and image_ids:
             payloads = None
         kind = "check" if labels is not None else "conversation"
@@ -81,9 +86,9 @@ class Intake:
         if resume:
             prompts = [_resumed(prompts[0], resume)]
         if labels is not None:
-            request = self._classify_request(prompts, labels, label_ids)
+            request = self._classify_request(prompts, labels, label_ids, root)
         else:
-            request = self._generate_request(prompts, params, resume)
+            request = self._generate_request(prompts, params, root, resume)
         self._check_blocks(request)
         if payloads is None:
             self._check_cached(request)
@@ -163,16 +168,16 @@ class Intake:
         return Prompt(ids, positions, int(positions[:, -1].max()) + 1, tuple(spans), embeddings, tuple(deepstack),
                       cache_point)
 
-    def _sequence(self, prompt: Prompt, index: int, max_new_tokens: int, worst: int) -> Sequence:
-        return Sequence(prompt, self.root, self.config.block_size, max_new_tokens, index=index, worst=worst)
+    def _sequence(self, prompt: Prompt, root: Hash, index: int, max_new_tokens: int, worst: int) -> Sequence:
+        return Sequence(prompt, root, self.config.block_size, max_new_tokens, index=index, worst=worst)
 
-    def _generate_request(self, prompts: list[Prompt], params: list[SamplingParams],
+    def _generate_request(self, prompts: list[Prompt], params: list[SamplingParams], root: Hash,
                           resume: tuple[int, ...] = ()) -> GenerateRequest:
         seqs = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             self._check_length(len(prompt), p.max_new_tokens, "max_new_tokens")
             worst = -(-(len(prompt) + p.max_new_tokens) // self.config.block_size)
-            seqs.append(self._sequence(prompt, i, p.max_new_tokens, worst))
+            seqs.append(self._sequence(prompt, root, i, p.max_new_tokens, worst))
         tokenizer = self.prompts.tokenizer.backend_tokenizer
         detokenizers = [Detokenizer(tokenizer, p.stop) for p in params]
         samplers = [Sampler(p, self.device, self._matcher(p)) for p in params]
@@ -208,12 +213,12 @@ class Intake:
         return dataclasses.replace(p, max_new_tokens=p.max_new_tokens - len(resume))
 
     def _classify_request(self, prompts: list[Prompt], labels: list[list[str]],
-                          label_ids: list[list[list[int]]]) -> ClassifyRequest:
+                          label_ids: list[list[list[int]]], root: Hash) -> ClassifyRequest:
         bs, seqs = self.config.block_size, []
         for i, (prompt, ids) in enumerate(zip(prompts, label_ids)):
             self._check_length(len(prompt), max(len(x) for x in ids), "the longest label")
             rows = sum(-(-(len(prompt) + len(x) - 1) // bs) - len(prompt) // bs for x in ids if len(x) > 1)
-            seqs.append(self._sequence(prompt, i, 0, -(-len(prompt) // bs) + rows))
+            seqs.append(self._sequence(prompt, root, i, 0, -(-len(prompt) // bs) + rows))
         return ClassifyRequest(seqs, [(list(check), ids) for check, ids in zip(labels, label_ids)])
 
     def _tokenize_labels(self, labels: list[str]) -> list[list[int]]:

@@ -51,6 +51,7 @@ class Job:
     image_ids: tuple[str, ...] = ()
     labels: list[list[str]] | None = None  # Classify: per conversation
     resume: tuple[int, ...] = ()  # Generate: answer tokens another replica already delivered
+    cache_salt: str = ""  # the prefix cache's partition (the gateway's tenant); "" = shared
 
     @property
     def negotiates(self) -> bool:
@@ -167,7 +168,8 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
 def _warm(engine: DecoderEngine, job: Job) -> Request | None:
     """The request without payloads, if the images' KV is cached. Worker thread."""
     try:
-        return engine.prepare(job.conversations, None, job.sampling, job.image_ids, job.labels, job.resume)
+        return engine.prepare(job.conversations, None, job.sampling, job.image_ids, job.labels, job.resume,
+                              job.cache_salt)
     except NeedPayload:
         return None
 
@@ -179,7 +181,8 @@ def _prepare(engine: DecoderEngine, job: Job, payloads: list[bytes]) -> Request:
         for i, payload in enumerate(decoded):
             if not payload.image_id:
                 raise InvalidRequest(f"payload {i} does not name its image (payload format v{FORMAT_VERSION})")
-    return engine.prepare(job.conversations, decoded, job.sampling, job.image_ids, job.labels, job.resume)
+    return engine.prepare(job.conversations, decoded, job.sampling, job.image_ids, job.labels, job.resume,
+                          job.cache_salt)
 
 
 async def _outputs(engine: DecoderEngine, request: Request, stream: RequestStream, context) -> AsyncIterator:
@@ -253,7 +256,7 @@ def job_from_header(header: llm_decoder_pb2.GenerateHeader, config: DecoderConfi
         raise InvalidRequest("resume_token_ids continue one Generate answer; not a batch, n > 1 or Classify")
     if header.n > 1:
         conversations, sampling = _choices(header, conversations[0], sampling, config, classify)
-    return Job(conversations, sampling, sizes, header.request_id, image_ids, labels, resume)
+    return Job(conversations, sampling, sizes, header.request_id, image_ids, labels, resume, header.cache_salt)
 
 
 def _choices(header, conversation: list[Message], sampling: SamplingParams, config: DecoderConfig, classify: bool,

@@ -28,7 +28,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ...) -> None: ...
 
 class GenerateHeader(_message.Message):
-    __slots__ = ("messages", "payload_bytes", "sampling", "request_id", "image_ids", "batch", "labels", "resume_token_ids", "n")
+    __slots__ = ("messages", "payload_bytes", "sampling", "request_id", "image_ids", "batch", "labels", "resume_token_ids", "n", "cache_salt")
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class GenerateHeader(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     payload_bytes: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -47,7 +48,8 @@ class GenerateHeader(_message.Message):
     labels: _containers.RepeatedScalarFieldContainer[str]
     resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
     n: int
-    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., payload_bytes: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., image_ids: _Optional[_Iterable[str]] = ..., batch: _Optional[_Iterable[_Union[Conversation, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., n: _Optional[int] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., payload_bytes: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., request_id: _Optional[str] = ..., image_ids: _Optional[_Iterable[str]] = ..., batch: _Optional[_Iterable[_Union[Conversation, _Mapping]]] = ..., labels: _Optional[_Iterable[str]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ..., n: _Optional[int] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class Conversation(_message.Message):
     __slots__ = ("messages", "labels")
