@@ -44,6 +44,10 @@ class Service:
     stop: Callable[[], Awaitable[None]] | None = None  # release resources after the server stopped
     max_message_bytes: int = 4 << 20  # largest single request message accepted
     interceptors: list = field(default_factory=list)  # inside the error interceptor, e.g. authentication
+    # Once serving, polled every `check_every_s`: a reason why the service cannot serve (e.g. its engine's
+    # loop died or a step is stuck) turns health NOT_SERVING until it returns None again.
+    check: Callable[[], str | None] | None = None
+    check_every_s: float = 1.0
 
 
 async def run(config: ServerConfig, service: Service) -> None:
@@ -75,7 +79,10 @@ async def run(config: ServerConfig, service: Service) -> None:
     if config.port_file:
         _write_port_file(config.port_file, port, metrics_port, health_port)
 
+    watch = asyncio.create_task(_watch(service, health_servicer)) if service.check else None
     await stopping.wait()
+    if watch is not None:
+        watch.cancel()
     await health_servicer.enter_graceful_shutdown()  # every service name NOT_SERVING
     if config.drain_s > 0:
         log.info("draining: health NOT_SERVING, still serving for %.1fs (signal again to skip)", config.drain_s)
@@ -90,6 +97,26 @@ async def run(config: ServerConfig, service: Service) -> None:
     if service.stop:
         await service.stop()
     log.info("stopped")
+
+
+async def _watch(service: Service, health_servicer) -> None:
+    """Health follows `service.check` while serving: NOT_SERVING (logged) while it names a reason."""
+    failing: str | None = None
+    while True:
+        await asyncio.sleep(service.check_every_s)
+        try:
+            reason = service.check()
+        except Exception as exc:  # noqa: BLE001 - a check that breaks is a failing check
+            reason = f"health check failed: {type(exc).__name__}: {exc}"
+        if reason != failing:
+            status = NOT_SERVING if reason else SERVING
+            for name in ["", *service.names]:
+                await health_servicer.set(name, status)
+            if reason:
+                log.error("NOT_SERVING: %s", reason)
+            else:
+                log.warning("serving again: %s cleared", failing)
+            failing = reason
 
 
 def _add_port(server: grpc.aio.Server, config: ServerConfig) -> int:

@@ -30,7 +30,7 @@ from transformers import GenerationConfig
 from shared.checkpoint import Checkpoint
 from shared.codec import payload_size
 from shared.config import EngineConfig
-from shared.errors import CheckpointError
+from shared.errors import CheckpointError, Unavailable
 from shared.fingerprint import compute_fingerprint, largest_image_tokens
 from shared.payload import EmbeddingPayload
 from shared.processor import Message, PromptBuilder
@@ -38,7 +38,7 @@ from shared.processor import Message, PromptBuilder
 from .block_manager import BlockManager, root_hash
 from .grammar import GrammarCompiler, GrammarMask
 from .intake import Intake
-from .metrics import STEP_ROWS, STEP_SECONDS
+from .metrics import STEP_FAILURES, STEP_ROWS, STEP_SECONDS
 from .model_runner import Chunk, ModelRunner
 from .request import END, ClassifyRequest, GenerateRequest, LabelScore, NeedPayload, Request, TokenEvent, Usage
 from .sampling import SamplingParams, sample, token_logprobs
@@ -113,6 +113,7 @@ class DecoderEngine:
                                                                 self.config.max_queue))
         self.stats = EngineStats()
         self._closed = False
+        self._step_started: float | None = None  # monotonic time the step in progress began (None: between steps)
         self._thread = threading.Thread(target=self._loop, name="decoder-engine", daemon=True)
         self._thread.start()
         _LIVE.add(self)
@@ -129,6 +130,19 @@ class DecoderEngine:
         """The default limit of one request's payloads: see `default_payload_limit`."""
         return default_payload_limit(largest_image_tokens(self.checkpoint.path), self.hidden_size, self.deepstack_levels)
 
+    def health(self) -> str | None:
+        """Why this engine cannot serve, or None: its step loop has died, or one step has run longer than
+        `step_stall_s` (a stuck kernel, a deadlock). The server turns health NOT_SERVING while it says so,
+        so an orchestrator restarts it."""
+        if self._closed:
+            return None
+        if not self._thread.is_alive():
+            return "the decoder engine's step loop has died (see the log); restart the server"
+        started, limit = self._step_started, self.config.step_stall_s
+        if started is not None and limit > 0 and (held := time.monotonic() - started) > limit:
+            return f"one engine step has run {held:.0f}s, over step_stall_s ({limit:g}s): stuck"
+        return None
+
     def close(self) -> None:
         """Stop the step loop (after the step in progress); requests still queued get no more output."""
         self._closed = True
@@ -141,10 +155,11 @@ class DecoderEngine:
     def prepare(self, conversations: list[list[Message]], payloads: list[EmbeddingPayload] | None,
                 sampling: SamplingParams | list[SamplingParams] = SamplingParams(),
                 image_ids: tuple[str, ...] = (), labels: list[list[str]] | None = None,
-                resume: tuple[int, ...] = ()) -> Request:
+                resume: tuple[int, ...] = (), cache_salt: str = "") -> Request:
         """A validated request (see intake.py). Without payloads (None, or none with image ids) the
-        images' KV must be cached, else NeedPayload. `resume`: the answer's first tokens (migration)."""
-        return self.intake.prepare(conversations, payloads, sampling, image_ids, labels, resume)
+        images' KV must be cached, else NeedPayload. `resume`: the answer's first tokens (migration).
+        `cache_salt`: the prefix cache's partition (a tenant); requests of other salts share no KV."""
+        return self.intake.prepare(conversations, payloads, sampling, image_ids, labels, resume, cache_salt)
 
     def check_sampling(self, sampling: SamplingParams | list[SamplingParams]) -> None:
         """Refuse bad sampling values and response formats up front (before payloads are asked for)."""
@@ -202,16 +217,22 @@ class DecoderEngine:
     # ---- the step loop -------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while not self._closed:
-            seen = self.scheduler.version
-            try:
-                ran = self.step()
-            except Exception as exc:  # noqa: BLE001 - a bug outside the forward: fail what is held, go on
-                log.exception("engine step failed outside the forward pass; failing every request it held")
-                self.scheduler.abort_all(exc)
-                ran = None
-            if ran is None:  # nothing could run: sleep until a request arrives or is cancelled
-                self.scheduler.wait_for_change(seen, timeout=1.0)
+        try:
+            while not self._closed:
+                seen = self.scheduler.version
+                try:
+                    ran = self.step()
+                except Exception as exc:  # noqa: BLE001 - a bug outside the forward: fail what is held, go on
+                    log.exception("engine step failed outside the forward pass; failing every request it held")
+                    self.scheduler.abort_all(exc)
+                    ran = None
+                if ran is None:  # nothing could run: sleep until a request arrives or is cancelled
+                    self.scheduler.wait_for_change(seen, timeout=1.0)
+        except BaseException as exc:  # the loop itself dies: nothing will answer what it holds, say so
+            log.critical("the decoder engine's step loop died (%s: %s); health turns NOT_SERVING",
+                         type(exc).__name__, exc)
+            self.scheduler.abort_all(Unavailable(f"the decoder engine stopped ({type(exc).__name__}); retry elsewhere"))
+            raise
 
     def step(self) -> StepRecord | None:
         """Advance every scheduled sequence once (engine thread only)."""
@@ -224,17 +245,48 @@ class DecoderEngine:
         self.stats.peak_blocks = max(self.stats.peak_blocks, self.blocks.referenced)
         self.stats.peak_committed = max(self.stats.peak_committed, self.blocks.referenced + self.blocks.promised)
         self._prefetch_masks(chunks)
+        self._step_started = time.monotonic()
         try:
-            logits = self.runner.run(chunks)
-        except Exception as exc:  # noqa: BLE001 - a bug must not wedge every request: fail this step's
-            log.exception("engine step failed; failing its %d sequences' requests", len(chunks))
-            for request in {id(c.seq.request): c.seq.request for c in chunks}.values():
-                self.scheduler.abort(request, exc)
-            return None
-        for chunk in chunks:
-            self.scheduler.computed(chunk)
-        self._outputs(chunks, logits)
+            chunks, logits = self._forward(chunks)
+            if not chunks:
+                return None
+            for chunk in chunks:
+                self.scheduler.computed(chunk)
+            self._outputs(chunks, logits)
+        finally:
+            self._step_started = None
         return self._record(chunks, time.perf_counter() - start)
+
+    def _forward(self, chunks: list[Chunk]) -> tuple[list[Chunk], list]:
+        """The step's forward. If it raises, each request's chunks run again alone, so only the request
+        that triggers the failure fails (its client gets the error: INTERNAL for a bug of ours); the others'
+        chunks and logits are returned as if the step had been split. A request alone that fails is aborted."""
+        try:
+            return chunks, self.runner.run(chunks)
+        except Exception as exc:  # noqa: BLE001 - a bug must not take every request of the step down
+            groups = {id(c.seq.request): [] for c in chunks}
+            for c in chunks:
+                groups[id(c.seq.request)].append(c)
+            if len(groups) == 1:
+                log.exception("engine step failed; failing its request (%d sequences)", len(chunks))
+                self.scheduler.abort(chunks[0].seq.request, exc)
+                STEP_FAILURES.labels("alone").inc()
+                return [], []
+            log.warning("engine step of %d requests failed (%s: %s); running each alone", len(groups),
+                        type(exc).__name__, exc)
+            STEP_FAILURES.labels("batch").inc()
+        kept, logits = [], []
+        for group in groups.values():
+            try:
+                out = self.runner.run(group)
+            except Exception as exc:  # noqa: BLE001 - this request causes it: it alone fails
+                log.exception("request failed alone in the engine step; failing it (%d sequences)", len(group))
+                self.scheduler.abort(group[0].seq.request, exc)
+                STEP_FAILURES.labels("alone").inc()
+                continue
+            kept.extend(group)
+            logits.extend(out)
+        return kept, logits
 
     def _prefetch_masks(self, chunks: list[Chunk]) -> None:
         """Constrained rows to be sampled this step: their grammar masks are filled during the forward."""

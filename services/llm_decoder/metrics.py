@@ -21,6 +21,8 @@ STEP_SECONDS = Histogram("vlsplit_decoder_step_seconds", "Wall time of one engin
                          ["kind"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
 STEP_ROWS = Histogram("vlsplit_decoder_batch_size", "Sequences advanced by one step",
                       buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128))
+STEP_FAILURES = Counter("vlsplit_decoder_step_failures", "Engine forwards that raised: a step of several requests "
+                        "(each then run alone) or one request alone (it fails)", ["kind"])  # batch | alone
 PREFILL_TOKENS = Counter("vlsplit_decoder_prefill_tokens", "Prompt tokens computed (tokens reused from cached blocks are not)")
 
 # KV blocks

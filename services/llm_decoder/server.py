@@ -50,6 +50,7 @@ def main(config: DecoderConfig) -> None:
         register=lambda server: llm_decoder_pb2_grpc.add_LLMDecoderServicer_to_server(servicer, server),
         start=start,
         stop=stop,
+        check=lambda: servicer.engine.health() if servicer.engine is not None else None,
     )))
 
 
