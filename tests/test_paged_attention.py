@@ -7,20 +7,17 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_image
 from engines import batch_tokens, engines, image_payload, request, tokens
 from reference import reference_tokens
 from services.llm_decoder.engine import DecoderEngine
 from services.llm_decoder.kv_pool import KVPool
 from services.llm_decoder.paged_kernel import PagedPlanner, check_decode_attention, paged_decode
-from shared.images import load_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
