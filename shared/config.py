@@ -175,6 +175,7 @@ class GatewayConfig(ServerConfig, CacheConfig):
     max_images: int = 16
     max_chat_chars: int = 65536
     max_choices: int = 16
+    max_stop: int = 16  # stop strings per request (checked before any image is encoded; the decoder has its own)
     # The HTTP side (OpenAI-compatible API and web page, services/gateway/http.py): -1 = off, 0 = a free port.
     http_port: int = -1
     served_model_name: str = ""  # the model's name in /v1/models and requests; "" = its model_type (e.g. qwen2_vl)

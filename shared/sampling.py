@@ -50,7 +50,9 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
 
-    def validate(self, max_new_tokens_limit: int) -> "SamplingParams":
+    def validate(self, max_new_tokens_limit: int, max_stop: int | None = None) -> "SamplingParams":
+        """Checks every field; `max_stop` bounds the stop strings (the caller's VLSPLIT_MAX_STOP; None: the
+        caller checks the count itself, as the decoder's intake does with its max_stop and max_stop_chars)."""
         _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
         if self.max_new_tokens > max_new_tokens_limit:
             raise TooLarge(f"max_new_tokens {self.max_new_tokens} exceeds the limit {max_new_tokens_limit}")
@@ -58,7 +60,8 @@ class SamplingParams:
         _check(math.isfinite(self.top_p) and 0 < self.top_p <= 1, "top_p must be in (0, 1]")
         _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be >= 0")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty")
-        _check(len(self.stop) <= 16, "at most 16 stop strings")
+        if max_stop is not None and len(self.stop) > max_stop:
+            raise TooLarge(f"{len(self.stop)} stop strings; the limit is {max_stop} (VLSPLIT_MAX_STOP)")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(math.isfinite(value) and -2 <= value <= 2, f"{name} must be in [-2, 2]")

@@ -167,3 +167,77 @@ def test_masks_filled_during_the_forward_equal_masks_filled_after_it(tiny_model)
     mask.prefetch(matchers[:1], vocab)  # prefetched for other rows than apply is given: not used
     torch.testing.assert_close(mask.apply(logits, matchers), want, rtol=0, atol=0)
     assert torch.isinf(want[0]).any() and not torch.isinf(want[1]).any() and not torch.equal(want[0], want[2])
+
+
+# ---- stop strings: the bound is the setting, not a constant ------------------------------------
+
+
+def test_stop_string_bound_is_the_setting_at_its_limit_and_one_past(tiny_models):
+    """VLSPLIT_MAX_STOP above the old hard-coded 16 works in the decoder and in the gateway's early check."""
+    from services.llm_decoder.engine import DecoderEngine
+    from services.gateway.servicer import GatewayServicer
+    from shared.config import GatewayConfig
+    from vlsplit.v1 import common_pb2
+
+    path = tiny_models["qwen2_vl"]
+    payload, img_id, _ = image_payload(path, seed=3)
+    decoder = DecoderEngine(path, max_stop=20)
+    stops = tuple(f"s{i}" for i in range(21))
+
+    def prepare(stop):
+        r = request(payload, img_id, QUESTION, stop=stop)
+        return decoder.prepare([r.messages], r.payloads, r.sampling, r.image_ids)
+
+    assert prepare(stops[:20]).seqs
+    with pytest.raises(TooLarge, match="21 stop strings; the limit is 20 .VLSPLIT_MAX_STOP."):
+        prepare(stops)
+    gateway = GatewayServicer(GatewayConfig(max_stop=20))
+    assert list(gateway._sampling(common_pb2.SamplingParams(stop=stops[:20])).stop) == list(stops[:20])
+    with pytest.raises(TooLarge, match="VLSPLIT_MAX_STOP"):
+        gateway._sampling(common_pb2.SamplingParams(stop=stops))
+    with pytest.raises(TooLarge, match="the limit is 2 "):
+        SamplingParams(stop=("a", "b", "c")).validate(4096, max_stop=2)
+
+
+# ---- a grammar the sampled token breaks is our bug, not the client's ---------------------------
+
+
+def test_grammar_violation_after_masking_is_an_internal_error(tiny_models, monkeypatch, caplog):
+    """With the mask broken (a forbidden token forced to win), the request fails with an error the
+    interceptor logs and answers INTERNAL, never INVALID_ARGUMENT; the engine serves the next request."""
+    import asyncio
+
+    import grpc
+
+    from services.llm_decoder.grammar import GrammarMask, GrammarViolation
+    from shared.errors import VlsplitError
+    from shared.interceptor import _Track
+
+    path = tiny_models["qwen2_vl"]
+    decoder = engines(path)[1]
+    forbidden = decoder.prompts.tokenizer.encode("}")[0]  # a JSON object cannot start with "}"
+
+    def broken_apply(self, logits, matchers):
+        out = logits.clone()
+        out[:, forbidden] = 1e9
+        return out
+
+    monkeypatch.setattr(GrammarMask, "apply", broken_apply)
+    with pytest.raises(GrammarViolation) as info:
+        _run(path, 8, response_format=ResponseFormat(json_schema=json.dumps(SCHEMA)))
+    assert not isinstance(info.value, VlsplitError)
+
+    class Context:
+        code = None
+
+        async def abort(self, code, details):
+            self.code, self.details = code, details
+            raise grpc.aio.AbortError()
+
+    context = Context()
+    with caplog.at_level("ERROR", logger="vlsplit.rpc"), pytest.raises(grpc.aio.AbortError):
+        asyncio.run(_Track("Generate").fail(info.value, context))
+    assert context.code == grpc.StatusCode.INTERNAL and "GrammarViolation" in context.details
+    assert any(r.exc_info and r.exc_info[0] is GrammarViolation for r in caplog.records)
+    monkeypatch.undo()
+    assert tokens(_run(path, 4))  # the engine goes on serving

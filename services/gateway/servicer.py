@@ -172,7 +172,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def _sampling(self, pb: common_pb2.SamplingParams) -> common_pb2.SamplingParams:
         """Validated here (no image is encoded for a doomed request); the gateway's default applies."""
-        params = sampling_from_pb(pb, self.config.default_max_new_tokens).validate(self.config.max_new_tokens_limit)
+        params = sampling_from_pb(pb, self.config.default_max_new_tokens)
+        params = params.validate(self.config.max_new_tokens_limit, self.config.max_stop)
         out = common_pb2.SamplingParams()
         out.CopyFrom(pb)
         out.max_new_tokens = params.max_new_tokens

@@ -121,7 +121,13 @@ class GrammarMask:
         return out
 
 
+class GrammarViolation(RuntimeError):
+    """A token the grammar refuses reached its matcher although the mask forbade it: a bug of ours, never the
+    client's (not a VlsplitError: the interceptor logs its traceback and answers INTERNAL)."""
+
+
 def consume(matcher: llguidance.LLMatcher, token: int) -> None:
-    """Advance `matcher` past the sampled token; a grammar that breaks fails its request."""
+    """Advance `matcher` past the sampled token; a grammar that breaks fails its request (INTERNAL)."""
     if not matcher.consume_token(token) or matcher.is_error():
-        raise InvalidRequest(f"the answer left its response_format: {matcher.get_error() or 'token refused'}")
+        raise GrammarViolation(f"token {token} left the response_format after masking: "
+                               f"{matcher.get_error() or 'token refused'}")
