@@ -191,7 +191,12 @@ class GatewayConfig(ServerConfig, CacheConfig):
     # lines; "" = off (anyone may call). The limits apply to tokens whose line sets none; 0 = unlimited.
     auth_tokens: str = ""
     auth_requests_per_s: float = 50.0
-    auth_images_per_day: int = 0
+    auth_images_per_day: int = 0  # 0 with auth on: a warning at start (a client could flush the cache)
+    # "replica": each gateway limits a client's requests_per_s alone (N replicas admit N times it); "cluster":
+    # one bucket per client in Redis, shared by every replica (Redis failing: each replica alone, logged).
+    auth_rate_scope: str = "replica"
+    # Distinct clients / replicas one labelled metric keeps (Prometheus series); later ones count as "other".
+    metrics_label_limit: int = 100
     # With auth on, an image belongs to the client that sent it ("tenant": another client's id is NOT_FOUND,
     # nothing is shared or timed across clients); "global" shares images and cache entries between clients.
     cache_scope: str = "tenant"

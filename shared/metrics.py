@@ -28,3 +28,31 @@ def serve_metrics(host: str, port: int) -> int:
         return -1
     server, _thread = start_http_server(port, addr=host)
     return server.server_port
+
+
+
+OTHER = "other"
+
+
+class BoundedLabel:
+    """A labelled metric whose first label (a client's name, a replica's address) takes at most `limit`
+    distinct values: the first ones seen are kept, later ones count as "other", so a large token file or pod
+    churn cannot grow the series without bound. `retire` frees a value's slot (a replica gone for good) and
+    drops its series."""
+
+    def __init__(self, metric, limit: int = 100):
+        self.metric, self.limit = metric, limit
+        self._kept: set[str] = set()
+
+    def labels(self, value: str, *rest: str):
+        if value not in self._kept:
+            if len(self._kept) >= self.limit:
+                return self.metric.labels(OTHER, *rest)
+            self._kept.add(value)
+        return self.metric.labels(value, *rest)
+
+    def retire(self, value: str) -> None:
+        if value in self._kept:
+            self._kept.discard(value)
+            for labels in [k for k in self.metric._metrics if k[0] == value]:  # prometheus_client lists no series
+                self.metric.remove(*labels)

@@ -25,7 +25,7 @@ from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 SAMPLE = Path(__file__).resolve().parent.parent / "vlsplit" / "assets" / "sample.png"
 CLIENTS = {  # name -> (scopes, requests_per_s, images_per_day); "" = the gateway's default
     "alice": ("*", "", ""), "bob": ("*", "", ""), "reader": ("classify", "", ""),
-    "slow": ("*", "0.5", ""), "thrifty": ("*", "", "2"), "revoked": ("*", "", ""),
+    "slow": ("*", "0.5", ""), "thrifty": ("*", "", "2"), "revoked": ("*", "", ""), "pace": ("*", "4", ""),
 }
 
 
@@ -229,3 +229,124 @@ def test_global_scope_shares_prefixes_in_the_decoder(stack, tokens):
             assert _hit_tokens(stack["decoder"]) - before >= 200
     finally:
         gateway.kill()
+
+
+# ---- start-up warnings, bounded metric labels, rates shared across replicas --------------------
+
+
+def test_start_warns_about_clients_without_an_image_quota(stack):
+    """The default images_per_day (0 = unlimited) lets any client flush the cache: the gateway says so."""
+    log = stack["gateway"].tail(10_000)
+    unbounded = len(CLIENTS) - sum(1 for _, _, images in CLIENTS.values() if images)
+    assert f"{unbounded} of {len(CLIENTS)} clients have no images_per_day quota" in log
+    assert "VLSPLIT_AUTH_IMAGES_PER_DAY" in log
+
+
+def test_per_client_and_per_replica_labels_are_bounded(monkeypatch, tmp_path):
+    """Past VLSPLIT_METRICS_LABEL_LIMIT names a client's calls count as "other"; a replica that leaves
+    DNS has its series retired and frees its slot."""
+    import asyncio
+
+    from services.gateway import auth
+    from services.gateway.routing import DECODER_REQUESTS, Router
+
+    made = {name: new_token(name) for name in ("c1", "c2", "c3", "c4")}
+    path = tmp_path / "tokens"
+    path.write_text("\n".join(line for _, line in made.values()) + "\n")
+    interceptor = auth.AuthInterceptor(auth.TokenFile(str(path), 0.0, 0))
+    monkeypatch.setattr(auth.REQUESTS, "limit", 2)
+    monkeypatch.setattr(auth.REQUESTS, "_kept", set())
+
+    async def admit_all():
+        for token, _ in made.values():
+            await interceptor.authenticate(f"Bearer {token}", "Ask")
+
+    asyncio.run(admit_all())
+    series = {labels[0]: child._value.get() for labels, child in auth.REQUESTS.metric._metrics.items()
+              if labels[1] == "Ask" and labels[0] in ("c1", "c2", "c3", "c4", "other")}
+    assert series["c1"] >= 1 and series["c2"] >= 1 and "c3" not in series and "c4" not in series
+    assert series["other"] >= 2
+
+    addresses = [["10.0.0.1", "10.0.0.2"], ["10.0.0.1", "10.0.0.3"]]
+
+    async def resolve(host, port):
+        return addresses.pop(0)
+
+    monkeypatch.setattr(DECODER_REQUESTS, "limit", 2)
+    monkeypatch.setattr(DECODER_REQUESTS, "_kept", set())
+    router = Router("decoders.test:50053", 5.0, resolve=resolve, metric=DECODER_REQUESTS)
+
+    async def churn():
+        await router.refresh()
+        for replica in router.replicas:
+            DECODER_REQUESTS.labels(replica).inc()
+        await router.refresh()  # 10.0.0.2 leaves, 10.0.0.3 arrives: it gets the freed slot
+        for replica in router.replicas:
+            DECODER_REQUESTS.labels(replica).inc()
+
+    asyncio.run(churn())
+    replicas = {labels[0] for labels in DECODER_REQUESTS.metric._metrics}
+    assert {"10.0.0.1:50053", "10.0.0.3:50053"} <= replicas and "10.0.0.2:50053" not in replicas
+    assert "other" not in replicas
+
+
+def _admitted_in(stubs, token: str, seconds: float) -> tuple[int, list[int], float, set[str]]:
+    """Cheap calls (refused by validation once admitted) as fast as possible, alternating between the
+    gateways: (admitted in total, admitted per gateway, seconds from the first call, codes seen)."""
+    request = ask_request(b"x", " ")
+    per = [0] * len(stubs)
+    codes = set()
+    start = time.monotonic()
+    n = 0
+    while time.monotonic() - start < seconds:
+        result = code(call(stubs[n % len(stubs)], "Ask", request, token))
+        codes.add(result)
+        if result != "RESOURCE_EXHAUSTED":
+            per[n % len(stubs)] += 1
+        n += 1
+    return sum(per), per, time.monotonic() - start, codes
+
+
+def test_cluster_rate_scope_shares_a_clients_rate_across_gateways(stack, tokens, tmp_path):
+    """AUTH_RATE_SCOPE=cluster: two gateways sharing a Redis admit the client's 4 requests/s in total (one
+    bucket: its burst of 4 plus 4 a second), not twice that. Redis gone: each limits alone (never fails
+    open, never UNAVAILABLE), counted and logged; Redis back: shared again."""
+    token, _, path = tokens
+    redis = Redis().start()
+    env = {"VLSPLIT_AUTH_TOKENS": str(path), "VLSPLIT_AUTH_RATE_SCOPE": "cluster"}
+    gateways = [Service("gateway", "--encoder", stack["encoder"].address, "--decoder", stack["decoder"].address,
+                        "--redis", redis.url, env=env, log_dir=tmp_path) for _ in range(2)]
+    channels = []
+    try:
+        for gateway in gateways:
+            gateway.start(wait=False)
+        for gateway in gateways:
+            gateway.wait_serving()
+        channels = [grpc.insecure_channel(g.address) for g in gateways]
+        stubs = [gateway_pb2_grpc.GatewayStub(c) for c in channels]
+        admitted, per, elapsed, codes = _admitted_in(stubs, token["pace"], 3.0)
+        print(f"cluster scope: admitted {admitted} (per gateway {per}) in {elapsed:.2f} s at 4/s")
+        assert codes == {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"}
+        assert min(per) >= 3  # both gateways admitted some
+        assert 4 * elapsed - 1 <= admitted <= 4 + 4 * elapsed + 2  # one bucket; two would admit ~2x
+
+        redis.stop()
+        admitted, per, elapsed, codes = _admitted_in(stubs, token["pace"], 1.5)
+        print(f"Redis down: admitted {admitted} (per gateway {per}) in {elapsed:.2f} s")
+        assert codes <= {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"} and "RESOURCE_EXHAUSTED" in codes
+        assert admitted <= 2 * (4 + 4 * elapsed) + 2  # each replica's own bucket: limited, not open
+        for gateway in gateways:
+            assert gateway.metric("vlsplit_gateway_rate_limit_fallbacks_total") >= 1
+            assert "shared rate limiter's Redis failed" in gateway.tail(100_000)
+
+        redis = Redis(redis.port).start()
+        time.sleep(1.0)  # the bucket refills; the next calls reach Redis again
+        _admitted_in(stubs, token["pace"], 0.5)
+        for gateway in gateways:
+            assert "rates are cluster-wide again" in gateway.tail(100_000)
+    finally:
+        for channel in channels:
+            channel.close()
+        for gateway in gateways:
+            gateway.kill()
+        redis.stop()

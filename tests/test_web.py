@@ -1,6 +1,6 @@
 """The web page at the gateway's `/`, in a real headless browser (Debian's chromium driven by
 Playwright): pick an image, ask twice (the answer streams in; the second is a cache hit), run the
-moderation checks; a screenshot is saved in the test's tmp dir."""
+moderation checks; a screenshot is saved in the test's tmp dir. The API token stays in sessionStorage."""
 
 from __future__ import annotations
 
@@ -59,6 +59,19 @@ def test_page_uploads_asks_twice_streams_and_moderates(stack, tmp_path):
             assert rows.count() == 3  # header + the two default checks
             assert rows.nth(1).locator("td").nth(1).inner_text().split()[0] in ("safe", "unsafe", "unsure")
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            # the API token: kept for the tab (sessionStorage), never in localStorage
+            page.fill("#token", "vls_session-only")
+            page.dispatch_event("#token", "change")
+            assert page.evaluate("sessionStorage.getItem('vlsplit-token')") == "vls_session-only"
+            assert page.evaluate("localStorage.getItem('vlsplit-token')") is None
+            page.evaluate("localStorage.setItem('vlsplit-token', 'vls_left-by-an-old-page')")
+            page.reload()
+            page.wait_for_function("document.getElementById('model').textContent === 'qwen2_vl'")
+            assert page.input_value("#token") == "vls_session-only"  # the same tab: still there
+            assert page.evaluate("localStorage.getItem('vlsplit-token')") is None
+            fresh = browser.new_page()  # another tab (a new session): no token
+            fresh.goto(stack.http_url.removesuffix("/v1") + "/")
+            assert fresh.input_value("#token") == ""
         finally:
             browser.close()
     assert (tmp_path / "page.png").stat().st_size > 10_000

@@ -29,6 +29,9 @@ from prometheus_client import Counter
 
 from shared.errors import Overloaded, PermissionDenied, Unauthenticated
 from shared.interceptor import CLIENT_NAME, wrap_handler
+from shared.metrics import BoundedLabel
+
+from .rate import ClusterRateLimiter, RateLimiter
 
 log = logging.getLogger("vlsplit.auth")
 
@@ -38,10 +41,11 @@ SERVICE_PREFIX = "/vlsplit.v1.Gateway/"
 CHECK_EVERY_S = 1.0
 DAY_S = 86400
 
-REQUESTS = Counter("vlsplit_gateway_client_requests", "Calls admitted, by client (token name) and method",
-                   ["client", "method"])
-REJECTED = Counter("vlsplit_gateway_client_rejected", "Calls refused by authentication, scope, rate or quota",
-                   ["client", "reason"])
+# By client: the first VLSPLIT_METRICS_LABEL_LIMIT names, the rest as "other".
+REQUESTS = BoundedLabel(Counter("vlsplit_gateway_client_requests", "Calls admitted, by client (token name) and method",
+                                ["client", "method"]))
+REJECTED = BoundedLabel(Counter("vlsplit_gateway_client_rejected",
+                                "Calls refused by authentication, scope, rate or quota", ["client", "reason"]))
 
 
 @dataclass(frozen=True)
@@ -131,28 +135,6 @@ class TokenFile:
         log.info("token file reloaded", extra={"clients": len(clients)})
 
 
-class RateLimiter:
-    """A token bucket per client: `requests_per_s` sustained, bursts of up to one second's worth."""
-
-    def __init__(self, clock=time.monotonic):
-        self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, last refill)
-
-    def wait_s(self, client: Client) -> float:
-        """0 and one request taken, or how long until the next one is allowed."""
-        if client.requests_per_s <= 0:
-            return 0.0
-        capacity = max(1.0, client.requests_per_s)
-        now = self.clock()
-        tokens, last = self._buckets.get(client.name, (capacity, now))
-        tokens = min(capacity, tokens + (now - last) * client.requests_per_s)
-        if tokens >= 1:
-            self._buckets[client.name] = (tokens - 1, now)
-            return 0.0
-        self._buckets[client.name] = (tokens, now)
-        return (1 - tokens) / client.requests_per_s
-
-
 class ImageQuota:
     """Images a client may send per UTC day; counted in Redis (shared by every gateway replica) when the
     cache is Redis, else in this process."""
@@ -191,9 +173,10 @@ class ImageQuota:
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates Gateway calls (health and reflection stay open for probes): UNAUTHENTICATED
     without a known token, PERMISSION_DENIED without the method's scope, RESOURCE_EXHAUSTED over the
-    client's rate (with `retry-after-ms`). The client is in `CLIENT` for the call's handler."""
+    client's rate (with `retry-after-ms`; the rate is this replica's or, with a ClusterRateLimiter, every
+    replica's together). The client is in `CLIENT` for the call's handler."""
 
-    def __init__(self, tokens: TokenFile, limiter: RateLimiter | None = None):
+    def __init__(self, tokens: TokenFile, limiter: RateLimiter | ClusterRateLimiter | None = None):
         self.tokens, self.limiter = tokens, limiter or RateLimiter()
 
     async def intercept_service(self, continuation, details):
@@ -203,28 +186,28 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = details.method[len(SERVICE_PREFIX):]
         metadata = dict(details.invocation_metadata or ())
 
-        def admit() -> Client:
-            client = self.authenticate(metadata.get("authorization", ""), method)
+        async def admit() -> Client:
+            client = await self.authenticate(metadata.get("authorization", ""), method)
             CLIENT.set(client)
             CLIENT_NAME.set(client.name)
             return client
 
         def unary(behavior):
             async def wrapped(request, context):
-                admit()
+                await admit()
                 return await behavior(request, context)
             return wrapped
 
         def streaming(behavior):
             async def wrapped(request, context):
-                admit()
+                await admit()
                 async for item in behavior(request, context):
                     yield item
             return wrapped
 
         return wrap_handler(handler, unary, streaming)
 
-    def authenticate(self, authorization: str, method: str) -> Client:
+    async def authenticate(self, authorization: str, method: str) -> Client:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             REJECTED.labels("", "unauthenticated").inc()
@@ -239,10 +222,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             REJECTED.labels(client.name, "scope").inc()
             raise PermissionDenied(f"client {client.name!r} lacks the {scope!r} scope that {method} needs "
                                    f"(it has: {', '.join(sorted(client.scopes))})")
-        wait = self.limiter.wait_s(client)
+        wait = await self.limiter.take(client)
         if wait > 0:
             REJECTED.labels(client.name, "rate").inc()
             raise Overloaded(f"client {client.name!r} is over its rate of {client.requests_per_s:g} requests/s; "
                              f"retry after {wait:.3f} s", retry_after_s=wait)
         REQUESTS.labels(client.name, method).inc()
         return client
+
+
+def warn_unbounded_images(tokens: TokenFile) -> None:
+    """At start: clients without an images_per_day quota may each send new images without end, every one
+    an encode and a cache entry, evicting everyone else's (the cache is LRU): say so, naming them."""
+    unbounded = sorted(c.name for c in tokens.clients.values() if c.images_per_day <= 0)
+    if unbounded:
+        log.warning("auth is on but %d of %d clients have no images_per_day quota (VLSPLIT_AUTH_IMAGES_PER_DAY=0 "
+                    "and none on their token line): one of them can flush the embedding cache unnoticed; set a "
+                    "quota", len(unbounded), len(tokens.clients), extra={"clients": unbounded[:20]})

@@ -105,9 +105,9 @@ class HttpApi:
             self._model = self.config.served_model_name or info.model_type
         return self._model
 
-    def admit(self, request: Request, method: str) -> None:
+    async def admit(self, request: Request, method: str) -> None:
         """Authenticate as gRPC does (same tokens, scopes and rate limits); the client rides in CLIENT."""
-        client = ANONYMOUS if self.auth is None else self.auth.authenticate(
+        client = ANONYMOUS if self.auth is None else await self.auth.authenticate(
             request.headers.get("authorization", ""), method)
         CLIENT.set(client)
 
@@ -133,12 +133,12 @@ class HttpApi:
         return {"status": "ok"}
 
     async def models(self, request: Request) -> dict:
-        self.admit(request, "Ask")
+        await self.admit(request, "Ask")
         return {"object": "list", "data": [{"id": await self.model(), "object": "model", "created": 0,
                                             "owned_by": "vlsplit"}]}
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
-        self.admit(request, "Chat")
+        await self.admit(request, "Chat")
         model = await self.model()
         if body.model != model:
             return error_response(404, f"the model {body.model!r} does not exist; this gateway serves {model!r}",
@@ -174,14 +174,14 @@ class HttpApi:
         yield "data: [DONE]\n\n"
 
     async def upload(self, request: Request) -> dict:
-        self.admit(request, "UploadImage")
+        await self.admit(request, "UploadImage")
         data = await request.body()
         reply = await self.servicer.UploadImage(gateway_pb2.UploadImageRequest(data=data), _Context(self.config))
         return {"id": reply.image_id, "object": "image", "url": f"vlsplit://{reply.image_id}",
                 "expires_in": reply.ttl_seconds}
 
     async def classify(self, request: Request) -> dict:
-        self.admit(request, "Moderate")
+        await self.admit(request, "Moderate")
         body = await _json(request)
         checks = body.get("checks")
         if not isinstance(body.get("image"), str) or not isinstance(checks, list):

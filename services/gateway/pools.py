@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Counter, Gauge
 
 from shared.errors import Unavailable, Upstream
+from shared.metrics import BoundedLabel
 from shared.tls import ClientTls
 from vlsplit.v1 import common_pb2, vision_encoder_pb2
 
@@ -24,7 +25,8 @@ from .clients import DecoderClient, Encoded, EncoderClient, ReplicaClient
 from .routing import Router, failover_reason
 
 FAILOVER_ATTEMPTS = 2  # per replica when its tier has several: fail over after ~0.1 s of backoff
-ENCODER_REQUESTS = Counter("vlsplit_gateway_encoder_requests", "Encode calls sent, by encoder replica", ["replica"])
+ENCODER_REQUESTS = BoundedLabel(Counter("vlsplit_gateway_encoder_requests", "Encode calls sent, by encoder replica",
+                                        ["replica"]))  # as DECODER_REQUESTS: bounded, departed replicas retired
 ENCODER_FAILOVERS = Counter("vlsplit_gateway_encoder_failovers", "Encoder calls moved to another encoder replica")
 ENCODERS_SERVING = Gauge("vlsplit_gateway_encoders_serving", "Encoder replicas whose health says SERVING")
 log = logging.getLogger("vlsplit.gateway")

@@ -24,6 +24,7 @@ from typing import Awaitable, Callable, Iterable
 from prometheus_client import Counter
 
 from shared.errors import Unavailable, Upstream
+from shared.metrics import BoundedLabel
 
 log = logging.getLogger("vlsplit.gateway.routing")
 
@@ -32,8 +33,10 @@ FAILOVERS = Counter("vlsplit_gateway_failovers_total",
                     ["reason"])  # unavailable | overloaded
 MIGRATIONS = Counter("vlsplit_gateway_migrations_total",
                      "Answers resumed on another decoder after theirs died mid-answer")
-DECODER_REQUESTS = Counter("vlsplit_gateway_decoder_requests_total", "Generate calls sent, by decoder replica",
-                           ["replica"])
+# By replica: the first VLSPLIT_METRICS_LABEL_LIMIT addresses, the rest as "other"; a replica gone from
+# DNS frees its slot (Router.refresh), so pod churn does not end in "other" either.
+DECODER_REQUESTS = BoundedLabel(Counter("vlsplit_gateway_decoder_requests_total",
+                                        "Generate calls sent, by decoder replica", ["replica"]))
 
 Resolve = Callable[[str, int], Awaitable[list[str]]]  # (host, port) -> IP addresses
 
@@ -101,8 +104,10 @@ def failover_reason(exc: Exception) -> str | None:
 
 class Router:
     def __init__(self, spec: str, down_s: float, resolve: Resolve = resolve_addresses,
-                 clock: Callable[[], float] = time.monotonic, what: str = "decoder"):
-        self.what = what
+                 clock: Callable[[], float] = time.monotonic, what: str = "decoder",
+                 metric: BoundedLabel | None = None):
+        """`metric`: the per-replica metric whose series of a departed replica are retired."""
+        self.what, self.metric = what, metric
         self.targets = parse_targets(spec, what)
         self.down_s = down_s
         self._resolve, self._clock = resolve, clock
@@ -156,6 +161,9 @@ class Router:
         if replicas == self.replicas:
             return False
         log.info("%s replicas changed", self.what, extra={"before": self.replicas, "after": replicas})
+        if self.metric is not None:
+            for gone in set(self.replicas) - set(replicas):
+                self.metric.retire(gone)
         self.replicas = replicas
         self._down_until = {r: t for r, t in self._down_until.items() if r in replicas}
         return True

@@ -15,11 +15,12 @@ from shared.server import Service, run
 from shared.tls import client_tls
 from vlsplit.v1 import gateway_pb2_grpc
 
-from .auth import AuthInterceptor, ImageQuota, TokenFile
+from .auth import REJECTED, REQUESTS, AuthInterceptor, ImageQuota, TokenFile, warn_unbounded_images
 from .http import HttpApi, HttpServer
-from .pools import DecoderPool, EncoderPool
+from .pools import ENCODER_REQUESTS, DecoderPool, EncoderPool
 from .pipeline import Pipeline
-from .routing import Router
+from .rate import ClusterRateLimiter, limiter_for
+from .routing import DECODER_REQUESTS, Router
 from .servicer import GatewayServicer
 
 log = logging.getLogger("vlsplit.gateway")
@@ -27,8 +28,11 @@ log = logging.getLogger("vlsplit.gateway")
 
 def build(config: GatewayConfig) -> Service:
     servicer = GatewayServicer(config)
-    router = Router(config.decoder, config.decoder_down_s)  # a malformed --decoder fails here, at once
-    encoders = Router(config.encoder, config.decoder_down_s, what="encoder")
+    for metric in (REQUESTS, REJECTED, DECODER_REQUESTS, ENCODER_REQUESTS):
+        metric.limit = config.metrics_label_limit
+    # a malformed --decoder fails here, at once
+    router = Router(config.decoder, config.decoder_down_s, metric=DECODER_REQUESTS)
+    encoders = Router(config.encoder, config.decoder_down_s, what="encoder", metric=ENCODER_REQUESTS)
     tls = client_tls(config.upstream_tls_ca, config.upstream_tls_cert, config.upstream_tls_key,
                      config.upstream_tls_server_name)
     if config.cache_hmac_key:
@@ -37,7 +41,12 @@ def build(config: GatewayConfig) -> Service:
         raise ValueError(f"VLSPLIT_CACHE_SCOPE={config.cache_scope!r}: expected tenant or global")
     tokens = (TokenFile(config.auth_tokens, config.auth_requests_per_s, config.auth_images_per_day)
               if config.auth_tokens else None)  # an unreadable token file fails here, at once
-    auth = AuthInterceptor(tokens) if tokens else None  # one rate limiter for gRPC and HTTP
+    limiter = limiter_for(config.auth_rate_scope, config.redis_timeout_s)
+    if isinstance(limiter, ClusterRateLimiter) and config.redis_url == "memory":
+        raise ValueError("VLSPLIT_AUTH_RATE_SCOPE=cluster shares rates through Redis: set VLSPLIT_REDIS_URL")
+    if tokens is not None:
+        warn_unbounded_images(tokens)
+    auth = AuthInterceptor(tokens, limiter) if tokens else None  # one rate limiter for gRPC and HTTP
     http = HttpServer(HttpApi(servicer, config, auth), config) if config.http_port >= 0 else None  # binds now
 
     async def start() -> None:
@@ -49,13 +58,16 @@ def build(config: GatewayConfig) -> Service:
                             write_back=config.redis_url == "memory", migration_limit=config.migration_limit)
         await pipeline.start(config.decoder_resolve_s)
         servicer.quota = ImageQuota(store.redis)
+        if isinstance(limiter, ClusterRateLimiter):
+            limiter.attach(store.redis)
         servicer.pipeline = pipeline
         if http is not None:
             http.start()
         log.info("gateway ready", extra={"encoder": config.encoder, "decoders": router.replicas,
                                           "http_port": http.port if http else None,
                                           "cache": "memory" if config.redis_url == "memory" else "redis",
-                                          "auth": f"{len(tokens.clients)} clients" if tokens else "off"})
+                                          "auth": f"{len(tokens.clients)} clients" if tokens else "off",
+                                          "rate_scope": config.auth_rate_scope})
 
     async def stop() -> None:
         if http is not None:
