@@ -1,9 +1,9 @@
 """Deployment files checked offline (no container runtime or cluster can run here).
 
-k8s/: both overlays (and the CPU-HPA variant) render with `kubectl kustomize`; built-in objects validate
-against the Kubernetes schemas (kubernetes-validate --strict), KEDA and Prometheus Operator objects against
-their CRD schemas (tests/crd, node); ports, env names, probes, images and metric names agree with the
-config module, the Dockerfile and the services. docker-compose.yml validates against the Compose schema
+k8s/: both overlays (and the CPU-HPA and CPU-TLS variants) render with `kubectl kustomize`; built-in objects
+validate against the Kubernetes schemas (kubernetes-validate --strict), KEDA, Prometheus Operator and cert-manager
+objects against their CRD schemas (tests/crd, node); ports, env names, probes, images, metric names and (with
+components/tls) certificates, Secrets and mounts agree with the config module, the Dockerfile and the services. docker-compose.yml validates against the Compose schema
 and agrees with the same sources.
 """
 
@@ -70,8 +70,21 @@ def hpa_overlay() -> Path:
 
 
 @pytest.fixture(scope="module")
-def overlays(hpa_overlay) -> dict[str, list[dict]]:
-    return {"cpu": render("k8s/overlays/cpu"), "gpu": render("k8s/overlays/gpu"), "cpu-hpa": render(hpa_overlay)}
+def tls_overlay() -> Path:
+    """The CPU overlay with components/tls added, as the README tells operators."""
+    cpu = (REPO / "k8s" / "overlays" / "cpu" / "kustomization.yaml").read_text()
+    overlay = REPO / ".cache" / "k8s-cpu-tls"
+    overlay.mkdir(parents=True, exist_ok=True)
+    (overlay / "kustomization.yaml").write_text(
+        cpu.replace("  - ../../components/keda", "  - ../../k8s/components/keda\n  - ../../k8s/components/tls")
+        .replace("../../base", "../../k8s/base"))
+    return overlay
+
+
+@pytest.fixture(scope="module")
+def overlays(hpa_overlay, tls_overlay) -> dict[str, list[dict]]:
+    return {"cpu": render("k8s/overlays/cpu"), "gpu": render("k8s/overlays/gpu"), "cpu-hpa": render(hpa_overlay),
+            "cpu-tls": render(tls_overlay)}
 
 
 def objects(docs: list[dict], kind: str) -> dict[str, dict]:
@@ -97,7 +110,7 @@ def env_of(deployment: dict, docs: list[dict]) -> dict[str, str | dict]:
     return env
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "gpu", "cpu-hpa"])
+@pytest.mark.parametrize("overlay", ["cpu", "gpu", "cpu-hpa", "cpu-tls"])
 def test_overlay_validates_against_kubernetes_schemas(overlays, overlay, tmp_path):
     docs = overlays[overlay]
     path = tmp_path / f"{overlay}.yaml"
@@ -112,6 +125,7 @@ def test_overlay_validates_against_kubernetes_schemas(overlays, overlay, tmp_pat
             "PersistentVolumeClaim", "Namespace"} <= {d["kind"] for d in docs}
     assert ("ScaledObject" in {d["kind"] for d in docs}) == (overlay != "cpu-hpa")
     assert ("HorizontalPodAutoscaler" in {d["kind"] for d in docs}) == (overlay == "cpu-hpa")
+    assert ("Certificate" in {d["kind"] for d in docs}) == (overlay == "cpu-tls")
 
 
 @pytest.fixture(scope="module")
@@ -141,15 +155,20 @@ def test_custom_resources_validate_against_their_crd_schemas(overlays, crd_valid
     sm = yaml.safe_load((REPO / "k8s" / "components" / "servicemonitor" / "servicemonitor.yaml").read_text())
     out = validate_crds(crd_validator, docs + [sm])
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("OK ScaledObject/") == 6 and "OK ServiceMonitor/vlsplit" in out.stdout
-    # The validator can fail: a ScaledObject with a misspelt target and a string replica count.
+    assert out.stdout.count("OK ScaledObject/") == 3 * 3 and "OK ServiceMonitor/vlsplit" in out.stdout  # 3 KEDA overlays
+    assert out.stdout.count("OK Certificate/") == 5 and out.stdout.count("OK Issuer/") == 2  # components/tls
+    # The validator can fail: a ScaledObject with a misspelt target and a string replica count; a Certificate
+    # without an issuer name, a numeric Secret name and an unknown key usage.
     broken = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "broken"},
               "spec": {"scaleTargetRef": {"nme": "x"}, "minReplicaCount": "one", "triggers": []}}
-    out = validate_crds(crd_validator, [broken])
+    bad_cert = {"apiVersion": "cert-manager.io/v1", "kind": "Certificate", "metadata": {"name": "bad"},
+                "spec": {"secretName": 3, "issuerRef": {"nam": "x"}, "usages": ["server authx"]}}
+    out = validate_crds(crd_validator, [broken, bad_cert])
     assert out.returncode == 1 and "INVALID ScaledObject/broken" in out.stdout
+    assert "INVALID Certificate/bad" in out.stdout and "usages" in out.stdout
 
 
-@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+@pytest.mark.parametrize("overlay", ["cpu", "gpu", "cpu-tls"])
 @pytest.mark.parametrize("name", sorted(TIERS))
 def test_deployments_agree_with_config_dockerfile_and_services(overlays, overlay, name):
     docs = overlays[overlay]
@@ -171,16 +190,23 @@ def test_deployments_agree_with_config_dockerfile_and_services(overlays, overlay
     if kind == "gateway":  # the OpenAI-compatible API and web page
         expected_ports["http"] = int(env["VLSPLIT_HTTP_PORT"])
         assert env["VLSPLIT_HTTP_PORT"] == docker_env["VLSPLIT_HTTP_PORT"]
+    # with TLS, probes go to the plaintext health-only port (kubelet's grpc probe cannot do TLS)
+    probe_port = int(env["VLSPLIT_HEALTH_PORT"]) if "VLSPLIT_TLS_CERT" in env else port
+    assert ("VLSPLIT_TLS_CERT" in env) == ("VLSPLIT_HEALTH_PORT" in env) == (overlay == "cpu-tls")
+    if probe_port != port:
+        expected_ports["health"] = probe_port
     assert ports == expected_ports
     assert env["VLSPLIT_METRICS_PORT"] == docker_env["VLSPLIT_METRICS_PORT"]
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == env["VLSPLIT_METRICS_PORT"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"] == {"port": port}, probe
+        assert c[probe]["grpc"] == {"port": probe_port}, probe
     startup = c["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= (300 if kind != "gateway" else 60)
     service = objects(docs, "Service")[name]
-    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == ports
+    # the Service routes the API ports; not the health port, and for the public gateway not the metrics port
+    public = {k: v for k, v in ports.items() if k != "health" and not (kind == "gateway" and k == "metrics")}
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == public
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert service["spec"].get("clusterIP") == (None if kind == "gateway" else "None")  # headless for pools
     # image: the Dockerfile target's image, the compose image of the same service
@@ -269,11 +295,108 @@ def test_network_policies_isolate_the_model_tier_and_redis(overlays):
 
     for tier in ("vision-encoder", "llm-decoder"):
         assert allowed(tier, "grpc") == [[{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway"}}}]]
+    monitoring = [[{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]]
+    for tier in ("vision-encoder", "llm-decoder", "gateway"):  # metrics: the monitoring namespace only
+        assert allowed(tier, "metrics") == monitoring, tier
     (redis_peers,) = allowed("redis", "6379")
     (peer,) = redis_peers
     assert [name for name, labels in pods.items() if selects(peer["podSelector"], labels)] != []
     assert all(selects(peer["podSelector"], labels) for labels in pods.values())  # every vlsplit pod, nothing else
     assert allowed("gateway", "grpc") == ["anyone"]
+
+
+def test_gateway_metrics_are_not_on_the_public_service(overlays):
+    """/metrics (per-client counters) is not routed by the Service the API is exposed through; scrapers use
+    gateway-metrics, which the NetworkPolicy opens to the monitoring namespace only (test above)."""
+    for overlay in ("cpu", "gpu", "cpu-tls"):
+        docs = overlays[overlay]
+        services = objects(docs, "Service")
+        gateway = objects(docs, "Deployment")["gateway"]
+        assert "metrics" not in {p["name"] for p in services["gateway"]["spec"]["ports"]}
+        assert 9100 not in {p["port"] for p in services["gateway"]["spec"]["ports"]}
+        scrape = services["gateway-metrics"]
+        assert scrape["spec"]["selector"] == gateway["spec"]["selector"]["matchLabels"]
+        assert scrape["spec"]["ports"] == [{"name": "metrics", "port": 9100, "targetPort": "metrics"}]
+        assert {p["name"]: p["containerPort"] for p in container(gateway)["ports"]}["metrics"] == 9100
+    monitor = yaml.safe_load((REPO / "k8s" / "components" / "servicemonitor" / "servicemonitor.yaml").read_text())
+    (expr,) = monitor["spec"]["selector"]["matchExpressions"]
+    labels = objects(overlays["cpu"], "Service")["gateway-metrics"]["metadata"]["labels"]
+    assert labels[expr["key"]] in expr["values"] and monitor["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+def _mount_of(c: dict, spec: dict, path: str) -> tuple[dict, dict]:
+    """(volumeMount, volume) holding the file `path` of container `c`."""
+    (mount,) = [m for m in c["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    return mount, volume
+
+
+def test_tls_component_wires_certificates_secrets_env_and_health_probes(overlays):
+    """components/tls: each tier's TLS files are the keys of the Secret its Certificate writes, mounted whole
+    (rotations reach the files), for the Service names it is called by; encoders and decoders require the
+    gateway's client certificate, from the same CA; probes use the plaintext health port."""
+    docs = overlays["cpu-tls"]
+    namespace = objects(docs, "Namespace")
+    (ns,) = namespace
+    certs = {c["spec"]["secretName"]: c for c in objects(docs, "Certificate").values()}
+    issuers = objects(docs, "Issuer")
+    services = objects(docs, "Service")
+    deployments = objects(docs, "Deployment")
+    # the chain: self-signed -> CA certificate -> CA issuer, which signs every service certificate
+    (ca_cert,) = [c for c in certs.values() if c["spec"].get("isCA")]
+    assert issuers[ca_cert["spec"]["issuerRef"]["name"]]["spec"] == {"selfSigned": {}}
+    for cert in certs.values():
+        ref = cert["spec"]["issuerRef"]
+        assert ref["kind"] == "Issuer" and ref["name"] in issuers and ref.get("group", "cert-manager.io") == \
+            "cert-manager.io"
+        assert cert["metadata"]["namespace"] == ns
+    ca_issuer = [name for name, i in issuers.items() if i["spec"].get("ca", {}).get("secretName") ==
+                 ca_cert["spec"]["secretName"]]
+    assert len(ca_issuer) == 1
+
+    def secret_file(name: str, path: str) -> tuple[dict, str]:
+        """The Certificate behind the file `path` the container of `name` reads, and the file's Secret key."""
+        c, spec = container(deployments[name]), deployments[name]["spec"]["template"]["spec"]
+        mount, volume = _mount_of(c, spec, path)
+        assert mount["readOnly"] is True and "subPath" not in mount  # whole directory: rotations arrive
+        assert volume["secret"]["defaultMode"] & 0o040 and spec["securityContext"]["fsGroup"] == 10001
+        key = path[len(mount["mountPath"].rstrip("/")) + 1:]
+        assert key in ("tls.crt", "tls.key", "ca.crt")  # what cert-manager writes into a Secret
+        return certs[volume["secret"]["secretName"]], key
+
+    gateway_env = env_of(deployments["gateway"], docs)
+    for name in TIERS:
+        env = env_of(deployments[name], docs)
+        cert, key = secret_file(name, env["VLSPLIT_TLS_CERT"])
+        assert key == "tls.crt" and secret_file(name, env["VLSPLIT_TLS_KEY"]) == (cert, "tls.key")
+        assert "server auth" in cert["spec"]["usages"] and "client auth" not in cert["spec"]["usages"]
+        dns = cert["spec"]["dnsNames"]
+        assert {name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"} <= set(dns)
+        assert name in services
+        assert cert["spec"]["issuerRef"]["name"] == ca_issuer[0]
+        # the plaintext health port: its own container port, not routed by the Service
+        health = int(env["VLSPLIT_HEALTH_PORT"])
+        assert health not in {p["port"] for p in services[name]["spec"]["ports"]}
+        assert {c["name"]: c["containerPort"] for c in container(deployments[name])["ports"]}["health"] == health
+        if name == "gateway":
+            # public clients present no certificate (tokens authenticate them): no client CA on its ports
+            assert "VLSPLIT_TLS_CLIENT_CA" not in env
+            continue
+        assert secret_file(name, env["VLSPLIT_TLS_CLIENT_CA"]) == (cert, "ca.crt")  # the CA that signed both
+        # the gateway dials this tier by its Service name and checks it against this certificate
+        setting = {"vision-encoder": "VLSPLIT_ENCODER", "llm-decoder": "VLSPLIT_DECODER"}[name]
+        (target,) = parse_targets(gateway_env[setting], setting)
+        assert target.host in dns and "VLSPLIT_UPSTREAM_TLS_SERVER_NAME" not in gateway_env
+    # the gateway's client side: the CA of the tiers' certificates, and a client-auth certificate from it
+    client, key = secret_file("gateway", gateway_env["VLSPLIT_UPSTREAM_TLS_CERT"])
+    assert key == "tls.crt" and secret_file("gateway", gateway_env["VLSPLIT_UPSTREAM_TLS_KEY"]) == (client, "tls.key")
+    assert secret_file("gateway", gateway_env["VLSPLIT_UPSTREAM_TLS_CA"])[1] == "ca.crt"
+    assert client["spec"]["usages"][-1] == "client auth" and "server auth" not in client["spec"]["usages"]
+    assert client["spec"]["issuerRef"]["name"] == ca_issuer[0]
+    # without the component: no TLS setting anywhere
+    for deployment in objects(overlays["cpu"], "Deployment").values():
+        assert not any(k.startswith(("VLSPLIT_TLS_", "VLSPLIT_UPSTREAM_TLS_", "VLSPLIT_HEALTH_PORT"))
+                       for k in env_of(deployment, overlays["cpu"]))
 
 
 def test_autoscaling_targets_and_metrics_exist(overlays):

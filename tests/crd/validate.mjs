@@ -1,12 +1,15 @@
-// Reads a JSON array of Kubernetes objects on stdin; validates every KEDA / Prometheus Operator object
+// Reads a JSON array of Kubernetes objects on stdin; validates every KEDA / Prometheus Operator / cert-manager object
 // against its CRD's schema (the models of kubernetes-models-ts). Prints one line per object; exit 1 if any
 // is invalid or of a custom kind this script does not know.
 import { ScaledObject } from "@kubernetes-models/keda/keda.sh/v1alpha1/ScaledObject";
 import { TriggerAuthentication } from "@kubernetes-models/keda/keda.sh/v1alpha1/TriggerAuthentication";
 import { ServiceMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/ServiceMonitor";
 import { PodMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1/PodMonitor";
+import { Certificate } from "@kubernetes-models/cert-manager/cert-manager.io/v1/Certificate";
+import { Issuer } from "@kubernetes-models/cert-manager/cert-manager.io/v1/Issuer";
+import { ClusterIssuer } from "@kubernetes-models/cert-manager/cert-manager.io/v1/ClusterIssuer";
 
-const MODELS = [ScaledObject, TriggerAuthentication, ServiceMonitor, PodMonitor];
+const MODELS = [ScaledObject, TriggerAuthentication, ServiceMonitor, PodMonitor, Certificate, Issuer, ClusterIssuer];
 const chunks = [];
 for await (const chunk of process.stdin) chunks.push(chunk);
 let failed = 0;
