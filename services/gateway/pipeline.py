@@ -165,7 +165,11 @@ class Pipeline:
         answer. Anything else that fails mid-answer ends with the error, never hangs."""
         deadline = time.monotonic() + timeout
         order = self.router.order(fetch.route_key)
-        delivered: list[int] = []  # answer tokens passed on (one-conversation Generate)
+        original = header
+        delivered: dict[int, list[int]] = {}  # Generate: answer tokens passed on, per answer (reply.index)
+        finished: set[int] = set()
+        resumed: dict[int, int] = {}  # tokens each answer was resumed from (its usage counts them generated)
+        rows: list[int] | None = None  # the resumed call's answers: their indexes in the original request
         migrations = 0
         for i, replica in enumerate(order):
             DECODER_REQUESTS.labels(replica).inc()
@@ -176,10 +180,14 @@ class Pipeline:
                     if not started:
                         started = True
                         self.router.mark_up(replica)
+                    if rows is not None:
+                        reply.index = rows[reply.index]
                     if migrations and reply.finish_reason:
-                        _count_resumed(reply, len(header.resume_token_ids))
+                        _count_resumed(reply, resumed.get(reply.index, 0))
                     if rpc == "Generate":
-                        delivered.extend(reply.token_ids)
+                        delivered.setdefault(reply.index, []).extend(reply.token_ids)
+                        if reply.finish_reason:
+                            finished.add(reply.index)
                     yield reply
                 return
             except (Unavailable, Upstream) as exc:
@@ -187,14 +195,16 @@ class Pipeline:
                 if reason is None or i == len(order) - 1:
                     raise
                 if started:
-                    if not (reason == "unavailable" and rpc == "Generate" and not header.batch
-                            and header.n <= 1 and migrations < self.migration_limit):
+                    if not (reason == "unavailable" and rpc == "Generate" and migrations < self.migration_limit):
                         raise
                     migrations += 1
-                    header = _resuming(header, delivered)
+                    header, rows = _resuming(original, delivered, finished)
+                    if header is None:  # every answer had ended: nothing left to resume
+                        return
+                    resumed = {j: len(delivered.get(j, ())) for j in (rows or [0])}
                     MIGRATIONS.inc()
-                    log.warning("decoder %s died mid-answer after %d tokens; resuming on %s", replica,
-                                len(header.resume_token_ids), order[i + 1])
+                    log.warning("decoder %s died mid-answer after %d tokens; resuming %d answer(s) on %s", replica,
+                                sum(resumed.values()), len(resumed), order[i + 1])
                 self._fail_over(replica, order[i + 1], reason, exc)
 
     def _fail_over(self, replica: str, to: str, reason: str, exc: Exception) -> None:
@@ -212,11 +222,36 @@ class Pipeline:
         await self.cache.close()
 
 
-def _resuming(header: llm_decoder_pb2.GenerateHeader, delivered: list[int]) -> llm_decoder_pb2.GenerateHeader:
+def _resuming(original: llm_decoder_pb2.GenerateHeader, delivered: dict[int, list[int]], finished: set[int],
+              ) -> tuple[llm_decoder_pb2.GenerateHeader | None, list[int] | None]:
+    """The header that resumes the answers of `original` still running (None when none is), and for a
+    request of several answers (AskMany's batch, n > 1) which original answer each row of it is: the
+    unfinished ones, each with the tokens it delivered (and an n > 1 answer with the seed it had)."""
     resumed = llm_decoder_pb2.GenerateHeader()
-    resumed.CopyFrom(header)
-    resumed.resume_token_ids[:] = delivered
-    return resumed
+    resumed.CopyFrom(original)
+    if not original.batch and original.n <= 1:
+        if 0 in finished:
+            return None, None
+        resumed.resume_token_ids[:] = delivered.get(0, [])
+        return resumed, None
+    answers = len(original.batch) or original.n
+    rows = [j for j in range(answers) if j not in finished]
+    if not rows:
+        return None, None
+    del resumed.batch[:]
+    resumed.ClearField("messages")
+    resumed.n = 0
+    for j in rows:
+        conversation = llm_decoder_pb2.Conversation()
+        if original.batch:
+            conversation.CopyFrom(original.batch[j])
+        else:  # answer j of n: the conversation once more, seeded as its row was (seed + j)
+            conversation.messages.extend(original.messages)
+            if original.sampling.HasField("seed"):
+                conversation.seed = (original.sampling.seed + j) % 2**64
+        conversation.resume_token_ids[:] = delivered.get(j, [])
+        resumed.batch.append(conversation)
+    return resumed, rows
 
 
 def _count_resumed(reply, resumed: int) -> None:

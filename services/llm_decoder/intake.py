@@ -79,16 +79,15 @@ class Intake:
         else:
             params = sampling if isinstance(sampling, list) else [sampling] * len(conversations)
             params = [self._validate_sampling(p) for p in params]
-            if resume:
-                params = [self._check_resume(resume, conversations, params)]
+            resumes = _per_conversation(resume, len(conversations))
+            params = [self._check_resume(r, p) if r else p for r, p in zip(resumes, params)]
         grids, keys, embeddings, deepstack = self._images(images, payloads, image_ids)
         prompts = [self._prompt(c, grids, keys, embeddings, deepstack) for c in conversations]
-        if resume:
-            prompts = [_resumed(prompts[0], resume)]
         if labels is not None:
             request = self._classify_request(prompts, labels, label_ids, root)
         else:
-            request = self._generate_request(prompts, params, root, resume)
+            prompts = [_resumed(p, r) if r else p for p, r in zip(prompts, resumes)]
+            request = self._generate_request(prompts, params, root, resumes)
         self._check_blocks(request)
         if payloads is None:
             self._check_cached(request)
@@ -172,7 +171,7 @@ class Intake:
         return Sequence(prompt, root, self.config.block_size, max_new_tokens, index=index, worst=worst)
 
     def _generate_request(self, prompts: list[Prompt], params: list[SamplingParams], root: Hash,
-                          resume: tuple[int, ...] = ()) -> GenerateRequest:
+                          resumes: list[tuple[int, ...]]) -> GenerateRequest:
         seqs = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             self._check_length(len(prompt), p.max_new_tokens, "max_new_tokens")
@@ -181,10 +180,11 @@ class Intake:
         tokenizer = self.prompts.tokenizer.backend_tokenizer
         detokenizers = [Detokenizer(tokenizer, p.stop) for p in params]
         samplers = [Sampler(p, self.device, self._matcher(p)) for p in params]
-        for token_id in resume:  # text the failed replica delivered: the stream state, not output
-            detokenizers[0].add(token_id)
-            if samplers[0].matcher is not None:
-                consume(samplers[0].matcher, token_id)
+        for detokenizer, sampler, resume in zip(detokenizers, samplers, resumes):
+            for token_id in resume:  # text the failed replica delivered: the stream state, not output
+                detokenizer.add(token_id)
+                if sampler.matcher is not None:  # the grammar continues where the answer stands
+                    consume(sampler.matcher, token_id)
         return GenerateRequest(seqs, samplers, detokenizers, self.eos_ids, self.max_len)
 
     def check_sampling(self, params: SamplingParams) -> None:
@@ -199,12 +199,8 @@ class Intake:
                            f"{self.config.max_labels} (VLSPLIT_MAX_LABELS)")
         return self.grammars.matcher(params.response_format)
 
-    def _check_resume(self, resume: tuple[int, ...], conversations: list, params: list[SamplingParams],
-                      ) -> SamplingParams:
+    def _check_resume(self, resume: tuple[int, ...], p: SamplingParams) -> SamplingParams:
         """The sampling of the tokens still to generate after `resume`."""
-        if len(conversations) != 1:
-            raise InvalidRequest("resume_token_ids continue one conversation")
-        [p] = params
         if len(resume) >= p.max_new_tokens:
             raise InvalidRequest(f"{len(resume)} tokens to resume from, but max_new_tokens is {p.max_new_tokens}")
         vocab = len(self.prompts.tokenizer)
@@ -271,6 +267,19 @@ class Intake:
             match = self.blocks.match(seq, len(prompt), limit=len(prompt) - 1)
             if match.tokens < prompt.image_end:
                 raise NeedPayload(f"the KV of the images is not cached ({match.tokens} of {prompt.image_end} tokens)")
+
+
+def _per_conversation(resume: tuple, conversations: int) -> list[tuple[int, ...]]:
+    """`resume` as one token tuple per conversation: one conversation's tokens, or one tuple for each."""
+    if not resume:
+        return [()] * conversations
+    if isinstance(resume[0], int):
+        if conversations != 1:
+            raise InvalidRequest("resume_token_ids continue one conversation")
+        return [tuple(resume)]
+    if len(resume) != conversations:
+        raise InvalidRequest(f"{len(resume)} resumed answers for {conversations} conversations")
+    return [tuple(r) for r in resume]
 
 
 def _resumed(prompt: Prompt, resume: tuple[int, ...]) -> Prompt:

@@ -50,7 +50,7 @@ class Job:
     request_id: str
     image_ids: tuple[str, ...] = ()
     labels: list[list[str]] | None = None  # Classify: per conversation
-    resume: tuple[int, ...] = ()  # Generate: answer tokens another replica already delivered
+    resume: tuple = ()  # Generate: answer tokens another replica already delivered (per conversation of a batch)
     cache_salt: str = ""  # the prefix cache's partition (the gateway's tenant); "" = shared
 
     @property
@@ -251,9 +251,15 @@ def job_from_header(header: llm_decoder_pb2.GenerateHeader, config: DecoderConfi
         labels = [list(c.labels) for c in header.batch] if header.batch else [list(header.labels)]
         if not all(labels):
             raise InvalidRequest("Classify needs labels for every check")
-    resume = tuple(header.resume_token_ids)
+    resume: tuple = tuple(header.resume_token_ids)
     if resume and (classify or header.batch or header.n > 1):
         raise InvalidRequest("resume_token_ids continue one Generate answer; not a batch, n > 1 or Classify")
+    if header.batch and any(c.resume_token_ids or c.HasField("seed") for c in header.batch):
+        if classify:
+            raise InvalidRequest("a Classify check has no answer to resume or seed")
+        resume = tuple(tuple(c.resume_token_ids) for c in header.batch)  # per conversation (migration)
+        sampling = [dataclasses.replace(sampling, seed=c.seed) if c.HasField("seed") else sampling
+                    for c in header.batch]
     if header.n > 1:
         conversations, sampling = _choices(header, conversations[0], sampling, config, classify)
     return Job(conversations, sampling, sizes, header.request_id, image_ids, labels, resume, header.cache_salt)
