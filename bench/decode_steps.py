@@ -40,8 +40,9 @@ def decode_ms(decoder, payload, img_id: str, rows: int, new_tokens: int, distinc
     from shared.processor import question_messages
 
     if distinct:  # ~1,400 tokens each, different from the first token on: nothing shared, nothing cached
+        # prefilled over several steps: the first rows must still be decoding when the last one joins
         requests = [GenerationRequest(question_messages(_text(rows * 1000 + i, payload.n_tokens), n_images=0), [],
-                                      SamplingParams(max_new_tokens=new_tokens)) for i in range(rows)]
+                                      SamplingParams(max_new_tokens=new_tokens + rows)) for i in range(rows)]
     else:
         requests = [GenerationRequest(question_messages(f"Question number {i}: what is shown?"), [payload],
                                       SamplingParams(max_new_tokens=new_tokens), (img_id,)) for i in range(rows)]
