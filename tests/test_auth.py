@@ -169,7 +169,7 @@ def test_revoked_token_is_refused_without_a_restart(stack, tokens):
     assert code(call(stub, "Ask", request, token["alice"])) == "INVALID_ARGUMENT"  # others unaffected
 
 
-def test_global_scope_shares_images_between_clients(stack, tokens):
+def test_global_scope_shares_images_and_prefixes_between_clients(stack, tokens):
     token, _, path = tokens
     gateway = Service("gateway", "--encoder", stack["encoder"].address, "--decoder", stack["decoder"].address,
                       "--redis", stack["redis"].url, log_dir=stack["log_dir"],
@@ -181,6 +181,12 @@ def test_global_scope_shares_images_between_clients(stack, tokens):
             first = call(stub, "Ask", ask_request(image, "What is this?", max_new_tokens=2), token["alice"])
             shared = call(stub, "Ask", ask_request(first.image_id, "What is this?", max_new_tokens=2), token["bob"])
             assert code(shared) == "OK" and shared.cache == gateway_pb2.CACHE_STATUS_HIT
+            # and the decoder's prefix cache: bob reuses the KV of alice's system prompt
+            system = "Shared instructions for everyone. " + " ".join(f"Point {i} applies." for i in range(40))
+            assert code(call(stub, "Chat", _chat(system, "One?"), token["alice"])) == "OK"
+            before = _hit_tokens(stack["decoder"])
+            assert code(call(stub, "Chat", _chat(system, "Two?"), token["bob"])) == "OK"
+            assert _hit_tokens(stack["decoder"]) - before >= 200
     finally:
         gateway.kill()
 
@@ -212,23 +218,6 @@ def test_tenants_share_no_prefix_in_the_decoder(stack, tokens):
     assert _hit_tokens(decoder) - before >= 200  # alice's own system prompt: reused (>= 200 of its ~280 tokens)
     assert code(call(stub, "Chat", _chat(system, "Fourth question?"), token["bob"])) == "OK"
     assert _hit_tokens(decoder) - before >= 400  # and bob's own, from his first request
-
-
-def test_global_scope_shares_prefixes_in_the_decoder(stack, tokens):
-    token, _, path = tokens
-    gateway = Service("gateway", "--encoder", stack["encoder"].address, "--decoder", stack["decoder"].address,
-                      "--redis", stack["redis"].url, log_dir=stack["log_dir"],
-                      env={"VLSPLIT_AUTH_TOKENS": str(path), "VLSPLIT_CACHE_SCOPE": "global"}).start()
-    try:
-        with grpc.insecure_channel(gateway.address) as channel:
-            stub = gateway_pb2_grpc.GatewayStub(channel)
-            system = "Shared instructions for everyone. " + " ".join(f"Point {i} applies." for i in range(40))
-            assert code(call(stub, "Chat", _chat(system, "One?"), token["alice"])) == "OK"
-            before = _hit_tokens(stack["decoder"])
-            assert code(call(stub, "Chat", _chat(system, "Two?"), token["bob"])) == "OK"
-            assert _hit_tokens(stack["decoder"]) - before >= 200
-    finally:
-        gateway.kill()
 
 
 # ---- start-up warnings, bounded metric labels, rates shared across replicas --------------------
