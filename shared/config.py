@@ -175,6 +175,12 @@ class GatewayConfig(ServerConfig, CacheConfig):
     max_images: int = 16
     max_chat_chars: int = 65536
     max_choices: int = 16
+    # The image bytes of one request, all its images together (data: URLs, remote fetches, Chat's image data).
+    max_request_image_bytes: int = 64 * MiB
+    # Embedding payload bytes the gateway holds for requests in progress (fetched for decoders that asked);
+    # a request that would pass it is refused with RESOURCE_EXHAUSTED (retry later). 0 = 4 x the decoders'
+    # advertised max_payload_bytes.
+    max_payload_bytes_in_flight: int = 0
     max_stop: int = 16  # stop strings per request (checked before any image is encoded; the decoder has its own)
     # The HTTP side (OpenAI-compatible API and web page, services/gateway/http.py): -1 = off, 0 = a free port.
     http_port: int = -1

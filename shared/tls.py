@@ -4,6 +4,9 @@ in place), so no restart is needed.
 - Servers: `server_credentials` reloads its certificate on the next handshake after the files change
   (gRPC asks for the configuration on every new connection). With a client CA, clients must present
   a certificate it signed (mutual TLS): what the encoder and decoder require of the gateway.
+- HTTP servers (the gateway's uvicorn): `ServerTls.ssl_context()` is an `ssl.SSLContext` that, on each
+  new handshake, takes the files as they are now (a fresh context swapped in when they changed), with
+  the same client-CA rule: with a client CA, no certificate from it, no connection.
 - Clients: channel credentials are fixed when a channel is made, so `ClientTls.changed()` tells a
   pool when to make new channels (checked at most once a second).
 Files caught half-rewritten (a key that does not match its certificate, a truncated PEM) are not
@@ -88,6 +91,40 @@ class ServerTls:
 
         return grpc.dynamic_ssl_server_credentials(self._configuration(), fetch,
                                                    require_client_authentication=bool(self.client_ca))
+
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """For an HTTP server: every handshake looks at the files first (a stat) and, when they changed
+        and parse, switches to a context built from them, so rotated certificates (and CAs) reach new
+        connections without a restart, as gRPC's `credentials` do."""
+        paths = (self.cert, self.key, self.client_ca)
+        state = {"stamp": _stamp(paths), "context": self._ssl_context()}
+        lock = threading.Lock()
+
+        def current(ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+            with lock:
+                stamp = _stamp(paths)
+                if stamp != state["stamp"]:
+                    try:
+                        state["context"], state["stamp"] = self._ssl_context(), stamp
+                        log.info("TLS certificate reloaded (HTTP)", extra={"cert": self.cert})
+                    except (OSError, ValueError) as exc:  # half-written files: keep the old ones, look again next time
+                        log.warning("TLS files changed but could not be read (%s); keeping the current ones", exc)
+                if state["context"] is not context:
+                    ssl_object.context = state["context"]
+
+        base = self._ssl_context()
+        base.sni_callback = current  # OpenSSL calls it for every ClientHello, with or without SNI
+        return base
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert, self.key)
+        if self.client_ca:
+            context.load_verify_locations(cafile=self.client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
 
 
 def server_tls(cert: str, key: str, client_ca: str = "") -> ServerTls | None:

@@ -17,6 +17,9 @@ WATCH_ANSWERS = """() => {
     .observe(document.getElementById("answers"), {subtree: true, childList: true, characterData: true});
 }"""
 
+RECORD_CSP_VIOLATIONS = """window.cspViolations = [];
+document.addEventListener("securitypolicyviolation", (e) => window.cspViolations.push(e.violatedDirective));"""
+
 
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -35,17 +38,18 @@ def test_page_uploads_asks_twice_streams_and_moderates(stack, tmp_path):
         browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.add_init_script(RECORD_CSP_VIOLATIONS)
             page.goto(stack.http_url.removesuffix("/v1") + "/")
-            page.wait_for_function("document.getElementById('model').textContent === 'qwen2_vl'")
+            page.wait_for_function("() => document.getElementById('model').textContent === 'qwen2_vl'")
             page.set_input_files("#file", str(tmp_path / "photo.png"))
-            page.wait_for_function("!document.getElementById('ask').disabled")  # uploaded
+            page.wait_for_function("() => !document.getElementById('ask').disabled")  # uploaded
             assert page.locator("#preview").is_visible()
             page.fill("#max-tokens", "24")
             page.evaluate(WATCH_ANSWERS)
             for n, question in enumerate(QUESTIONS, 1):
                 page.fill("#question", question)
                 page.click("#ask")
-                page.wait_for_function(f"document.querySelectorAll('.answer .stats .hit, .answer .stats .miss')"
+                page.wait_for_function(f"() => document.querySelectorAll('.answer .stats .hit, .answer .stats .miss')"
                                        f".length === {n}")
             answers = page.locator(".answer")  # newest first
             texts = [answers.nth(i).locator(".text").inner_text() for i in (1, 0)]
@@ -59,6 +63,7 @@ def test_page_uploads_asks_twice_streams_and_moderates(stack, tmp_path):
             assert rows.count() == 3  # header + the two default checks
             assert rows.nth(1).locator("td").nth(1).inner_text().split()[0] in ("safe", "unsafe", "unsure")
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+            assert page.evaluate("window.cspViolations") == []  # the page works under its Content-Security-Policy
             # the API token: kept for the tab (sessionStorage), never in localStorage
             page.fill("#token", "vls_session-only")
             page.dispatch_event("#token", "change")
@@ -66,7 +71,7 @@ def test_page_uploads_asks_twice_streams_and_moderates(stack, tmp_path):
             assert page.evaluate("localStorage.getItem('vlsplit-token')") is None
             page.evaluate("localStorage.setItem('vlsplit-token', 'vls_left-by-an-old-page')")
             page.reload()
-            page.wait_for_function("document.getElementById('model').textContent === 'qwen2_vl'")
+            page.wait_for_function("() => document.getElementById('model').textContent === 'qwen2_vl'")
             assert page.input_value("#token") == "vls_session-only"  # the same tab: still there
             assert page.evaluate("localStorage.getItem('vlsplit-token')") is None
             fresh = browser.new_page()  # another tab (a new session): no token

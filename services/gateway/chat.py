@@ -24,15 +24,10 @@ async def conversation(turns, config: GatewayConfig, source: Callable[[gateway_p
     Every bound is checked before the first image is validated or counted against a quota."""
     if not turns:
         raise InvalidRequest("at least one message is required")
-    if len(turns) > config.max_messages:
-        raise TooLarge(f"{len(turns)} messages; the limit is {config.max_messages} (VLSPLIT_MAX_MESSAGES)")
-    images = sum(part.WhichOneof("part") == "image" for turn in turns for part in turn.content)
-    if images > config.max_images:
-        raise TooLarge(f"{images} images in the conversation; the limit is {config.max_images} (VLSPLIT_MAX_IMAGES)")
-    chars = sum(len(part.text) for turn in turns for part in turn.content)
-    if chars > config.max_chat_chars:
-        raise TooLarge(f"the messages hold {chars} characters of text; the limit is {config.max_chat_chars} "
-                       "(VLSPLIT_MAX_CHAT_CHARS)")
+    images = [part.image for turn in turns for part in turn.content if part.WhichOneof("part") == "image"]
+    check_bounds(config, messages=len(turns), images=len(images),
+                 chars=sum(len(part.text) for turn in turns for part in turn.content),
+                 image_bytes=sum(len(image.data) for image in images))
     messages, sources = [], []
     for i, turn in enumerate(turns):
         if turn.role not in ROLES:
@@ -53,6 +48,20 @@ async def conversation(turns, config: GatewayConfig, source: Callable[[gateway_p
                 raise InvalidRequest(f"message {i}: a part has neither text nor image")
         messages.append(message)
     return messages, sources
+
+
+def check_bounds(config: GatewayConfig, messages: int, images: int, chars: int, image_bytes: int) -> None:
+    """A conversation's size limits, each named in its error: checked before any image is fetched or decoded."""
+    if messages > config.max_messages:
+        raise TooLarge(f"{messages} messages; the limit is {config.max_messages} (VLSPLIT_MAX_MESSAGES)")
+    if images > config.max_images:
+        raise TooLarge(f"{images} images in the conversation; the limit is {config.max_images} (VLSPLIT_MAX_IMAGES)")
+    if chars > config.max_chat_chars:
+        raise TooLarge(f"the messages hold {chars} characters of text; the limit is {config.max_chat_chars} "
+                       "(VLSPLIT_MAX_CHAT_CHARS)")
+    if image_bytes > config.max_request_image_bytes:
+        raise TooLarge(f"the request's images hold {image_bytes} bytes; the limit is {config.max_request_image_bytes} "
+                       "(VLSPLIT_MAX_REQUEST_IMAGE_BYTES)")
 
 
 def route_key(messages: list[llm_decoder_pb2.ChatMessage]) -> str:

@@ -7,19 +7,30 @@ gateway's own event loop, so it shares the pipeline, pools, caches, auth and lim
     POST /v1/images              raw image bytes in the body -> {"id": image_id, "url": "vlsplit://<id>"}
     POST /v1/classify            vlsplit's Moderate: {"image": url, "checks": [{"question", "labels"}]}
     GET  /healthz                200 once the gateway is ready
+    GET  /openapi.json           the request bodies' schema (what schemathesis tests against)
 
-Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the HTTP status of
-the gRPC code the same failure gets (invalid 400, unauthenticated 401, scope 403, unknown image 404,
-body too large 413, rate or capacity 429 with Retry-After, upstream down 503, deadline 504).
+Every body is a strict pydantic model (openai_api.py): a field of the wrong type, out of range or
+unknown is a 400 before any work, naming the field in `param`. Errors use OpenAI's shape,
+{"error": {"message", "type", "param", "code"}}, with the HTTP status of the gRPC code the same
+failure gets (invalid 400, unauthenticated 401, scope 403, unknown image 404, body too large 413,
+rate or capacity 429 with Retry-After, upstream down 503, deadline 504). Every bound of a chat request
+(messages, images, text, image bytes, n, sampling) is checked before its images are fetched; then they
+are fetched side by side under one byte budget (VLSPLIT_MAX_REQUEST_IMAGE_BYTES).
+
+With TLS (VLSPLIT_TLS_CERT/KEY) the port speaks HTTPS with the gRPC port's certificate, reloaded on
+change; with VLSPLIT_TLS_CLIENT_CA it requires client certificates from that CA, as gRPC does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import logging
 import math
+import re
 import socket
 from importlib import resources
 from typing import AsyncIterator
@@ -31,11 +42,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from shared.config import GatewayConfig
-from shared.errors import InvalidRequest, Overloaded, VlsplitError
+from shared.errors import Overloaded, TooLarge, VlsplitError
+from shared.tls import server_tls
 from vlsplit.v1 import gateway_pb2
 
 from .auth import ANONYMOUS, CLIENT, AuthInterceptor
-from .openai_api import ChatCompletionRequest, Completion, chat_request, stats, usage
+from .chat import check_bounds
+from .openai_api import (ChatCompletionRequest, ClassifyRequest, Completion, chat_request, image_urls, stats, turns,
+                         usage)
 from .remote import ImageUrls
 from .servicer import GatewayServicer
 
@@ -76,9 +90,10 @@ class BodyLimit:
         return f"the request body is over {self.limit} bytes (VLSPLIT_MAX_HTTP_BODY_BYTES)"
 
 
-def error_response(status: int, message: str, code: str | None = None, headers: dict | None = None) -> JSONResponse:
+def error_response(status: int, message: str, code: str | None = None, headers: dict | None = None,
+                   param: str | None = None) -> JSONResponse:
     kind = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status, headers=headers)
 
 
@@ -97,6 +112,7 @@ class HttpApi:
         self.servicer, self.config, self.auth = servicer, config, auth
         self.urls = ImageUrls(config.max_image_bytes, config.remote_images, config.remote_image_timeout_s)
         self._model: str | None = None
+        self.page_headers = page_headers(self.page_html())
         self.app = self._build()
 
     async def model(self) -> str:
@@ -112,21 +128,25 @@ class HttpApi:
         CLIENT.set(client)
 
     def _build(self) -> FastAPI:
-        app = FastAPI(title="vlsplit", docs_url=None, redoc_url=None, openapi_url=None)
+        app = FastAPI(title="vlsplit", version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
         app.add_exception_handler(VlsplitError, lambda _, exc: error_of(exc))
-        app.add_exception_handler(RequestValidationError, lambda _, exc: error_response(400, _validation(exc)))
+        app.add_exception_handler(RequestValidationError, lambda _, exc: validation_error(exc))
         app.add_exception_handler(HTTPException, lambda _, exc: error_response(exc.status_code, str(exc.detail)))
         app.add_exception_handler(Exception, lambda _, exc: error_of(exc))
         app.add_api_route("/", self.page, methods=["GET"], response_class=HTMLResponse)
         app.add_api_route("/healthz", self.healthz, methods=["GET"])
         app.add_api_route("/v1/models", self.models, methods=["GET"])
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
-        app.add_api_route("/v1/images", self.upload, methods=["POST"])
+        app.add_api_route("/v1/images", self.upload, methods=["POST"], openapi_extra=IMAGE_BODY)
         app.add_api_route("/v1/classify", self.classify, methods=["POST"])
         return app
 
+    @staticmethod
+    def page_html() -> str:
+        return resources.files("services.gateway").joinpath("web/index.html").read_text()
+
     async def page(self) -> HTMLResponse:
-        return HTMLResponse(resources.files("services.gateway").joinpath("web/index.html").read_text())
+        return HTMLResponse(self.page_html(), headers=self.page_headers)
 
     async def healthz(self) -> dict:
         await self.model()
@@ -143,7 +163,7 @@ class HttpApi:
         if body.model != model:
             return error_response(404, f"the model {body.model!r} does not exist; this gateway serves {model!r}",
                                   "model_not_found")
-        chat = await chat_request(body, self.urls)
+        chat = await self._chat(body)
         completion = Completion(model)
         events = self.servicer.chat(chat, self.config.deadline_s)
         if not body.stream:
@@ -154,6 +174,31 @@ class HttpApi:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         first = await _first(events)  # errors before the first token still get a status code
         return StreamingResponse(self._sse(completion, first, events, include_usage), media_type="text/event-stream")
+
+    async def _chat(self, body: ChatCompletionRequest) -> gateway_pb2.ChatRequest:
+        """The request, every bound checked first (no image is fetched or decoded for a doomed one); then
+        its images, fetched side by side under the request's byte budget."""
+        urls = image_urls(body)
+        check_bounds(self.config, messages=len(body.messages), images=len(urls),
+                     chars=sum(len(part.text) for _, parts in turns(body) for part in parts if part.type == "text"),
+                     image_bytes=sum(_data_url_bytes(url) for url in urls))
+        self.servicer.check_chat(chat_request(body, [gateway_pb2.ImageRef() for _ in urls]))
+        return chat_request(body, await self._images(urls))
+
+    async def _images(self, urls: list[str]) -> list[gateway_pb2.ImageRef]:
+        budget = ImageBytes(self.config.max_request_image_bytes)
+
+        async def fetch(url: str) -> gateway_pb2.ImageRef:
+            ref = await self.urls.image_ref(url)
+            budget.take(len(ref.data))
+            return ref
+
+        try:
+            async with asyncio.TaskGroup() as group:  # the first failure cancels the other fetches
+                tasks = [group.create_task(fetch(url)) for url in urls]
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+        return [task.result() for task in tasks]
 
     async def _sse(self, completion: Completion, first, events, include_usage: bool) -> AsyncIterator[str]:
         started: set[int] = set()
@@ -180,23 +225,35 @@ class HttpApi:
         return {"id": reply.image_id, "object": "image", "url": f"vlsplit://{reply.image_id}",
                 "expires_in": reply.ttl_seconds}
 
-    async def classify(self, request: Request) -> dict:
+    async def classify(self, body: ClassifyRequest, request: Request) -> dict:
         await self.admit(request, "Moderate")
-        body = await _json(request)
-        checks = body.get("checks")
-        if not isinstance(body.get("image"), str) or not isinstance(checks, list):
-            raise InvalidRequest('expected {"image": "<url>", "checks": [{"question": str, "labels": [str]}]}')
-        moderate = gateway_pb2.ModerateRequest(image=await self.urls.image_ref(body["image"]))
-        for check in checks:
-            if not isinstance(check, dict) or not isinstance(check.get("question"), str) \
-                    or not isinstance(check.get("labels"), list) or not all(isinstance(x, str) for x in check["labels"]):
-                raise InvalidRequest('each check is {"question": str, "labels": [str, ...]}')
-            moderate.checks.add(question=check["question"], labels=check["labels"])
+        moderate = gateway_pb2.ModerateRequest(image=await self.urls.image_ref(body.image))
+        for check in body.checks:
+            moderate.checks.add(question=check.question, labels=check.labels)
         reply = await self.servicer.Moderate(moderate, _Context(self.config))
         return {"results": [{"question": r.question, "image_id": r.image_id,
                              "cache": "hit" if r.cache == gateway_pb2.CACHE_STATUS_HIT else "miss",
                              "labels": [{"label": s.label, "prob": s.prob, "logprob": s.logprob} for s in r.labels],
                              "total_ms": round(r.timings.total_ms, 2)} for r in reply.results]}
+
+
+class ImageBytes:
+    """One request's image bytes, counted as its images arrive; over the limit -> 413-style TooLarge."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def take(self, n: int) -> None:
+        self.used += n
+        if self.used > self.limit:
+            raise TooLarge(f"the request's images hold over {self.limit} bytes (VLSPLIT_MAX_REQUEST_IMAGE_BYTES)")
+
+
+def _data_url_bytes(url: str) -> int:
+    """The bytes a data: URL decodes to (from its length, before decoding); 0 for other URLs."""
+    if not url.startswith("data:"):
+        return 0
+    return len(url.partition(",")[2]) * 3 // 4
 
 
 class _Context:
@@ -223,35 +280,72 @@ async def _chain(first, events):
         yield item
 
 
-async def _json(request: Request) -> dict:
-    try:
-        body = await request.json()
-    except ValueError:
-        raise InvalidRequest("the request body is not JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    return body
-
-
 def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-def _validation(exc: RequestValidationError) -> str:
-    problems = ["{}: {}".format(".".join(str(x) for x in e.get("loc", ())[1:]) or "body", e.get("msg"))
-                for e in exc.errors()[:5]]
-    return "invalid request: " + "; ".join(problems)
+def validation_error(exc: RequestValidationError) -> JSONResponse:
+    """A body pydantic refused -> 400 in OpenAI's shape: what is wrong, and where (`param`: the first
+    offending field, e.g. "messages.0.content" or "logit_bias")."""
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return error_response(400, "the request body is not valid JSON", "invalid_json")
+    unsupported = [_field(e) for e in errors if e.get("type") == "extra_forbidden"]
+    if unsupported:
+        return error_response(400, "unsupported field(s), not honoured by this server: " + ", ".join(unsupported),
+                              "unsupported_parameter", param=unsupported[0])
+    problems = [f"{_field(e) or 'the body'}: {e.get('msg')}" for e in errors[:5]]
+    deepest = max((_field(e) or "" for e in errors), key=len, default="")  # a union's member, not the union
+    return error_response(400, "invalid request: " + "; ".join(problems), "invalid_value", param=deepest or None)
+
+
+def _field(error: dict) -> str | None:
+    """The field a pydantic error is about, dotted, without the body prefix and the union members'
+    tags (a tagged union repeats its tag before the member's fields: image_url.image_url.url)."""
+    loc = [x for x in list(error.get("loc", ()))[1:] if not (isinstance(x, str) and ("[" in x or x in UNION_TAGS))]
+    loc = [x for i, x in enumerate(loc) if i == 0 or x != loc[i - 1]]
+    return ".".join(str(x) for x in loc) or None
+
+
+UNION_TAGS = {"str", "int", "float", "bool", "choice", "json_object", "function-after"}
+IMAGE_BODY = {"requestBody": {"required": True, "content": {
+    "image/png": {"schema": {"type": "string", "format": "binary"}},
+    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+def page_headers(html: str) -> dict[str, str]:
+    """A strict Content-Security-Policy for the page: only its own inline script and styles (by hash,
+    computed from the page as served, so editing it needs no header change), its own API, blob:
+    previews; no framing, no plugins, no base or form targets elsewhere."""
+    scripts = [_csp_hash(body) for body in re.findall(r"<script>(.*?)</script>", html, re.S)]
+    styles = [_csp_hash(body) for body in re.findall(r"<style>(.*?)</style>", html, re.S)]
+    attributes = [_csp_hash(value) for value in re.findall(r'\sstyle="([^"]*)"', html)]
+    style_src = " ".join([*styles, *(["'unsafe-hashes'", *attributes] if attributes else [])])
+    policy = ("default-src 'none'; script-src " + " ".join(scripts) + "; style-src " + style_src +
+              "; img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'self'; "
+              "frame-ancestors 'none'")
+    return {"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+            "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
 class HttpServer:
     """uvicorn on the running loop; the socket is bound before the gateway reports SERVING."""
 
     def __init__(self, api: HttpApi, config: GatewayConfig):
-        ssl = {"ssl_certfile": config.tls_cert, "ssl_keyfile": config.tls_key} if config.tls_cert else {}
-        self.server = _Server(uvicorn.Config(BodyLimit(api.app, config.max_http_body_bytes), lifespan="off",
-                                             log_config=None, access_log=False, timeout_graceful_shutdown=config.grace_s,
-                                             # requests at once, as MAX_CONCURRENT_RPCS for gRPC (503 beyond it)
-                                             limit_concurrency=config.max_concurrent_rpcs or None, **ssl))
+        uv = uvicorn.Config(BodyLimit(api.app, config.max_http_body_bytes), lifespan="off", log_config=None,
+                            access_log=False, timeout_graceful_shutdown=config.grace_s,
+                            # requests at once, as MAX_CONCURRENT_RPCS for gRPC (503 beyond it)
+                            limit_concurrency=config.max_concurrent_rpcs or None)
+        uv.load()
+        # The gRPC port's TLS, client CA included: with TLS_CLIENT_CA, no client certificate from it, no request.
+        tls = server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
+        uv.ssl = tls.ssl_context() if tls else None
+        self.server = _Server(uv)
         family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

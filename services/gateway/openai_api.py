@@ -4,8 +4,10 @@ What is taken: messages (system/developer, user with text and image_url parts, a
 max_tokens / max_completion_tokens, temperature, top_p, seed, stop, presence_penalty,
 frequency_penalty, logprobs, top_logprobs, response_format (text, json_object, json_schema) and
 stream + stream_options.include_usage; plus vLLM's extras top_k, repetition_penalty and
-guided_choice (also as response_format {"type": "choice", "choices": [...]}). Unset temperature is
-greedy, as in the gRPC API (OpenAI's own default is 1). Every response also carries a `vlsplit`
+guided_choice (also as response_format {"type": "choice", "choices": [...]}). Nothing else: any other
+field (tools, functions, logit_bias, audio, user, ...) is refused with a 400 naming it, so no option a
+client relies on is silently dropped. Unset temperature is greedy, as in the gRPC API (OpenAI's own
+default is 1). Every response also carries a `vlsplit`
 object: image ids, cache hit/miss and timings.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,43 +24,83 @@ from shared.errors import InvalidRequest
 from vlsplit.sdk import sampling
 from vlsplit.v1 import common_pb2, gateway_pb2, llm_decoder_pb2
 
-from .remote import ImageUrls
-
 FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-class ImageUrl(BaseModel):
-    url: str
-    detail: str | None = None
+class Strict(BaseModel):
+    """Every request body: no field we do not honour (a client's typo or an unsupported feature is a 400
+    naming it, never silently ignored), JSON types as sent (no "1" for 1), no NaN or infinity."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-class ContentPart(BaseModel):
-    type: Literal["text", "image_url"]
-    text: str | None = None
-    image_url: ImageUrl | None = None
+class ImageUrl(Strict):
+    url: str = Field(min_length=1)
+    detail: Literal["auto"] | None = None  # the processor's own resolution; "low"/"high" are not offered
 
 
-class Message(BaseModel):
-    role: str
-    content: str | list[ContentPart] | None = None
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
 
 
-class StreamOptions(BaseModel):
+class ImagePart(Strict):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class Message(Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+
+
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TextFormat(Strict):
+    type: Literal["text"]
 
+
+class JsonObjectFormat(Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchema(Strict):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # the answer always follows the schema (a grammar mask), strict or not
+
+
+class JsonSchemaFormat(Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+class ChoiceFormat(Strict):
+    type: Literal["choice"]
+    choices: list[str] = Field(min_length=1)
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat | ChoiceFormat,
+                           Field(discriminator="type")]
+INT32 = 2**31 - 1
+
+
+class ChatCompletionRequest(Strict):
     model: str
     messages: list[Message] = Field(min_length=1)
-    n: int = Field(1, ge=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=INT32)
+    max_tokens: int | None = Field(None, ge=1, le=INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=INT32)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
@@ -66,33 +108,43 @@ class ChatCompletionRequest(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0, le=2)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
-    guided_choice: list[str] | None = None
+    response_format: ResponseFormat | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    tools: list[Any] | None = None  # refused: not supported
-    functions: list[Any] | None = None  # refused: not supported
 
 
-async def chat_request(body: ChatCompletionRequest, urls: ImageUrls) -> gateway_pb2.ChatRequest:
-    if body.tools or body.functions:
-        raise InvalidRequest("tools and functions are not supported by this server")
+class Check(Strict):
+    question: str
+    labels: list[str] = Field(min_length=1)
+
+
+class ClassifyRequest(Strict):
+    image: str = Field(min_length=1)
+    checks: list[Check] = Field(min_length=1)
+
+
+def turns(body: ChatCompletionRequest) -> list[tuple[str, list[TextPart | ImagePart]]]:
+    """The messages as (gateway role, parts); a string content is one text part."""
+    return [(ROLES[m.role], [TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content)
+            for m in body.messages]
+
+
+def image_urls(body: ChatCompletionRequest) -> list[str]:
+    return [part.image_url.url for _, parts in turns(body) for part in parts if isinstance(part, ImagePart)]
+
+
+def chat_request(body: ChatCompletionRequest, images: list[gateway_pb2.ImageRef]) -> gateway_pb2.ChatRequest:
+    """The ChatRequest of `body`, its image parts replaced in order by `images` (fetched by the caller)."""
     request = gateway_pb2.ChatRequest(n=body.n, sampling=_sampling(body))
-    for i, message in enumerate(body.messages):
-        role = ROLES.get(message.role)
-        if role is None:
-            raise InvalidRequest(f"messages[{i}].role {message.role!r} is not supported "
-                                 f"(one of: {', '.join(ROLES)})")
+    refs = iter(images)
+    for role, parts in turns(body):
         turn = request.messages.add(role=role)
-        parts = [ContentPart(type="text", text=message.content)] if isinstance(message.content, str) \
-            else message.content or []
         for part in parts:
-            if part.type == "text":
-                turn.content.add(text=part.text or "")
-            elif part.image_url is None:
-                raise InvalidRequest(f"messages[{i}]: an image_url part needs image_url.url")
+            if isinstance(part, TextPart):
+                turn.content.add(text=part.text)
             else:
-                turn.content.add(image=await urls.image_ref(part.image_url.url))
+                turn.content.add(image=next(refs))
     return request
 
 
@@ -110,23 +162,18 @@ def _sampling(body: ChatCompletionRequest) -> common_pb2.SamplingParams:
 
 
 def _response_format(body: ChatCompletionRequest) -> common_pb2.ResponseFormat | None:
-    fmt = body.response_format or {}
-    kind = fmt.get("type", "text")
-    choices = body.guided_choice if body.guided_choice is not None else fmt.get("choices") if kind == "choice" else None
+    fmt = body.response_format
+    if body.guided_choice is not None and fmt is not None and not isinstance(fmt, TextFormat):
+        raise InvalidRequest("guided_choice and response_format cannot both be set")
+    choices = body.guided_choice if body.guided_choice is not None else \
+        fmt.choices if isinstance(fmt, ChoiceFormat) else None
     if choices is not None:
-        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices) or not choices:
-            raise InvalidRequest("choices must be a non-empty list of strings")
         return common_pb2.ResponseFormat(choices=common_pb2.ChoiceList(choices=choices))
-    if kind == "text":
-        return None
-    if kind == "json_object":
+    if isinstance(fmt, JsonObjectFormat):
         return common_pb2.ResponseFormat(json_object=True)
-    if kind == "json_schema":
-        schema = (fmt.get("json_schema") or {}).get("schema")
-        if not isinstance(schema, dict):
-            raise InvalidRequest("response_format.json_schema.schema must be a JSON schema object")
-        return common_pb2.ResponseFormat(json_schema=json.dumps(schema))
-    raise InvalidRequest(f"response_format type {kind!r} is not supported (text, json_object, json_schema, choice)")
+    if isinstance(fmt, JsonSchemaFormat):
+        return common_pb2.ResponseFormat(json_schema=json.dumps(fmt.json_schema.schema_))
+    return None
 
 
 class Completion:

@@ -16,6 +16,7 @@ from shared.errors import InvalidRequest, TooLarge, Unavailable, Upstream
 from shared.image_ids import check_image_id, image_id as sha256_id, scoped_image_id
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, vision_encoder_pb2
 
+from .admission import PayloadAdmission
 from .pools import DecoderPool, EncoderPool
 from .routing import DECODER_REQUESTS, FAILOVERS, MIGRATIONS, Router, failover_reason
 
@@ -61,8 +62,10 @@ class Embeddings:
 
 class Pipeline:
     def __init__(self, encoder: EncoderPool, decoders: DecoderPool, router: Router, cache: SafeStore,
-                 cache_ttl_s: int, write_back: bool, migration_limit: int = 1):
+                 cache_ttl_s: int, write_back: bool, migration_limit: int = 1,
+                 admission: PayloadAdmission | None = None):
         self.encoder, self.decoders, self.router, self.cache = encoder, decoders, router, cache
+        self.admission = admission or PayloadAdmission()
         self.migration_limit = migration_limit
         self.cache_ttl_s = cache_ttl_s
         self.write_back = write_back  # "memory" backend: the gateway keeps what it fetched
@@ -127,6 +130,7 @@ class Pipeline:
         payload of another model (FAILED_PRECONDITION: the model was redeployed) makes the gateway
         fetch the fingerprint again and the payload under it."""
         header.image_ids[:] = [source.key for source in fetch.sources]
+        await self._admit(fetch, timeout)
         try:
             async for reply in self._routed(rpc, header, fetch, timeout):
                 yield reply
@@ -134,6 +138,18 @@ class Pipeline:
             await self._recover(exc, fetch, timeout)
             async for reply in self._routed(rpc, header, fetch, timeout):
                 yield reply
+        finally:
+            self.admission.grow(-fetch.held)  # the payloads are let go with the call
+            fetch.held = 0
+
+    async def _admit(self, fetch: "ImageFetch", timeout: float) -> None:
+        """Before any image is encoded: the images' estimated payloads against what the image's decoder
+        advertises it takes (admission.py)."""
+        if not fetch.sources:
+            return
+        replica = self.router.order(fetch.route_key)[0]
+        limits = await self.admission.limits(replica, lambda: self.decoders.get(replica).model_info(timeout))
+        fetch.estimate, fetch.budget = self.admission.check(limits, [source.data for source in fetch.sources])
 
     async def _recover(self, exc: Upstream, fetch: "ImageFetch", timeout: float) -> None:
         """Make the retry after `exc` meaningful, or raise it."""
@@ -148,6 +164,7 @@ class Pipeline:
         elif exc.grpc_code == "FAILED_PRECONDITION" and fetch.fetched:
             stale = self._fingerprint
             self._fingerprint = None
+            self.admission.forget()
             if await self.fingerprint(timeout) == stale:
                 raise exc
             log.warning("the served model changed (%s -> %s); fetching %s's payloads again", stale,
@@ -269,6 +286,8 @@ class ImageFetch:
         self.pipeline, self.sources, self.timeout = pipeline, sources, timeout
         self.route_key = sources[0].key if sources else route  # conversations stay on their first image's decoder
         self.embeddings: list[Embeddings] = []
+        self.estimate = self.budget = 0  # payload bytes estimated before encoding; the in-flight budget
+        self.held = 0  # payload bytes of this request counted in flight (admission.py)
 
     @property
     def fetched(self) -> bool:
@@ -276,8 +295,15 @@ class ImageFetch:
 
     async def __call__(self) -> list[bytes]:
         if not self.fetched:
+            if not self.held:
+                self.pipeline.admission.hold(self.estimate, self.budget)  # before fetching: refused, nothing held
+                self.held = self.estimate
             self.embeddings = list(await asyncio.gather(
                 *(self.pipeline.embeddings(source, self.timeout) for source in self.sources)))
+            actual = sum(len(emb.payload) for emb in self.embeddings)
+            if actual > self.held:
+                self.pipeline.admission.grow(actual - self.held)
+                self.held = actual
         return [emb.payload for emb in self.embeddings]
 
     @property

@@ -15,6 +15,7 @@ from shared.server import Service, run
 from shared.tls import client_tls
 from vlsplit.v1 import gateway_pb2_grpc
 
+from .admission import PayloadAdmission
 from .auth import REJECTED, REQUESTS, AuthInterceptor, ImageQuota, TokenFile, warn_unbounded_images
 from .http import HttpApi, HttpServer
 from .pools import ENCODER_REQUESTS, DecoderPool, EncoderPool
@@ -55,7 +56,8 @@ def build(config: GatewayConfig) -> Service:
         decoders = DecoderPool(router, config.retry_attempts, config.deadline_s, tls)
         encoder = EncoderPool(encoders, config.retry_attempts, config.deadline_s, tls)
         pipeline = Pipeline(encoder, decoders, router, store, config.cache_ttl_s,
-                            write_back=config.redis_url == "memory", migration_limit=config.migration_limit)
+                            write_back=config.redis_url == "memory", migration_limit=config.migration_limit,
+                            admission=PayloadAdmission(config.max_payload_bytes_in_flight))
         await pipeline.start(config.decoder_resolve_s)
         servicer.quota = ImageQuota(store.redis)
         if isinstance(limiter, ClusterRateLimiter):

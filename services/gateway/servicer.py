@@ -88,10 +88,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         """Yields (decoder reply, None) per token message, then (None, the whole ChatResponse).
         The n answers are n rows of one decoder request sharing the conversation's prefix."""
         start = time.perf_counter()
-        n = request.n or 1
-        if n > self.config.max_choices:
-            raise TooLarge(f"n is {n}; the limit is {self.config.max_choices} (VLSPLIT_MAX_CHOICES)")
-        sampling = self._sampling(request.sampling)
+        n, sampling = self.check_chat(request)
         messages, sources = await conversation(request.messages, self.config, self._source)
         header = llm_decoder_pb2.GenerateHeader(messages=messages, sampling=sampling, n=n, cache_salt=self._cache_salt())
         fetch = self.pipeline.fetcher(sources, timeout, route=route_key(messages))
@@ -100,6 +97,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             answers.add(reply)
             yield reply, None
         yield None, answers.response(fetch.cache_hit, fetch.encode_ms)
+
+    def check_chat(self, request: gateway_pb2.ChatRequest) -> tuple[int, common_pb2.SamplingParams]:
+        """n and the sampling parameters, validated (the HTTP API calls this before fetching any image)."""
+        n = request.n or 1
+        if n > self.config.max_choices:
+            raise TooLarge(f"n is {n}; the limit is {self.config.max_choices} (VLSPLIT_MAX_CHOICES)")
+        return n, self._sampling(request.sampling)
 
     async def _checks(self, image: gateway_pb2.ImageRef, checks: list[tuple[str, list[str]]], context,
                       ) -> list[gateway_pb2.ClassifyResponse]:

@@ -18,12 +18,14 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator
 
 from shared import metrics
 from shared.codec import FORMAT_VERSION, decode_payload
 from shared.config import DecoderConfig
 from shared.errors import InvalidRequest, Unavailable
+from shared.fingerprint import processor_config, processor_settings
 from shared.hardware import Runtime
 from shared.processor import Message, validate_messages
 from shared.sampling import SamplingParams, sampling_from_pb
@@ -73,6 +75,10 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
         self.runtime = runtime
         limit = self.config.max_payload_bytes or engine.largest_request_payload
         self.max_payload_bytes = limit
+        settings = processor_settings(processor_config(Path(engine.checkpoint.path)))
+        self.image_tokens = common_pb2.ImageTokenRule(  # gateways estimate payloads with it (before encoding)
+            patch_size=settings["patch_size"], merge_size=settings["merge_size"], min_pixels=settings["min_pixels"],
+            max_pixels=settings["max_pixels"])
         self.budget = PayloadBudget(self.config.max_receiving_bytes or 4 * limit)
         self.engine = engine
 
@@ -83,7 +89,9 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
     async def GetModelInfo(self, request, context) -> common_pb2.ModelInfo:
         engine = self._ready()
         return common_pb2.ModelInfo(model_type=engine.family.model_type, fingerprint=engine.fingerprint,
-                                    payload_format=FORMAT_VERSION, **self.runtime.info_fields())
+                                    payload_format=FORMAT_VERSION, max_payload_bytes=self.max_payload_bytes,
+                                    payload_values_per_token=engine.hidden_size * (1 + engine.deepstack_levels),
+                                    image_tokens=self.image_tokens, **self.runtime.info_fields())
 
     async def Generate(self, requests, context):
         stream = RequestStream(aiter(requests), self.config.stream_idle_s, self.config.payload_wait_s)

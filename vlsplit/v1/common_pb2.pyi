@@ -113,7 +113,7 @@ class EmbeddingInfo(_message.Message):
     def __init__(self, image_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., grid_thw: _Optional[_Iterable[int]] = ..., n_tokens: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_type", "fingerprint", "dtype", "payload_format", "dtype_reason", "torch_threads", "device_name", "quantize", "weight_bytes", "backend")
+    __slots__ = ("model_type", "fingerprint", "dtype", "payload_format", "dtype_reason", "torch_threads", "device_name", "quantize", "weight_bytes", "backend", "max_payload_bytes", "payload_values_per_token", "image_tokens")
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,9 @@ class ModelInfo(_message.Message):
     QUANTIZE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    MAX_PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_VALUES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model_type: str
     fingerprint: str
     dtype: str
@@ -134,7 +137,22 @@ class ModelInfo(_message.Message):
     quantize: str
     weight_bytes: int
     backend: str
-    def __init__(self, model_type: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., payload_format: _Optional[int] = ..., dtype_reason: _Optional[str] = ..., torch_threads: _Optional[int] = ..., device_name: _Optional[str] = ..., quantize: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    max_payload_bytes: int
+    payload_values_per_token: int
+    image_tokens: ImageTokenRule
+    def __init__(self, model_type: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., payload_format: _Optional[int] = ..., dtype_reason: _Optional[str] = ..., torch_threads: _Optional[int] = ..., device_name: _Optional[str] = ..., quantize: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., max_payload_bytes: _Optional[int] = ..., payload_values_per_token: _Optional[int] = ..., image_tokens: _Optional[_Union[ImageTokenRule, _Mapping]] = ...) -> None: ...
+
+class ImageTokenRule(_message.Message):
+    __slots__ = ("patch_size", "merge_size", "min_pixels", "max_pixels")
+    PATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MERGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MIN_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    patch_size: int
+    merge_size: int
+    min_pixels: int
+    max_pixels: int
+    def __init__(self, patch_size: _Optional[int] = ..., merge_size: _Optional[int] = ..., min_pixels: _Optional[int] = ..., max_pixels: _Optional[int] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ()
