@@ -9,13 +9,17 @@ slot, so every multi-key command stays within one slot. `redis+cluster://host:po
 
 Redis refuses a value over its proto-max-bulk-len (512 MB by default), and the largest image's
 float32 payload can pass that (Qwen3-VL-2B: 537 MB). A value over `part_bytes` is stored as parts
-under `<key>:part:<nonce>:<i>` with a small manifest under `<key>`, all in one MULTI/EXEC with the
-same TTL; a read with any part missing is a miss.
+under `<key>:part:<nonce>:<i>` with a small manifest under `<key>` (shared/manifest.py: each part's
+length and sha256, sealed with the HMAC key when there is one), all in one MULTI/EXEC with the same
+TTL; a read with any part missing is a miss. A manifest is checked (MAC, shape, at most
+`max_entry_bytes / part_bytes` parts) before any part is read: one that fails is dropped, never followed.
 
 With a key (VLSPLIT_CACHE_HMAC_KEY, the same on every service), every value is stored as
 `vls1 + HMAC-SHA256(key, cache key + value) + value`: the MAC binds the value to its key, which names
 the model fingerprint and the image id, so an entry written by anyone without the key (or moved
 under another key) is dropped on read, counted in `vlsplit_cache_rejected_total`, and recomputed.
+Placeholder and weak keys (the one in .env.example, under 32 bytes, few distinct characters) are
+refused at start.
 
 A cache must never fail a request: when Redis is down or slow (short socket timeouts), reads are
 misses and writes are skipped; the first failure is logged, every failure is counted in
@@ -24,9 +28,9 @@ misses and writes are skipped; the first failure is logged, every failure is cou
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import secrets
 import time
@@ -38,11 +42,12 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from . import metrics
+from .manifest import MARK, Manifest, PartBound, Rejected, read as read_manifest
 from .version import PAYLOAD_FORMAT
 
 log = logging.getLogger("vlsplit.cache")
 PART_BYTES = 64 << 20  # Redis values above this are stored in parts
-MANIFEST = b"vlsplit-parts:1\n"  # never the start of a payload (a msgpack map) or an image file
+MAX_ENTRY_BYTES = 2048 << 20  # the largest value cached: bounds a manifest to MAX_ENTRY_BYTES / PART_BYTES parts
 
 
 def embedding_key(fingerprint: str, image_id: str) -> str:
@@ -100,8 +105,11 @@ CLUSTER_SCHEMES = {"redis+cluster://": "redis://", "rediss+cluster://": "rediss:
 
 class RedisStore:
     def __init__(self, url: str, timeout_s: float, part_bytes: int = PART_BYTES, password: str = "",
-                 username: str = "", tls_ca: str = "", tls_cert: str = "", tls_key: str = ""):
-        self.url, self.part_bytes = url, part_bytes
+                 username: str = "", tls_ca: str = "", tls_cert: str = "", tls_key: str = "",
+                 max_entry_bytes: int = MAX_ENTRY_BYTES, signer: "Signer | None" = None):
+        """`signer` seals and checks parts manifests (SafeStore seals the values themselves)."""
+        self.url, self.part_bytes, self.signer = url, part_bytes, signer
+        self.bound = PartBound(part_bytes, max_entry_bytes)
         options = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         # Credentials in the URL win: redis-py lets URL options override keyword ones.
         options.update({k: v for k, v in (("password", password), ("username", username)) if v})
@@ -119,67 +127,80 @@ class RedisStore:
 
     async def get(self, key: str) -> bytes | None:
         value = await self.client.get(key)
-        parts = _part_keys(key, value)
-        if parts is None:
+        if value is None or not value.startswith(MARK):
             return value
-        pieces = await self.client.mget(parts[0])
+        try:
+            manifest = read_manifest(key, value, self.signer, self.bound)  # before any part is read
+        except Rejected as exc:
+            self._reject(key, str(exc))
+            await self.client.delete(key)  # its parts, if any, expire with their TTL
+            return None
+        pieces = await self.client.mget(manifest.part_keys(key))
         if any(piece is None for piece in pieces):
             return None  # a part expired or was evicted before its manifest
-        data = b"".join(pieces)
-        return data if len(data) == parts[1] else None
+        if not await asyncio.to_thread(manifest.matches, pieces):
+            self._reject(key, "a part that does not match its manifest's digest")
+            await self.client.delete(key, *manifest.part_keys(key))
+            return None
+        return b"".join(pieces)
 
     async def set(self, key: str, value: bytes, ttl_s: int) -> None:
         if len(value) <= self.part_bytes:
             await self.client.set(key, value, ex=ttl_s)
             return
-        nonce = secrets.token_hex(8)
-        count = -(-len(value) // self.part_bytes)
-        view = memoryview(value)
+        if len(value) > self.bound.max_entry_bytes:
+            log.warning("not caching %s: %d bytes, over VLSPLIT_CACHE_MAX_ENTRY_BYTES (%d)", key, len(value),
+                        self.bound.max_entry_bytes, extra={"key": key})
+            return
+        manifest, pieces = await asyncio.to_thread(Manifest.split, secrets.token_hex(8), value, self.part_bytes)
         # parts before the manifest; a cluster pipeline sends them in order to the slot's node
         async with self.client.pipeline(transaction=not self.cluster) as pipe:
-            for i in range(count):
-                pipe.set(f"{key}:part:{nonce}:{i}", view[i * self.part_bytes:(i + 1) * self.part_bytes], ex=ttl_s)
-            pipe.set(key, MANIFEST + json.dumps({"nonce": nonce, "parts": count, "bytes": len(value)}).encode(), ex=ttl_s)
+            for part_key, piece in zip(manifest.part_keys(key), pieces):
+                pipe.set(part_key, piece, ex=ttl_s)
+            pipe.set(key, manifest.seal(key, self.signer), ex=ttl_s)
             await pipe.execute()
 
     async def delete(self, key: str) -> None:
-        parts = _part_keys(key, await self.client.get(key))
-        await self.client.delete(key, *(parts[0] if parts else []))
+        value = await self.client.get(key)
+        parts: list[str] = []
+        if value is not None and value.startswith(MARK):
+            try:
+                parts = read_manifest(key, value, self.signer, self.bound).part_keys(key)
+            except Rejected:
+                pass  # never followed: its parts (if any) expire with their TTL
+        await self.client.delete(key, *parts)
 
     async def close(self) -> None:
         await self.client.aclose()
 
-
-def _part_keys(key: str, value: bytes | None) -> tuple[list[str], int] | None:
-    """For a manifest value: the keys of its parts and the value's total size; else None."""
-    if value is None or not value.startswith(MANIFEST):
-        return None
-    try:
-        meta = json.loads(value[len(MANIFEST):])
-        return [f"{key}:part:{meta['nonce']}:{i}" for i in range(int(meta["parts"]))], int(meta["bytes"])
-    except (ValueError, KeyError, TypeError):
-        return [], -1  # a broken manifest reads as a miss
+    def _reject(self, key: str, why: str) -> None:
+        metrics.CACHE_REJECTED.labels("manifest").inc()
+        log.warning("dropping cache entry %s unread: %s", key, why, extra={"key": key, "reason": "manifest"})
 
 
-def open_store(url: str, timeout_s: float, memory_bytes: int, part_bytes: int = PART_BYTES, **auth: str) -> Store:
+def open_store(url: str, timeout_s: float, memory_bytes: int, part_bytes: int = PART_BYTES,
+               max_entry_bytes: int = MAX_ENTRY_BYTES, signer: "Signer | None" = None, **auth: str) -> Store:
     """`memory` -> in-process LRU; `redis://...` -> Redis; `redis+cluster://...` -> Redis Cluster.
-    `auth`: password, username, tls_ca, tls_cert, tls_key (used when the URL carries none)."""
+    `signer` seals parts manifests; `auth`: password, username, tls_ca, tls_cert, tls_key (used when the
+    URL carries none)."""
     if url == "memory":
         return MemoryStore(memory_bytes)
-    return RedisStore(url, timeout_s, part_bytes, **auth)
+    return RedisStore(url, timeout_s, part_bytes, max_entry_bytes=max_entry_bytes, signer=signer, **auth)
 
 
 def safe_store_for(config) -> "SafeStore":
     """The store a service's config describes (its redis_* and cache fields), failures absorbed and
-    values signed when it has a cache_hmac_key."""
-    return SafeStore(store_for(config), Signer(config.cache_hmac_key) if config.cache_hmac_key else None)
+    values (and parts manifests) signed when it has a cache_hmac_key."""
+    signer = Signer(config.cache_hmac_key) if config.cache_hmac_key else None
+    return SafeStore(store_for(config, signer), signer)
 
 
-def store_for(config) -> Store:
+def store_for(config, signer: "Signer | None" = None) -> Store:
     """The store a service's config describes (its redis_* and cache fields)."""
     return open_store(config.redis_url, config.redis_timeout_s, config.memory_cache_bytes, config.cache_part_bytes,
-                      password=config.redis_password, username=config.redis_username, tls_ca=config.redis_tls_ca,
-                      tls_cert=config.redis_tls_cert, tls_key=config.redis_tls_key)
+                      config.cache_max_entry_bytes, signer, password=config.redis_password,
+                      username=config.redis_username, tls_ca=config.redis_tls_ca, tls_cert=config.redis_tls_cert,
+                      tls_key=config.redis_tls_key)
 
 
 class Signer:
@@ -187,13 +208,29 @@ class Signer:
 
     MAGIC = b"vls1"
     MIN_KEY_BYTES = 32
+    MIN_DISTINCT = 8  # a random hex key of 32 characters has about 14
+    PLACEHOLDERS = (b"change-me", b"changeme", b"replace-me", b"placeholder", b"example")  # as in .env.example
 
     def __init__(self, key: str | bytes):
         key = key.encode() if isinstance(key, str) else key
-        if len(key) < self.MIN_KEY_BYTES:
-            raise ValueError(f"the cache HMAC key (VLSPLIT_CACHE_HMAC_KEY) is {len(key)} bytes; at least "
-                             f"{self.MIN_KEY_BYTES} are required (e.g. `openssl rand -hex 32`)")
+        weakness = self.weakness(key)
+        if weakness:
+            raise ValueError(f"the cache HMAC key (VLSPLIT_CACHE_HMAC_KEY) {weakness}: set a random one, "
+                             f"e.g. `openssl rand -hex 32`, the same on encoders and gateways")
         self.key = key
+
+    @classmethod
+    def weakness(cls, key: bytes) -> str:
+        """Why `key` must not sign anything, or ""."""
+        if len(key) < cls.MIN_KEY_BYTES:
+            return f"is {len(key)} bytes; at least {cls.MIN_KEY_BYTES} are required"
+        if any(word in key.lower() for word in cls.PLACEHOLDERS):
+            return "is a placeholder (like the value in .env.example)"
+        if len(set(key)) == 1:
+            return "is one character repeated"
+        if len(set(key)) < cls.MIN_DISTINCT:
+            return f"has only {len(set(key))} distinct characters (at least {cls.MIN_DISTINCT})"
+        return ""
 
     def _mac(self, cache_key: str, value) -> bytes:
         mac = hmac.new(self.key, cache_key.encode() + b"\0", hashlib.sha256)

@@ -58,8 +58,12 @@ class CacheConfig:
     redis_tls_cert: str = ""  # rediss:// with client certificates
     redis_tls_key: str = ""
     # Signs every cache value (HMAC-SHA256; >= 32 bytes, the same on encoders and gateways, from a Secret):
-    # entries written without it are dropped and recomputed. "" = unsigned.
+    # entries written without it are dropped and recomputed. "" = unsigned. Placeholders (.env.example's) and weak
+    # keys (under 32 bytes, fewer than 8 distinct characters) are refused at start.
     cache_hmac_key: str = ""
+    # The largest value cached (larger ones are not): Qwen3-VL-2B's largest float32 image payload is 537 MB. It
+    # bounds a parts manifest to cache_max_entry_bytes / cache_part_bytes parts; one naming more is never followed.
+    cache_max_entry_bytes: int = 2048 * MiB
 
 
 @dataclass(frozen=True)
