@@ -11,7 +11,9 @@ The allocator is chosen when the process starts, so `vlsplit serve encoder|decod
 itself once, before torch is imported, with `LD_PRELOAD` naming tcmalloc (`auto`, when a
 libtcmalloc is installed: Debian/Ubuntu `libtcmalloc-minimal4`, in the model images) or with
 `GLIBC_TUNABLES` raising glibc's thresholds (`auto` without tcmalloc, or `glibc`). `system` leaves
-the process as it is. `VLSPLIT_ALLOCATOR` (or `--allocator`) sets it.
+the process as it is. `VLSPLIT_ALLOCATOR` (or `--allocator`) sets it. An encoder on the OpenVINO
+backend takes glibc under `auto`: OpenVINO's runtime aborted ("double free or corruption") with
+tcmalloc preloaded.
 """
 
 from __future__ import annotations

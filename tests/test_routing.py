@@ -21,7 +21,7 @@ from stack import ask_request
 from services.gateway.pipeline import ImageSource, Pipeline, question_message
 from services.gateway.routing import Router, parse_targets, rendezvous
 from shared.errors import Unavailable, Upstream
-from vlsplit.v1 import gateway_pb2, gateway_pb2_grpc, llm_decoder_pb2
+from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, llm_decoder_pb2
 
 REPLICAS = ["10.0.0.1:50053", "10.0.0.2:50053", "10.0.0.3:50053"]
 QUESTIONS = ["What is in this picture?", "What colour is the roof?", "Is it day or night?"]
@@ -134,6 +134,9 @@ class FakeDecoder:
     def __init__(self, error: Exception | None = None, tokens_before_error: int = 0):
         self.error, self.tokens_before_error, self.calls = error, tokens_before_error, 0
         self.resumed: list[int] = []
+
+    async def model_info(self, timeout):
+        return common_pb2.ModelInfo()  # advertises no payload limit (as an older decoder): nothing to admit
 
     async def negotiate(self, rpc, header, fetch, timeout):
         """The answer 0, 1, 2 (continued after header.resume_token_ids), or `error` after some tokens."""

@@ -198,7 +198,10 @@ def _serve(args) -> int:
     if args.service in ("encoder", "decoder"):  # before torch is imported: restarts this process once
         from shared import allocator
 
-        allocator.reexec(settings.allocator)
+        choice = settings.allocator
+        if choice == "auto" and getattr(settings, "encoder_backend", "torch") == "openvino":
+            choice = "glibc"  # OpenVINO's runtime aborts (double free) with tcmalloc preloaded
+        allocator.reexec(choice)
     importlib.import_module(module_name).main(settings)
     return 0
 
