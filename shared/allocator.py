@@ -47,9 +47,12 @@ def find_tcmalloc() -> str | None:
     return name if name and os.path.isabs(name) else None
 
 
-def environment(choice: str, environ: dict[str, str]) -> tuple[dict[str, str] | None, str]:
-    """(the environment to re-execute with, or None to go on as is; what the process runs with)."""
+def environment(choice: str, environ: dict[str, str], openvino: bool = False) -> tuple[dict[str, str] | None, str]:
+    """(the environment to re-execute with, or None to go on as is; what the process runs with).
+    `openvino`: the process runs OpenVINO, so `auto` never picks tcmalloc."""
     check_allocator(choice)
+    if choice == "auto" and openvino:
+        choice = "glibc"  # OpenVINO's runtime aborts (double free) with tcmalloc preloaded
     if environ.get(MARK):
         return None, environ[MARK]
     if choice == "system":
@@ -73,9 +76,9 @@ def environment(choice: str, environ: dict[str, str]) -> tuple[dict[str, str] | 
     return env, applied
 
 
-def reexec(choice: str) -> str:
+def reexec(choice: str, openvino: bool = False) -> str:
     """Re-execute this process under the allocator `choice` names (once); returns what it runs with."""
-    env, applied = environment(choice, dict(os.environ))
+    env, applied = environment(choice, dict(os.environ), openvino)
     if env is None:
         return applied
     sys.stdout.flush()

@@ -9,7 +9,8 @@ multiplied with `torch.ops.mkldnn._linear_pointwise`, the kernel pair torch.comp
 emits for frozen linears. For many rows (a prefill chunk) it is the other way round in float32: the
 dense kernel is 10-25 % faster from a few hundred rows on. So a layer keeps both copies and picks per
 call by row count (`DENSE_FROM_ROWS`; in bf16 on AMX the packed kernel is as fast or faster at every
-row count, and bit-identical, so bf16 calls of two rows or more always take it); that costs one more copy of its weights in memory, which
+row count, and bit-identical, so bf16 calls of two rows or more always take it); that costs one more
+copy of its weights in memory, which
 `packed_linear = "head"` avoids (only the LM head, which multiplies one row per sequence, is packed;
 a tied head keeps its dense rows anyway for the embedding lookup, and shares them here). In bf16, a
 call of exactly one row goes to `torch.mv` on the dense weight where one is kept: when the weights

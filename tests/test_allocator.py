@@ -58,3 +58,9 @@ def test_a_process_reexecutes_under_the_allocator(choice):
         assert lines == {"applied": f"tcmalloc ({tcmalloc})", "maps-tcmalloc": "True"}  # really loaded
     else:
         assert lines == {"applied": "glibc (mmap and trim thresholds raised)", "maps-tcmalloc": "False"}
+
+
+def test_an_openvino_process_never_gets_tcmalloc_under_auto(monkeypatch):
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+    env, applied = allocator.environment("auto", {}, openvino=True)
+    assert "LD_PRELOAD" not in env and env["GLIBC_TUNABLES"] == allocator.GLIBC_TUNABLES and applied.startswith("glibc")

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from shared.allocator import CHOICES as ALLOCATORS  # torch-free too
 from shared.hardware import DTYPE_NAMES  # torch-free: the gateway-only install runs this CLI too
 
 # No hub, ever: every model is a local directory. Set before transformers is imported.
@@ -94,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port-file", help="write the bound ports here as JSON once serving")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help=DTYPE_HELP)
     p.add_argument("--quantize", choices=QUANTIZE, help=QUANTIZE_HELP + " (encoder, decoder)")
-    p.add_argument("--allocator", choices=("auto", "tcmalloc", "glibc", "system"),
+    p.add_argument("--allocator", choices=ALLOCATORS,
                    help="malloc of the encoder/decoder process (default auto: tcmalloc where installed, else glibc "
                         "with raised mmap/trim thresholds)")
     p.add_argument("--backend", dest="encoder_backend", choices=BACKENDS,
@@ -198,10 +199,7 @@ def _serve(args) -> int:
     if args.service in ("encoder", "decoder"):  # before torch is imported: restarts this process once
         from shared import allocator
 
-        choice = settings.allocator
-        if choice == "auto" and getattr(settings, "encoder_backend", "torch") == "openvino":
-            choice = "glibc"  # OpenVINO's runtime aborts (double free) with tcmalloc preloaded
-        allocator.reexec(choice)
+        allocator.reexec(settings.allocator, openvino=getattr(settings, "encoder_backend", "torch") == "openvino")
     importlib.import_module(module_name).main(settings)
     return 0
 

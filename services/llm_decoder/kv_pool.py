@@ -16,7 +16,7 @@ class KVPool:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.slots = num_blocks * block_size
         # torch.empty: pages are committed as blocks are first written, not up front.
-        self.kv = torch.empty(layers, 2, kv_heads, num_blocks * block_size, head_dim, dtype=dtype, device=device)
+        self.kv = torch.empty(layers, 2, kv_heads, self.slots, head_dim, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -63,8 +63,8 @@ class ModelRunner:
         self.packed = packed_linear if packed_linear != "off" and can_pack(dtype, device) else "off"
         if self.packed != "off":  # weights reordered for oneDNN's small-batch kernels (packed_linear.py)
             # a tied head's dense rows are the embedding's, kept anyway: shared, for one-row calls
-            self.lm_head = PackedLinear(self.lm_head.weight, None, dense=self.checkpoint.config.tie_word_embeddings
-                                        and self.lm_head.weight is self.text_model.embed_tokens.weight)
+            self.lm_head = PackedLinear(self.lm_head.weight, None,
+                                        dense=self.lm_head.weight is self.text_model.embed_tokens.weight)
         if self.packed == "all":
             pack_linears(self.text_model.layers, dense=True)
         heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
