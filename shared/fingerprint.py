@@ -36,7 +36,8 @@ _PROCESSOR_KEYS = (
     "rescale_factor", "do_rescale", "do_normalize", "do_resize", "resample", "do_convert_rgb",
 )
 # Files whose (size, mtime, inode) key the memo; safetensors files are added by glob.
-_KEY_FILES = ("config.json", "preprocessor_config.json", "processor_config.json", INDEX_FILE)
+_KEY_FILES = ("config.json", "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
+              INDEX_FILE)
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,9 @@ def _fingerprint_uncached(ckpt: Path) -> str:
         "processor": processor_settings(processor_config(ckpt)),
         "tensors": [[k, e.dtype, list(e.shape), digests[k]] for k, e in sorted(entries.items())],
     }
+    if (ckpt / "video_preprocessor_config.json").is_file():  # a clip's defaults (fps, frames, pixels) too
+        video = _read_json(ckpt / "video_preprocessor_config.json")
+        document["video_processor"] = {k: v for k, v in video.items() if not k.startswith("_")}
     canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
     # 16 hex chars = 64 bits: ample against accidental collisions, short enough for cache keys.
     fingerprint = hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -9,6 +9,16 @@ import torch
 
 
 @dataclass(frozen=True)
+class VideoTiming:
+    """What the decoder needs of a clip beyond its grid (shared/video.py says how it is derived):
+    second_per_grid_t spaces Qwen2.5-VL's temporal positions, timestamps (seconds, one per temporal
+    patch) are the `<t seconds>` text Qwen3-VL's prompt puts before each frame."""
+
+    second_per_grid_t: float
+    timestamps: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class EmbeddingPayload:
     """Vision-tower output for ONE image, ready to be scattered into a prompt.
 
@@ -17,6 +27,8 @@ class EmbeddingPayload:
     deepstack:  L x [n_tokens, hidden] Qwen3-VL deepstack features, empty for Qwen2/2.5-VL
     fingerprint: the producing model's fingerprint (see shared/fingerprint.py)
     image_id:  content id (sha256 of the image bytes) of the image it belongs to; "" if unnamed
+               (for a clip: its media id, which covers the sampling too: shared/image_ids.py)
+    video:     a clip's timing (shared/video.py), None for an image
     """
 
     embeddings: torch.Tensor
@@ -24,6 +36,7 @@ class EmbeddingPayload:
     fingerprint: str
     deepstack: tuple[torch.Tensor, ...] = ()
     image_id: str = ""
+    video: VideoTiming | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -41,6 +54,7 @@ class EmbeddingPayload:
             fingerprint=self.fingerprint,
             deepstack=tuple(t.to(dtype) for t in self.deepstack),
             image_id=self.image_id,
+            video=self.video,
         )
 
     def named(self, image_id: str) -> "EmbeddingPayload":

@@ -23,15 +23,18 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerBase
 
 from .errors import BadImage, InvalidRequest
+from .payload import VideoTiming
 
 IMAGE_TOKEN = "<|image_pad|>"
+VIDEO_TOKEN = "<|video_pad|>"
+MEDIA_TYPES = ("image", "video")
 # Stands for a message's text while the chat template renders (private-use characters: no template
 # or tokenizer treats them specially).
 _PLACEHOLDER = "\ue000{}\ue001"
 _PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
 ROLES = ("system", "user", "assistant")
 
-Message = dict[str, Any]  # {"role": str, "content": str | [{"type": "image"} | {"type": "text", "text": str}]}
+Message = dict[str, Any]  # {"role": str, "content": str | [{"type": "image" | "video"} | {"type": "text", "text": str}]}
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class ImageInputs:
 @dataclass(frozen=True)
 class PromptInputs:
     input_ids: torch.Tensor  # [L] int64
-    mm_token_type_ids: torch.Tensor  # [L] int64: 1 at image tokens, else 0
+    mm_token_type_ids: torch.Tensor  # [L] int64: 1 at image tokens, 2 at video tokens, else 0
 
 
 class ImagePreprocessor:
@@ -65,20 +68,29 @@ class ImagePreprocessor:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, merge_size: int):
+    """`video_prompt` (the family's): "flat" and "seconds" expand a clip's `<|video_pad|>` to all its
+    tokens; "timestamps" (Qwen3-VL) to `<t seconds><|vision_start|>` + one frame's tokens + `<|vision_end|>`
+    per temporal patch, as Qwen3VLProcessor.replace_video_token does (inside the template's own
+    vision_start / vision_end)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, merge_size: int, video_prompt: str = "flat"):
         if tokenizer.chat_template is None:
             raise InvalidRequest("the checkpoint has no chat template")
         self.tokenizer = tokenizer
         self.merge_size = merge_size
+        self.video_prompt = video_prompt
         self.image_token_id: int = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.video_token_id: int = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+        self.vision_start_id: int = tokenizer.convert_tokens_to_ids("<|vision_start|>")
+        self.vision_end_id: int = tokenizer.convert_tokens_to_ids("<|vision_end|>")
         # Every added token (special or not), longest first, as the tokenizer matches them.
         self._added = {token.content: token_id for token_id, token in tokenizer.added_tokens_decoder.items()}
         self._added_re = re.compile("(" + "|".join(re.escape(t) for t in sorted(self._added, key=len, reverse=True))
                                     + ")")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, merge_size: int) -> "PromptBuilder":
-        return cls(AutoTokenizer.from_pretrained(path, local_files_only=True), merge_size)
+    def from_pretrained(cls, path: str | Path, merge_size: int, video_prompt: str = "flat") -> "PromptBuilder":
+        return cls(AutoTokenizer.from_pretrained(path, local_files_only=True), merge_size, video_prompt)
 
     def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         validate_messages(messages)
@@ -127,21 +139,50 @@ class PromptBuilder:
         pieces = backend.pre_tokenizer.pre_tokenize_str(text) if backend.pre_tokenizer else [(text, None)]
         return [token.id for piece, _ in pieces for token in backend.model.tokenize(piece)]
 
-    def __call__(self, messages: list[Message], grids: list[tuple[int, int, int]]) -> PromptInputs:
-        """Prompt ids for `messages`, whose image items take the given grids in order."""
+    def __call__(self, messages: list[Message], grids: list[tuple[int, int, int]],
+                 videos: list[VideoTiming | None] | None = None) -> PromptInputs:
+        """Prompt ids for `messages`, whose image and video items take the given grids in order;
+        `videos[k]` is item k's clip timing (None for an image; all None when not given)."""
+        videos = videos if videos is not None else [None] * len(grids)
         ids = self.token_ids(messages)
-        slots = [i for i, tok in enumerate(ids) if tok == self.image_token_id]
+        media = (self.image_token_id, self.video_token_id)
+        slots = [i for i, tok in enumerate(ids) if tok in media]
         if len(slots) != len(grids):
-            raise InvalidRequest(f"the messages hold {len(slots)} images but {len(grids)} were given")
+            raise InvalidRequest(f"the messages hold {len(slots)} images and clips but {len(grids)} were given")
         # Expanding ids rather than text is exact: special tokens never merge with neighbours.
         expanded: list[int] = []
         prev = 0
-        for slot, grid in zip(slots, grids):
-            expanded += ids[prev:slot] + [self.image_token_id] * self.tokens_per_image(grid)
+        for k, (slot, grid, video) in enumerate(zip(slots, grids, videos)):
+            is_video = ids[slot] == self.video_token_id
+            if is_video != (video is not None):
+                raise InvalidRequest(f"item {k} of the messages is {'a clip' if is_video else 'an image'}, "
+                                     f"but its embeddings are {'an image' if is_video else 'a clip'}'s")
+            expanded += ids[prev:slot] + (self.video_tokens(grid, video) if is_video else
+                                          [self.image_token_id] * self.tokens_per_image(grid))
             prev = slot + 1
         expanded += ids[prev:]
         input_ids = torch.tensor(expanded, dtype=torch.long)
-        return PromptInputs(input_ids, (input_ids == self.image_token_id).long())
+        mm = (input_ids == self.image_token_id).long() + 2 * (input_ids == self.video_token_id).long()
+        return PromptInputs(input_ids, mm)
+
+    def video_tokens(self, grid: tuple[int, int, int], video: VideoTiming) -> list[int]:
+        t, h, w = grid
+        if self.video_prompt != "timestamps":
+            return [self.video_token_id] * self.tokens_per_image(grid)
+        if len(video.timestamps) != t:
+            raise InvalidRequest(f"a clip of {t} temporal patches carries {len(video.timestamps)} timestamps")
+        frame = [self.vision_start_id] + [self.video_token_id] * (h * w // self.merge_size**2) + [self.vision_end_id]
+        out: list[int] = []
+        for stamp in video.timestamps:
+            out += self.plain_ids(f"<{stamp:.1f} seconds>") + frame
+        return out
+
+    def media_runs(self, grid: tuple[int, int, int], video: VideoTiming | None) -> list[tuple[int, int, int]]:
+        """The grids of an item's runs of placeholder tokens in the prompt (and in M-RoPE): one run, or
+        with timestamps one (1, h, w) run per temporal patch of a clip."""
+        if video is not None and self.video_prompt == "timestamps":
+            return [(1, grid[1], grid[2])] * grid[0]
+        return [grid]
 
     def tokens_per_image(self, grid: tuple[int, int, int]) -> int:
         t, h, w = grid
@@ -155,6 +196,12 @@ def question_messages(question: str, n_images: int = 1) -> list[Message]:
     """The one-turn prompt: the image(s), then the question."""
     content: list[dict] = [{"type": "image"} for _ in range(n_images)]
     return [{"role": "user", "content": content + [{"type": "text", "text": question}]}]
+
+
+def media_count(messages: list[Message]) -> int:
+    """The image and video parts of a conversation."""
+    return sum(isinstance(m.get("content"), list) and isinstance(part, dict) and part.get("type") in MEDIA_TYPES
+               for m in messages for part in (m["content"] if isinstance(m.get("content"), list) else []))
 
 
 def validate_messages(messages: list[Message]) -> None:
@@ -173,7 +220,8 @@ def validate_messages(messages: list[Message]) -> None:
 
 def _validate_part(i: int, part: Any) -> None:
     kind = part.get("type") if isinstance(part, dict) else None
-    if kind == "image":
+    if kind in MEDIA_TYPES:
         return
     if kind != "text" or not isinstance(part.get("text"), str):
-        raise InvalidRequest(f"message {i}: each part must be {{'type': 'image'}} or {{'type': 'text', 'text': str}}")
+        raise InvalidRequest(f"message {i}: each part must be {{'type': 'image'}}, {{'type': 'video'}} or "
+                             "{'type': 'text', 'text': str}")

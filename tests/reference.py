@@ -8,18 +8,17 @@ from functools import lru_cache
 import torch
 from PIL import Image
 from tokenizers import AddedToken
-from transformers import AutoImageProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from shared.families import get_family
 
 IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
 
 
 @lru_cache(maxsize=4)
 def reference_model(path: str):
-    from transformers import AutoConfig
-
     family = get_family(AutoConfig.from_pretrained(path).model_type)
     model = family.model_class.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     return model.eval()
@@ -37,27 +36,44 @@ def escaped_ids(path: str, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
-def reference_inputs(path: str, images: list[Image.Image], question: str | list[dict], escaped: bool = False) -> dict:
+def reference_inputs(path: str, images: list[Image.Image], question: str | list[dict], escaped: bool = False,
+                     videos: list | None = None) -> dict:
     """Model inputs for one question after the images, or for a whole conversation (a list of
-    messages whose image parts take `images` in order). `escaped`: the question's text is tokenized
-    with `escaped_ids` (special-token strings in it stay characters)."""
+    messages whose image parts take `images` in order, and whose video parts take `videos`). `escaped`: the
+    question's text is tokenized with `escaped_ids` (special-token strings in it stay characters).
+
+    videos: preprocessed clips (pixel values, grid, timing: what shared/video.py gives, which
+    `make test-video-reference` checks against the official video processors); their placeholders
+    are expanded as each family's processor does (`replace_video_token`)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)
+    videos = videos or []
     if isinstance(question, str):
         text = ESCAPE_MARK if escaped else question
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+        content = ([{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
+                   + [{"type": "text", "text": text}])
         messages = [{"role": "user", "content": content}]
     else:
         messages = question
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if not images:
+    if not images and not videos:
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": torch.zeros_like(ids)}
-    vision = image_processor(images=images, return_tensors="pt")
+    vision = image_processor(images=images, return_tensors="pt") if images else {}
     merge = image_processor.merge_size ** 2
-    for grid in vision["image_grid_thw"]:  # as Qwen2VLProcessor does: one placeholder per merged patch
+    for grid in vision.get("image_grid_thw", []):  # as Qwen2VLProcessor does: one placeholder per merged patch
         text = text.replace(IMAGE_PAD, "<|placeholder|>" * int(grid.prod() // merge), 1)
     text = text.replace("<|placeholder|>", IMAGE_PAD)
+    model_type = AutoConfig.from_pretrained(path).model_type
+    for video in videos:
+        t, h, w = video.grid_thw
+        if model_type == "qwen3_vl":  # Qwen3VLProcessor.replace_video_token
+            frame = "<|vision_start|>" + "<|placeholder|>" * (h * w // merge) + "<|vision_end|>"
+            replacement = "".join(f"<{stamp:.1f} seconds>" + frame for stamp in video.video.timestamps)
+        else:
+            replacement = "<|placeholder|>" * (t * h * w // merge)
+        text = text.replace(VIDEO_PAD, replacement, 1)
+    text = text.replace("<|placeholder|>", VIDEO_PAD)
     if escaped:
         before, after = text.split(ESCAPE_MARK)
         pieces = [tokenizer(before, add_special_tokens=False)["input_ids"],
@@ -67,18 +83,25 @@ def reference_inputs(path: str, images: list[Image.Image], question: str | list[
     else:
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
-    return {
+    video_id = tokenizer.convert_tokens_to_ids(VIDEO_PAD)
+    inputs = {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
-        "mm_token_type_ids": (ids == image_id).long(),
-        "pixel_values": vision["pixel_values"],
-        "image_grid_thw": vision["image_grid_thw"],
+        "mm_token_type_ids": (ids == image_id).long() + 2 * (ids == video_id).long(),
     }
+    if images:
+        inputs.update(pixel_values=vision["pixel_values"], image_grid_thw=vision["image_grid_thw"])
+    if videos:
+        inputs.update(pixel_values_videos=torch.cat([v.pixel_values for v in videos]),
+                      video_grid_thw=torch.tensor([list(v.grid_thw) for v in videos]))
+        if model_type == "qwen2_5_vl":  # Qwen2_5_VLProcessor: temporal_patch_size / sampled fps, a tensor
+            inputs["second_per_grid_ts"] = torch.tensor([v.video.second_per_grid_t for v in videos])
+    return inputs
 
 
 @torch.inference_mode()
 def reference_tokens(path: str, images: list[Image.Image], question: str | list[dict], max_new_tokens: int = 20,
-                     encoder_outputs: list | None = None, escaped: bool = False) -> list[int]:
+                     encoder_outputs: list | None = None, escaped: bool = False, videos: list | None = None) -> list[int]:
     """Greedy token ids of the monolithic model: generated only, final EOS removed.
     `question`: one question after the images, or a whole conversation (see reference_inputs).
 
@@ -86,7 +109,7 @@ def reference_tokens(path: str, images: list[Image.Image], question: str | list[
     pixel values (to compare against embeddings that went through a lossy dtype).
     """
     model = reference_model(path)
-    inputs = reference_inputs(path, images, question, escaped)
+    inputs = reference_inputs(path, images, question, escaped, videos)
     if encoder_outputs is not None:
         inputs.pop("pixel_values")
         out = BaseModelOutputWithPooling(pooler_output=tuple(p.embeddings.float() for p in encoder_outputs))

@@ -125,10 +125,10 @@ def test_aspect_ratio_just_under_the_limit_is_accepted(tiny_models, processors):
         (["not a dict"], "role"),
         ([{"role": "user", "content": 5}], "content"),
         ([{"role": "user", "content": {"type": "text", "text": "hi"}}], "content"),
-        ([{"role": "user", "content": [{"type": "video"}]}], "part"),
+        ([{"role": "user", "content": [{"type": "audio"}]}], "part"),
         ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "part"),
     ],
-    ids=["empty", "not-a-list", "bad-role", "not-a-dict", "int-content", "dict-content", "video-part",
+    ids=["empty", "not-a-list", "bad-role", "not-a-dict", "int-content", "dict-content", "audio-part",
          "non-str-text"],
 )
 def test_validate_messages_rejects(messages, fragment):
@@ -149,5 +149,5 @@ def test_validate_messages_accepts_a_conversation():
 @pytest.mark.parametrize("n_images, n_grids", [(1, 2), (2, 1), (1, 0), (0, 1)])
 def test_prompt_builder_refuses_image_grid_count_mismatch(tiny_model, processors, n_images, n_grids):
     prompts = processors[tiny_model][1]
-    with pytest.raises(InvalidRequest, match=f"{n_images} images but {n_grids}"):
+    with pytest.raises(InvalidRequest, match=f"{n_images} images and clips but {n_grids}"):
         prompts(question_messages(QUESTION, n_images), [(1, 4, 4)] * n_grids)

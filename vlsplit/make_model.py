@@ -21,6 +21,7 @@ from transformers.initialization import no_init_weights
 
 from shared.families import get_family
 from shared.families.base import Family
+from shared.video import VIDEO_CONFIG
 from vlsplit.tokenizer_builder import SPECIAL_TOKENS, build_tokenizer, save_tokenizer
 
 log = logging.getLogger("vlsplit.make_model")
@@ -68,6 +69,7 @@ def make_model(
 
     _write_json(out / "config.json", config_dict)
     _write_json(out / "preprocessor_config.json", _preprocessor_config(fam))
+    _write_json(out / VIDEO_CONFIG, _video_config(fam))
     _write_json(out / "generation_config.json", _generation_config(ids))
     save_tokenizer(tokenizer, out, family)
     _write_json(out / RANDOM_MARKER, {"family": family, "size": size, "seed": seed, "layout": layout,
@@ -155,6 +157,12 @@ def _preprocessor_config(fam: Family) -> dict:
         "rescale_factor": 1 / 255,
         **fam.preprocessor,
     }
+
+
+def _video_config(fam: Family) -> dict:
+    return {"do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True, "resample": 3,
+            "rescale_factor": 1 / 255, **fam.video.defaults,
+            "processor_class": fam.preprocessor["processor_class"]}
 
 
 def _generation_config(ids: dict[str, int]) -> dict:

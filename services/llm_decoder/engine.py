@@ -97,7 +97,7 @@ class DecoderEngine:
                                   packed_linear=self.config.packed_linear, quantize=self.config.quantize,
                                   decode_attention=self.config.decode_attention)
         self.merge_size: int = self.checkpoint.config.vision_config.spatial_merge_size
-        self.prompts = PromptBuilder.from_pretrained(self.checkpoint.path, self.merge_size)
+        self.prompts = PromptBuilder.from_pretrained(self.checkpoint.path, self.merge_size, self.family.video_prompt)
         self.eos_ids = _eos_ids(self.checkpoint.path, self.prompts.tokenizer)
         self.fingerprint = compute_fingerprint(self.checkpoint.path)
         self.hidden_size = text.hidden_size
@@ -108,7 +108,8 @@ class DecoderEngine:
         grammars = GrammarCompiler(self.prompts.tokenizer, text.vocab_size, self.eos_ids, self.config.max_schema_bytes)
         self.grammar_mask = GrammarMask()
         self.intake = Intake(self.config, self.prompts, self.blocks, root, self.fingerprint, self.hidden_size,
-                             self.deepstack_levels, self.eos_ids, self.max_len, self.device, dtype, grammars)
+                             self.deepstack_levels, self.eos_ids, self.max_len, self.device, dtype, grammars,
+                             float(getattr(self.checkpoint.config.vision_config, "tokens_per_second", 0) or 0))
         self.scheduler = Scheduler(self.blocks, SchedulerConfig(self.config.max_batch, self.config.max_step_tokens,
                                                                 self.config.max_queue))
         self.stats = EngineStats()

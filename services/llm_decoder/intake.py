@@ -18,8 +18,8 @@ import torch
 from shared.codec import validate_payload
 from shared.config import EngineConfig
 from shared.errors import CorruptPayload, InvalidRequest, ModelMismatch, TooLarge
-from shared.payload import EmbeddingPayload
-from shared.processor import Message, PromptBuilder, validate_messages
+from shared.payload import EmbeddingPayload, VideoTiming
+from shared.processor import Message, PromptBuilder, media_count, validate_messages
 
 from .block_manager import BlockManager, Hash, root_hash
 from .detokenizer import Detokenizer
@@ -36,14 +36,17 @@ MAX_REMEMBERED_IMAGES = 100_000  # image_id -> grid entries kept for warm starts
 class Intake:
     def __init__(self, config: EngineConfig, prompts: PromptBuilder, blocks: BlockManager, root: Hash,
                  fingerprint: str, hidden_size: int, deepstack_levels: int, eos_ids: frozenset[int], max_len: int,
-                 device: torch.device, dtype: torch.dtype, grammars: GrammarCompiler):
+                 device: torch.device, dtype: torch.dtype, grammars: GrammarCompiler, tokens_per_second: float = 0.0):
         self.config, self.prompts, self.blocks, self.root = config, prompts, blocks, root
         self.fingerprint, self.hidden_size, self.deepstack_levels = fingerprint, hidden_size, deepstack_levels
         self.eos_ids, self.max_len, self.device, self.dtype = eos_ids, max_len, device, dtype
         self.grammars = grammars
         self.merge_size = prompts.merge_size
         self.vision_end_id = prompts.tokenizer.convert_tokens_to_ids("<|vision_end|>")
-        self.image_grids: OrderedDict[str, tuple[int, int, int]] = OrderedDict()  # image_id -> grid, for warm starts
+        # Qwen2.5-VL: a clip's temporal positions are tokens_per_second * second_per_grid_t apart
+        self.tokens_per_second = tokens_per_second
+        # image (or clip) id -> (grid, clip timing), for warm starts
+        self.image_grids: OrderedDict[str, tuple[tuple[int, int, int], VideoTiming | None]] = OrderedDict()
 
     @property
     def request_block_limit(self) -> int:
@@ -81,8 +84,8 @@ class Intake:
             params = [self._validate_sampling(p) for p in params]
             resumes = _per_conversation(resume, len(conversations))
             params = [self._check_resume(r, p) if r else p for r, p in zip(resumes, params)]
-        grids, keys, embeddings, deepstack = self._images(images, payloads, image_ids)
-        prompts = [self._prompt(c, grids, keys, embeddings, deepstack) for c in conversations]
+        grids, videos, keys, embeddings, deepstack = self._images(images, payloads, image_ids)
+        prompts = [self._prompt(c, grids, videos, keys, embeddings, deepstack) for c in conversations]
         if labels is not None:
             request = self._classify_request(prompts, labels, label_ids, root)
         else:
@@ -96,26 +99,25 @@ class Intake:
     def _image_count(self, conversations: list[list[Message]]) -> int:
         for conversation in conversations:
             validate_messages(conversation)
-        counts = {sum(isinstance(m["content"], list) and part.get("type") == "image"
-                      for m in c for part in (m["content"] if isinstance(m["content"], list) else []))
-                  for c in conversations}
+        counts = {media_count(c) for c in conversations}
         if len(counts) != 1:
-            raise InvalidRequest("every conversation of a request must hold the same images")
+            raise InvalidRequest("every conversation of a request must hold the same images and clips")
         images = counts.pop()
         if images > self.config.max_images:
-            raise TooLarge(f"the messages hold {images} images; the limit is {self.config.max_images} "
+            raise TooLarge(f"the messages hold {images} images and clips; the limit is {self.config.max_images} "
                            "(VLSPLIT_MAX_IMAGES)")
         return images
 
     def _images(self, images: int, payloads: list[EmbeddingPayload] | None, image_ids: tuple[str, ...]):
-        """(grids, keys, embeddings, deepstack) of the request's images, from payloads or remembered grids."""
+        """(grids, clip timings, keys, embeddings, deepstack) of the request's images and clips, from
+        payloads or remembered grids."""
         if image_ids and len(image_ids) != images:
             raise InvalidRequest(f"the messages hold {images} images but {len(image_ids)} image ids were given")
         if payloads is None:
-            grids = [self.image_grids.get(i) for i in image_ids]
-            if len(grids) != images or None in grids:
+            known = [self.image_grids.get(i) for i in image_ids]
+            if len(known) != images or None in known:
                 raise NeedPayload("the images' grids are unknown to this decoder")
-            return grids, list(image_ids), None, ()
+            return [k[0] for k in known], [k[1] for k in known], list(image_ids), None, ()
         if len(payloads) != images:
             raise InvalidRequest(f"the messages hold {images} images but {len(payloads)} payloads were given")
         keys = []
@@ -127,13 +129,13 @@ class Intake:
             key = payload.image_id or claimed
             keys.append(key or f"unnamed:{uuid.uuid4()}")  # an unnamed image is never reused
             if key:
-                self._remember(key, payload.grid_thw)
+                self._remember(key, payload.grid_thw, payload.video)
         if not payloads:
-            return [], [], None, ()
+            return [], [], [], None, ()
         embeddings = torch.cat([p.embeddings for p in payloads]).to(self.device, self.dtype)
         deepstack = tuple(torch.cat([p.deepstack[level] for p in payloads]).to(self.device, self.dtype)
                           for level in range(self.deepstack_levels))
-        return [p.grid_thw for p in payloads], keys, embeddings, deepstack
+        return [p.grid_thw for p in payloads], [p.video for p in payloads], keys, embeddings, deepstack
 
     def check_payload(self, payload: EmbeddingPayload) -> None:
         if payload.fingerprint != self.fingerprint:
@@ -145,27 +147,44 @@ class Intake:
         if len(payload.deepstack) != self.deepstack_levels:
             raise CorruptPayload(f"payload has {len(payload.deepstack)} deepstack levels, model needs {self.deepstack_levels}")
 
-    def _remember(self, image_id: str, grid: tuple[int, int, int]) -> None:
-        self.image_grids[image_id] = tuple(grid)
+    def _remember(self, image_id: str, grid: tuple[int, int, int], video: VideoTiming | None) -> None:
+        self.image_grids[image_id] = (tuple(grid), video)
         self.image_grids.move_to_end(image_id)
         while len(self.image_grids) > MAX_REMEMBERED_IMAGES:
             self.image_grids.popitem(last=False)
 
-    def _prompt(self, messages: list[Message], grids, keys, embeddings, deepstack) -> Prompt:
-        inputs = self.prompts(messages, grids)
-        ids, mm = inputs.input_ids.tolist(), inputs.mm_token_type_ids.tolist()  # lists: indexed per token below
-        positions, _ = mrope_positions(inputs.mm_token_type_ids, grids, self.merge_size)
-        spans, row = [], 0
+    def _prompt(self, messages: list[Message], grids, videos, keys, embeddings, deepstack) -> Prompt:
+        inputs = self.prompts(messages, grids, videos)
+        ids = inputs.input_ids.tolist()  # a list: indexed per token below
+        runs, intervals, run_keys = [], [], []
+        for grid, video, key in zip(grids, videos, keys):
+            # the grid (and a clip's timing) is part of an item's key: its M-RoPE positions depend on it
+            base = f"{key}/{'x'.join(map(str, grid))}"
+            item_runs = self.prompts.media_runs(grid, video)
+            interval = self._interval(video)
+            for i, run in enumerate(item_runs):
+                runs.append(run)
+                intervals.append(interval)
+                run_keys.append(base if len(item_runs) == 1 else f"{base}#{i}")
+        positions, _ = mrope_positions(inputs.mm_token_type_ids, runs, self.merge_size, intervals)
+        mm = inputs.mm_token_type_ids.tolist()
         starts = [i for i in range(len(ids)) if mm[i] and (i == 0 or not mm[i - 1])]
-        for start, grid, key in zip(starts, grids, keys):
-            length = self.prompts.tokens_per_image(grid)
-            # the grid is part of an image's key: its M-RoPE positions and token count depend on it
-            spans.append(ImageSpan(start, length, f"{key}/{'x'.join(map(str, grid))}", row))
+        spans, row = [], 0
+        for start, run, key in zip(starts, runs, run_keys):
+            length = self.prompts.tokens_per_image(run)
+            spans.append(ImageSpan(start, length, key, row))
             row += length
         end = spans[-1].start + spans[-1].length if spans else 0
         cache_point = end + 1 if spans and end < len(ids) and ids[end] == self.vision_end_id else end
         return Prompt(ids, positions, int(positions[:, -1].max()) + 1, tuple(spans), embeddings, tuple(deepstack),
                       cache_point)
+
+    def _interval(self, video: VideoTiming | None):
+        """A run's temporal spacing: Qwen2.5-VL's clips, tokens_per_second * second_per_grid_t in float32
+        (as transformers computes it from the processor's tensor); 1 otherwise."""
+        if video is None or self.prompts.video_prompt != "seconds":
+            return 1.0
+        return self.tokens_per_second * torch.tensor(video.second_per_grid_t, dtype=torch.float32)
 
     def _sequence(self, prompt: Prompt, root: Hash, index: int, max_new_tokens: int, worst: int) -> Sequence:
         return Sequence(prompt, root, self.config.block_size, max_new_tokens, index=index, worst=worst)

@@ -19,6 +19,7 @@ from shared.checkpoint import Checkpoint, load_strict
 from shared.fingerprint import compute_fingerprint
 from shared.payload import EmbeddingPayload
 from shared.processor import ImageInputs, ImagePreprocessor
+from shared.video import VideoInputs, VideoPreprocessor
 from shared.quantize import check_quantize, quantize_linears, resident_bytes
 
 from .fast_ops import fuse_mlp_activations, use_fast_rotary, use_linear_patch_embed
@@ -53,6 +54,7 @@ class VisionEngine:
         self.checkpoint.config.vision_config._attn_implementation = attn_implementation
         self.quantize, self.backend = quantize, backend
         self.preprocessor = ImagePreprocessor.from_pretrained(self.checkpoint.path)
+        self.video = VideoPreprocessor.from_pretrained(self.checkpoint.path, self.family.model_type)
         self.fingerprint = compute_fingerprint(self.checkpoint.path)
         self.openvino = None
         if backend == "openvino":
@@ -119,7 +121,8 @@ class VisionEngine:
         return self.encode_inputs(self.preprocess(images))
 
     @torch.inference_mode()
-    def encode_inputs(self, inputs: list[ImageInputs]) -> list[EmbeddingPayload]:
+    def encode_inputs(self, inputs: list[ImageInputs | VideoInputs]) -> list[EmbeddingPayload]:
+        """One payload per image or clip (a clip is one item: its frames are the grid's t axis)."""
         pixel_values = torch.cat([i.pixel_values for i in inputs]).to(self.device, self.dtype)
         merged, deepstack = self.forward(pixel_values, [i.grid_thw for i in inputs])
         sizes = [self.tokens_per_image(i.grid_thw) for i in inputs]
@@ -132,6 +135,7 @@ class VisionEngine:
                 grid_thw=inputs[k].grid_thw,
                 fingerprint=self.fingerprint,
                 deepstack=tuple(level[k].cpu().contiguous() for level in levels),
+                video=getattr(inputs[k], "video", None),
             )
             for k in range(len(inputs))
         ]

@@ -37,6 +37,12 @@ class Family:
     # Builds a hub-style config.json dict from widths and the tokenizer's special-token ids.
     hub_config: Callable[[Widths, dict[str, int], int], dict[str, Any]]
     sizes: dict[str, Widths] = field(default_factory=dict)
+    # Video: which processing rule (shared/video.py) and the published video-processor values
+    # (video_preprocessor_config.json); how the decoder places a clip (prompt and M-RoPE):
+    # "flat" (Qwen2-VL), "seconds" (Qwen2.5-VL: temporal positions spaced by second_per_grid_t),
+    # "timestamps" (Qwen3-VL: one span per temporal patch after its `<t seconds>` text).
+    video: Any = None  # shared.video.VideoRule
+    video_prompt: str = "flat"
 
 
 def token_fields(ids: dict[str, int]) -> dict[str, int]:

@@ -10,6 +10,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 
 from .base import Family, Widths
 from .qwen2_vl import PREPROCESSOR as QWEN2_VL_PREPROCESSOR
+from .qwen2_vl import VIDEO
 from .qwen2_vl import legacy_text_config
 
 PREPROCESSOR = {**QWEN2_VL_PREPROCESSOR, "processor_class": "Qwen2_5_VLProcessor"}
@@ -52,4 +53,6 @@ FAMILY = Family(
     preprocessor=PREPROCESSOR,
     hub_config=hub_config,
     sizes=SIZES,
+    video=VIDEO,
+    video_prompt="seconds",
 )

@@ -8,6 +8,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     Qwen2VLTextModel,
 )
 
+from ..video import VideoRule
 from .base import Family, Widths, token_fields
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -24,6 +25,16 @@ PREPROCESSOR = {
     "image_processor_type": "Qwen2VLImageProcessor",
     "processor_class": "Qwen2VLProcessor",
 }
+
+# Qwen2VLVideoProcessor's values (Qwen2-VL and Qwen2.5-VL checkpoints ship these), sampling at
+# qwen-vl-utils' 2 frames a second; max_video_tokens is the context its total pixel budget assumes.
+VIDEO = VideoRule("qwen2", {
+    "fps": 2.0, "min_frames": 4, "max_frames": 768,
+    "size": {"shortest_edge": 128 * 28 * 28, "longest_edge": 768 * 28 * 28},
+    "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD, "max_video_tokens": 128000,
+    "video_processor_type": "Qwen2VLVideoProcessor", "do_sample_frames": True, "cap_pixels_per_frame": True,
+})
 
 
 def legacy_text_config(w: Widths, ids: dict[str, int], vocab_size: int) -> dict:
@@ -82,4 +93,6 @@ FAMILY = Family(
     preprocessor=PREPROCESSOR,
     hub_config=hub_config,
     sizes=SIZES,
+    video=VIDEO,
+    video_prompt="flat",
 )

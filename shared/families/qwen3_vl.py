@@ -6,6 +6,7 @@ from __future__ import annotations
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel, Qwen3VLVisionModel
 
+from ..video import VideoRule
 from .base import Family, Widths, token_fields
 
 PREPROCESSOR = {
@@ -19,6 +20,15 @@ PREPROCESSOR = {
     "image_processor_type": "Qwen2VLImageProcessor",
     "processor_class": "Qwen3VLProcessor",
 }
+
+# Qwen3VLVideoProcessor's values: its pixel bounds are over all frames; max_video_tokens caps one frame.
+VIDEO = VideoRule("qwen3", {
+    "fps": 2.0, "min_frames": 4, "max_frames": 768,
+    "size": {"shortest_edge": 128 * 32 * 32, "longest_edge": 768 * 32 * 32},
+    "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "max_video_tokens": 768,
+    "video_processor_type": "Qwen3VLVideoProcessor", "do_sample_frames": True, "cap_pixels_per_frame": True,
+})
 
 
 def hub_config(w: Widths, ids: dict[str, int], vocab_size: int) -> dict:
@@ -78,4 +88,6 @@ FAMILY = Family(
     preprocessor=PREPROCESSOR,
     hub_config=hub_config,
     sizes=SIZES,
+    video=VIDEO,
+    video_prompt="timestamps",
 )
