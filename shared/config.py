@@ -96,6 +96,16 @@ class EncoderConfig(ServerConfig, CacheConfig):
     # Cross-replica single flight (Redis only): one replica encodes a new image, the others wait for
     # its cache entry; a holder that dies is replaced after this many seconds. 0 = off.
     encode_lock_s: float = 30.0
+    # Video clips (shared/video.py): each refusal names its setting. Decoding runs in a worker thread, never
+    # in the tower's, and stops past video_decode_timeout_s.
+    max_video_bytes: int = 64 * MiB
+    max_video_seconds: float = 600.0  # the clip's length (frames counted from its packets / its frame rate)
+    max_video_source_frames: int = 216_000  # frames the container may hold (1 h at 60 fps)
+    max_video_frames: int = 768  # frames sampled from one clip
+    max_video_frame_pixels: int = 3840 * 2160  # the clip's own resolution (width x height)
+    max_video_tokens: int = 16384  # the clip's tokens in a prompt (the gateway also sends the decoder's context)
+    max_video_fps: float = 8.0  # the highest sampling rate a request may ask for
+    video_decode_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -186,6 +196,7 @@ class GatewayConfig(ServerConfig, CacheConfig):
     # advertised max_payload_bytes.
     max_payload_bytes_in_flight: int = 0
     max_stop: int = 16  # stop strings per request (checked before any image is encoded; the decoder has its own)
+    max_video_bytes: int = 64 * MiB  # one clip (the encoder bounds its length, frames, resolution and tokens)
     # The HTTP side (OpenAI-compatible API and web page, services/gateway/http.py): -1 = off, 0 = a free port.
     http_port: int = -1
     served_model_name: str = ""  # the model's name in /v1/models and requests; "" = its model_type (e.g. qwen2_vl)

@@ -1,4 +1,4 @@
-"""Content ids of uploaded images: what the gateway, the encoder and the cache key on.
+"""Content ids of uploaded images and clips: what the gateway, the encoder and the cache key on.
 
 Kept apart from `images.py` (which decodes pixels with Pillow) so the gateway can hash and check ids
 without the imaging stack.
@@ -7,7 +7,9 @@ without the imaging stack.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
+from dataclasses import dataclass
 
 from .errors import InvalidRequest
 
@@ -34,3 +36,34 @@ def scoped_image_id(scope: str, image_id: str) -> str:
     if not scope:
         return image_id
     return hashlib.sha256(f"vlsplit-scope\0{scope}\0{image_id}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class VideoParams:
+    """A request's clip sampling as asked (0 = the model's default; shared/video.py resolves and bounds it)."""
+
+    fps: float = 0.0
+    min_frames: int = 0
+    max_frames: int = 0
+    min_pixels: int = 0
+    max_pixels: int = 0
+
+    @classmethod
+    def from_pb(cls, pb) -> "VideoParams":
+        if not (math.isfinite(pb.fps) and pb.fps >= 0):
+            raise InvalidRequest(f"video fps must be a finite number >= 0, got {pb.fps}")
+        return cls(float(pb.fps), int(pb.min_frames), int(pb.max_frames), int(pb.min_pixels), int(pb.max_pixels))
+
+    def to_pb(self, pb) -> None:
+        pb.fps, pb.min_frames, pb.max_frames = self.fps, self.min_frames, self.max_frames
+        pb.min_pixels, pb.max_pixels = self.min_pixels, self.max_pixels
+
+    def key(self) -> str:
+        return (f"fps={self.fps:g};frames={self.min_frames}-{self.max_frames};"
+                f"pixels={self.min_pixels}-{self.max_pixels}")
+
+
+def video_media_id(content_id: str, params: VideoParams) -> str:
+    """The id a clip has inside vlsplit for one sampling (cache key, decoder prefix, payload, routing):
+    the same bytes sampled otherwise are another entry. The form of an image id."""
+    return hashlib.sha256(f"vlsplit-video\0{content_id}\0{params.key()}".encode()).hexdigest()

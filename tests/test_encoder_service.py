@@ -118,7 +118,7 @@ def encoder(tiny_models, redis_server, tmp_path_factory):
     """Qwen2-VL tiny, Redis cache, float32 payloads, a small byte limit."""
     service = Service("encoder", "--model", tiny_models["qwen2_vl"], "--redis", redis_server.url,
                       "--payload-dtype", "float32", log_dir=tmp_path_factory.mktemp("logs"),
-                      env={"VLSPLIT_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES),
+                      env={"VLSPLIT_MAX_IMAGE_BYTES": str(MAX_IMAGE_BYTES), "VLSPLIT_MAX_VIDEO_BYTES": str(MAX_IMAGE_BYTES),
                            "VLSPLIT_CACHE_TTL_S": str(CACHE_TTL_S), "VLSPLIT_IMAGE_TTL_S": str(IMAGE_TTL_S)})
     yield service.start()
     service.kill()
@@ -293,7 +293,7 @@ def test_bad_image_is_invalid_argument(encoder, rpc, case):
 
 
 def test_message_over_grpc_limit_is_resource_exhausted(encoder):
-    data = b"\x00" * (MAX_IMAGE_BYTES + 2 * MiB)  # over max_image_bytes + 1 MiB: gRPC itself refuses it
+    data = b"\x00" * (MAX_IMAGE_BYTES + 2 * MiB)  # over max(image, video bytes) + 1 MiB: gRPC itself refuses it
     error = rpc_error(lambda: encode(encoder, image=data))
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert encoder.health() == SERVING

@@ -42,6 +42,11 @@ class DecoderLimits:
             return None
         return cls(info.max_payload_bytes, info.payload_values_per_token, info.image_tokens)
 
+    @property
+    def max_tokens(self) -> int:
+        """The most image (or clip) tokens one request may send this decoder."""
+        return self.max_payload_bytes // (self.values_per_token * MIN_VALUE_BYTES)
+
     def estimate(self, data: bytes | None) -> int:
         """A lower bound on the payload bytes of the image `data` (None: an image sent by id)."""
         r = self.rule

@@ -39,9 +39,9 @@ async def conversation(turns, config: GatewayConfig, source: Callable[[gateway_p
             kind = part.WhichOneof("part")
             if kind == "image":
                 if turn.role != "user":
-                    raise InvalidRequest(f"message {i}: images belong in user messages, not {turn.role}")
+                    raise InvalidRequest(f"message {i}: images and clips belong in user messages, not {turn.role}")
                 sources.append(await source(part.image))
-                message.content.add(image=llm_decoder_pb2.ImagePlaceholder())
+                message.content.append(sources[-1].placeholder())
             elif kind == "text":
                 message.content.add(text=part.text)
             else:

@@ -18,7 +18,7 @@ from shared.tls import ClientTls, secure_channel
 from shared.transfer import chunks
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, llm_decoder_pb2_grpc, vision_encoder_pb2, vision_encoder_pb2_grpc
 
-MAX_MESSAGE_BYTES = 64 << 20
+MAX_MESSAGE_BYTES = 96 << 20  # a 64 MiB clip (VLSPLIT_MAX_VIDEO_BYTES) and its envelope, with room
 PAYLOAD_BYTES_SENT = Counter("vlsplit_gateway_payload_bytes_sent",
                              "Embedding payload bytes sent to decoders (none when a decoder holds the image)")
 Fetch = Callable[[], Awaitable[list[bytes]]]  # gets the request's image payloads when a decoder asks
@@ -105,9 +105,10 @@ class EncoderClient(ReplicaClient):
             raise Unavailable(f"encoder at {self.address} sent no payload")
         return Encoded(b"".join(parts), first.info, first.cache_hit, first.encode_ms)
 
-    async def put_image(self, data: bytes, scope: str, timeout: float) -> vision_encoder_pb2.PutImageResponse:
-        return await self._unary(self.stub.PutImage, vision_encoder_pb2.PutImageRequest(image=data, scope=scope),
-                                 timeout)
+    async def put_image(self, data: bytes, scope: str, timeout: float, video: bool = False,
+                        ) -> vision_encoder_pb2.PutImageResponse:
+        return await self._unary(self.stub.PutImage,
+                                 vision_encoder_pb2.PutImageRequest(image=data, scope=scope, video=video), timeout)
 
 
 class DecoderClient(ReplicaClient):

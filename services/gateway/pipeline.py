@@ -5,6 +5,7 @@ cache; no proto parsing here."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import AsyncIterator
 from shared import metrics
 from shared.cache import SafeStore, embedding_key
 from shared.errors import InvalidRequest, TooLarge, Unavailable, Upstream
-from shared.image_ids import check_image_id, image_id as sha256_id, scoped_image_id
+from shared.image_ids import VideoParams, check_image_id, image_id as sha256_id, scoped_image_id, video_media_id
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, vision_encoder_pb2
 
 from .admission import PayloadAdmission
@@ -25,31 +26,50 @@ log = logging.getLogger("vlsplit.gateway")
 
 @dataclass(frozen=True)
 class ImageSource:
+    """An image, or with `video` a clip and how it is sampled."""
+
     data: bytes | None = None
     image_id: str | None = None  # the content id clients see
     scope: str = ""  # the owner, when images are scoped (auth on, VLSPLIT_CACHE_SCOPE=tenant)
+    video: VideoParams | None = None
 
-    def validated(self, max_bytes: int) -> "ImageSource":
+    @property
+    def what(self) -> str:
+        return "image" if self.video is None else "video"
+
+    def validated(self, max_bytes: int, max_video_bytes: int = 0) -> "ImageSource":
         if self.data is not None:
+            limit = max_bytes if self.video is None else (max_video_bytes or max_bytes)
             if not self.data:
-                raise InvalidRequest("image bytes are empty")
-            if len(self.data) > max_bytes:
-                raise TooLarge(f"image is {len(self.data)} bytes; the limit is {max_bytes} bytes")
-            return ImageSource(self.data, sha256_id(self.data), self.scope)
+                raise InvalidRequest(f"{self.what} bytes are empty")
+            if len(self.data) > limit:
+                setting = "VLSPLIT_MAX_IMAGE_BYTES" if self.video is None else "VLSPLIT_MAX_VIDEO_BYTES"
+                raise TooLarge(f"{self.what} is {len(self.data)} bytes; the limit is {limit} bytes ({setting})")
+            return dataclasses.replace(self, image_id=sha256_id(self.data))
         if self.image_id is None:
-            raise InvalidRequest("an image is required: set image.data or image.image_id")
+            raise InvalidRequest(f"an {self.what} is required: set its data or its image_id")
         check_image_id(self.image_id)
         return self
 
     @property
     def key(self) -> str:
-        """The image's id inside vlsplit: cache key, decoder prefix, payload, routing."""
-        return scoped_image_id(self.scope, self.image_id)
+        """The image's (clip's, for its sampling) id inside vlsplit: cache key, decoder prefix, payload, routing."""
+        content = self.image_id if self.video is None else video_media_id(self.image_id, self.video)
+        return scoped_image_id(self.scope, content)
 
-    def encode_request(self) -> vision_encoder_pb2.EncodeRequest:
-        if self.data is not None:
-            return vision_encoder_pb2.EncodeRequest(image=self.data, scope=self.scope)
-        return vision_encoder_pb2.EncodeRequest(image_id=self.image_id, scope=self.scope)
+    def encode_request(self, max_tokens: int = 0) -> vision_encoder_pb2.EncodeRequest:
+        request = (vision_encoder_pb2.EncodeRequest(image=self.data, scope=self.scope) if self.data is not None
+                   else vision_encoder_pb2.EncodeRequest(image_id=self.image_id, scope=self.scope))
+        if self.video is not None:
+            self.video.to_pb(request.video)
+            request.max_tokens = max_tokens
+        return request
+
+    def placeholder(self) -> llm_decoder_pb2.ContentPart:
+        """Where it goes in the decoder's messages."""
+        if self.video is not None:
+            return llm_decoder_pb2.ContentPart(video=llm_decoder_pb2.VideoPlaceholder())
+        return llm_decoder_pb2.ContentPart(image=llm_decoder_pb2.ImagePlaceholder())
 
 
 @dataclass(frozen=True)
@@ -100,18 +120,19 @@ class Pipeline:
                 if i == len(self.router.replicas) - 1:
                     raise
 
-    async def embeddings(self, source: ImageSource, timeout: float) -> Embeddings:
+    async def embeddings(self, source: ImageSource, timeout: float, max_tokens: int = 0) -> Embeddings:
         start = time.perf_counter()
         key = embedding_key(await self.fingerprint(timeout), source.key)
         cached = await self.cache.get(key)
         metrics.CACHE.labels("hit" if cached else "miss").inc()
         if cached:
             return Embeddings(cached, source.key, True, _ms(start))
-        return await self.encode(source, timeout, start)
+        return await self.encode(source, timeout, start, max_tokens)
 
-    async def encode(self, source: ImageSource, timeout: float, start: float | None = None) -> Embeddings:
+    async def encode(self, source: ImageSource, timeout: float, start: float | None = None,
+                     max_tokens: int = 0) -> Embeddings:
         start = start or time.perf_counter()
-        encoded = await self.encoder.encode(source.encode_request(), source.key, timeout)
+        encoded = await self.encoder.encode(source.encode_request(max_tokens), source.key, timeout)
         if self.write_back:
             await self.cache.set(embedding_key(encoded.info.fingerprint, source.key), encoded.payload,
                                  self.cache_ttl_s)
@@ -149,7 +170,10 @@ class Pipeline:
             return
         replica = self.router.order(fetch.route_key)[0]
         limits = await self.admission.limits(replica, lambda: self.decoders.get(replica).model_info(timeout))
-        fetch.estimate, fetch.budget = self.admission.check(limits, [source.data for source in fetch.sources])
+        # a clip counts as the smallest image here; the encoder refuses it over the decoder's tokens (max_tokens)
+        fetch.estimate, fetch.budget = self.admission.check(
+            limits, [source.data if source.video is None else None for source in fetch.sources])
+        fetch.max_tokens = limits.max_tokens if limits is not None else 0
 
     async def _recover(self, exc: Upstream, fetch: "ImageFetch", timeout: float) -> None:
         """Make the retry after `exc` meaningful, or raise it."""
@@ -288,6 +312,7 @@ class ImageFetch:
         self.embeddings: list[Embeddings] = []
         self.estimate = self.budget = 0  # payload bytes estimated before encoding; the in-flight budget
         self.held = 0  # payload bytes of this request counted in flight (admission.py)
+        self.max_tokens = 0  # the most tokens a clip may have: what the decoder takes (0 = unknown)
 
     @property
     def fetched(self) -> bool:
@@ -299,7 +324,7 @@ class ImageFetch:
                 self.pipeline.admission.hold(self.estimate, self.budget)  # before fetching: refused, nothing held
                 self.held = self.estimate
             self.embeddings = list(await asyncio.gather(
-                *(self.pipeline.embeddings(source, self.timeout) for source in self.sources)))
+                *(self.pipeline.embeddings(source, self.timeout, self.max_tokens) for source in self.sources)))
             actual = sum(len(emb.payload) for emb in self.embeddings)
             if actual > self.held:
                 self.pipeline.admission.grow(actual - self.held)
@@ -317,10 +342,10 @@ class ImageFetch:
         return max((emb.encode_ms for emb in self.embeddings), default=0.0)
 
 
-def question_message(question: str) -> llm_decoder_pb2.ChatMessage:
-    """The one-turn prompt: the image, then the question."""
+def question_message(question: str, source: ImageSource | None = None) -> llm_decoder_pb2.ChatMessage:
+    """The one-turn prompt: the image (or clip), then the question."""
     return llm_decoder_pb2.ChatMessage(role="user", content=[
-        llm_decoder_pb2.ContentPart(image=llm_decoder_pb2.ImagePlaceholder()),
+        source.placeholder() if source is not None else ImageSource().placeholder(),
         llm_decoder_pb2.ContentPart(text=question),
     ])
 

@@ -129,8 +129,9 @@ class EncoderPool(_Pool[EncoderClient]):
     async def model_info(self, timeout: float) -> common_pb2.ModelInfo:
         return await self._first(lambda _, client: client.model_info(timeout))
 
-    async def put_image(self, data: bytes, scope: str, timeout: float) -> vision_encoder_pb2.PutImageResponse:
-        return await self._first(lambda _, client: client.put_image(data, scope, timeout))
+    async def put_image(self, data: bytes, scope: str, timeout: float, video: bool = False,
+                        ) -> vision_encoder_pb2.PutImageResponse:
+        return await self._first(lambda _, client: client.put_image(data, scope, timeout, video))
 
     async def retain(self, addresses: list[str]) -> None:
         """Clients and health watches for `addresses` from now on (not at first use)."""

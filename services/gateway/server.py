@@ -82,7 +82,7 @@ def build(config: GatewayConfig) -> Service:
         register=lambda server: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server),
         start=start,
         stop=stop,
-        max_message_bytes=config.max_image_bytes + (1 << 20),
+        max_message_bytes=max(config.max_image_bytes, config.max_video_bytes) + (1 << 20),
         interceptors=[auth] if auth else [],
     )
 

@@ -8,6 +8,7 @@ from typing import AsyncIterator
 
 from shared.config import GatewayConfig
 from shared.errors import InvalidRequest, TooLarge, Unavailable
+from shared.image_ids import VideoParams
 from shared.sampling import sampling_from_pb
 from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, llm_decoder_pb2
 
@@ -33,9 +34,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._pipeline = pipeline
 
     async def UploadImage(self, request, context):
-        source = await self._source(gateway_pb2.ImageRef(data=request.data))
-        reply = await self.pipeline.encoder.put_image(source.data, source.scope, self._timeout(context))
-        return gateway_pb2.UploadImageResponse(image_id=reply.image_id, ttl_seconds=reply.ttl_seconds)
+        ref = gateway_pb2.ImageRef(data=request.data)
+        if request.video:
+            ref.video.SetInParent()
+        source = await self._source(ref)
+        reply = await self.pipeline.encoder.put_image(source.data, source.scope, self._timeout(context), request.video)
+        return gateway_pb2.UploadImageResponse(image_id=reply.image_id, ttl_seconds=reply.ttl_seconds,
+                                               width=reply.width, height=reply.height, frames=reply.frames,
+                                               duration_s=reply.duration_s)
 
     async def Ask(self, request, context):
         final = None
@@ -113,7 +119,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if not all(labels for _, labels in checks):
             raise InvalidRequest("at least one label is required")
         header = llm_decoder_pb2.GenerateHeader(batch=[
-            llm_decoder_pb2.Conversation(messages=[question_message(question)], labels=labels)
+            llm_decoder_pb2.Conversation(messages=[question_message(question, source)], labels=labels)
             for question, labels in checks], cache_salt=self._cache_salt())
         fetch = self.pipeline.fetcher(source, self._timeout(context))
         scores = {reply.index: reply.scores
@@ -133,9 +139,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         source = await self._source(image)
         header = llm_decoder_pb2.GenerateHeader(sampling=self._sampling(sampling), cache_salt=self._cache_salt())
         if len(questions) == 1:
-            header.messages.append(question_message(questions[0]))
+            header.messages.append(question_message(questions[0], source))
         else:
-            header.batch.extend(llm_decoder_pb2.Conversation(messages=[question_message(q)]) for q in questions)
+            header.batch.extend(llm_decoder_pb2.Conversation(messages=[question_message(q, source)])
+                                for q in questions)
         fetch = self.pipeline.fetcher(source, self._timeout(context))
         answers = [_AnswerBuilder(q, source.image_id, start) for q in questions]
         async for reply in self.pipeline.call("Generate", header, fetch, self._timeout(context)):
@@ -156,9 +163,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         kind = image.WhichOneof("source")
         client = CLIENT.get()
         scope = client.name if self.config.cache_scope == "tenant" else ""
-        source = (ImageSource(data=image.data, scope=scope) if kind == "data"
-                  else ImageSource(image_id=image.image_id or None, scope=scope))
-        source = source.validated(self.config.max_image_bytes)
+        video = VideoParams.from_pb(image.video) if image.HasField("video") else None
+        source = (ImageSource(data=image.data, scope=scope, video=video) if kind == "data"
+                  else ImageSource(image_id=image.image_id or None, scope=scope, video=video))
+        source = source.validated(self.config.max_image_bytes, self.config.max_video_bytes)
         if source.data is not None:
             await self.quota.take(client)
         return source

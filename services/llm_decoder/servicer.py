@@ -27,7 +27,7 @@ from shared.config import DecoderConfig
 from shared.errors import InvalidRequest, Unavailable
 from shared.fingerprint import processor_config, processor_settings
 from shared.hardware import Runtime
-from shared.processor import Message, validate_messages
+from shared.processor import Message, media_count, validate_messages
 from shared.sampling import SamplingParams, sampling_from_pb
 from shared.transfer import Assembler
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, llm_decoder_pb2_grpc
@@ -285,7 +285,7 @@ def _choices(header, conversation: list[Message], sampling: SamplingParams, conf
 
 
 def _image_count(conversation: list[Message]) -> int:
-    return sum(part.get("type") == "image" for message in conversation for part in message["content"])
+    return media_count(conversation)
 
 
 def messages_from_pb(messages) -> list[Message]:
@@ -295,8 +295,8 @@ def messages_from_pb(messages) -> list[Message]:
         for part in message.content:
             kind = part.WhichOneof("part")
             if kind is None:
-                raise InvalidRequest(f"message {i}: a content part has neither text nor image")
-            parts.append({"type": "text", "text": part.text} if kind == "text" else {"type": "image"})
+                raise InvalidRequest(f"message {i}: a content part has neither text, image nor video")
+            parts.append({"type": "text", "text": part.text} if kind == "text" else {"type": kind})
         out.append({"role": message.role, "content": parts})
     validate_messages(out)
     return out

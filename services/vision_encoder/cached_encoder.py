@@ -26,6 +26,7 @@ its bytes could not be stored, rather than promising an image_id that will not r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,10 +40,11 @@ from shared.cache import SafeStore, embedding_key, image_key
 from shared.codec import DTYPES, FORMAT_VERSION, decode_payload, dtype_name, encode_payload
 from shared.errors import BadImage, CorruptPayload, NotFound, Overloaded, TooLarge, Unavailable
 from shared.hardware import Runtime
-from shared.image_ids import image_id as content_id, scoped_image_id
+from shared.image_ids import VideoParams, image_id as content_id, scoped_image_id
 from shared.images import ImageLimits, load_image
 from shared.payload import EmbeddingPayload
 from shared.processor import ImageInputs
+from shared.video import VideoInputs, VideoLimits, VideoSampling, probe
 
 from .batcher import Batcher, BatchLimits
 from .engine import VisionEngine
@@ -60,8 +62,16 @@ _WARMUP_SIZE = (64, 64)
 
 
 @dataclass(frozen=True)
+class ClipRequest:
+    """A clip's sampling (resolved and bounded) and the most tokens it may have."""
+
+    sampling: VideoSampling
+    limits: VideoLimits
+
+
+@dataclass(frozen=True)
 class Encoded:
-    """One image's encoded payload (shared/codec.py bytes) and what the reply says about it."""
+    """One image's (or clip's) encoded payload (shared/codec.py bytes) and what the reply says about it."""
 
     image_id: str
     blob: bytes
@@ -71,6 +81,7 @@ class Encoded:
     dtype: str
     cache_hit: bool
     encode_ms: float  # vision tower time; 0 on a cache hit
+    video: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,8 @@ class Upload:
     ttl_s: int
     width: int
     height: int
+    frames: int = 0  # a clip: frames in its packets, and its length
+    duration_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -92,7 +105,7 @@ class ModelInfo:
 class CachedEncoder:
     def __init__(self, engine: VisionEngine, executor: ThreadPoolExecutor, store: SafeStore, runtime: Runtime, *,
                  payload_dtype: str, cache_ttl_s: int, image_ttl_s: int, limits: ImageLimits,
-                 batch_limits: BatchLimits = BatchLimits(), replica_flight: ReplicaFlight | None = None,
+                 video_limits: VideoLimits = VideoLimits(), batch_limits: BatchLimits = BatchLimits(), replica_flight: ReplicaFlight | None = None,
                  max_queue: int = 0):
         self.engine = engine
         self.executor = executor  # the one thread every tower forward runs in (the batcher's)
@@ -100,7 +113,7 @@ class CachedEncoder:
         self.runtime = runtime
         self.payload_dtype = DTYPES[payload_dtype]
         self.cache_ttl_s, self.image_ttl_s = cache_ttl_s, image_ttl_s
-        self.limits = limits
+        self.limits, self.video_limits = limits, video_limits
         self.flights: SingleFlight[str, Encoded] = SingleFlight()
         self.replicas = replica_flight or ReplicaFlight(None, 0)
         self.batcher: Batcher[tuple[str, ImageInputs], Encoded] = Batcher(self._run_tower, executor, batch_limits)
@@ -114,19 +127,33 @@ class CachedEncoder:
     def model_info(self) -> ModelInfo:
         return ModelInfo(self.engine.family.model_type, self.fingerprint, FORMAT_VERSION, self.runtime)
 
-    def check_size(self, data: bytes) -> None:
+    def check_size(self, data: bytes, video: bool = False) -> None:
         """Byte-size checks before hashing: an over-limit image is refused even if it is cached."""
+        what, limit = ("video", self.video_limits.max_bytes) if video else ("image", self.limits.max_bytes)
         if not data:
-            raise BadImage("empty image: 0 bytes")
-        if len(data) > self.limits.max_bytes:
-            raise TooLarge(f"image is {len(data)} bytes; the limit is {self.limits.max_bytes} bytes")
+            raise BadImage(f"empty {what}: 0 bytes")
+        if len(data) > limit:
+            raise TooLarge(f"{what} is {len(data)} bytes; the limit is {limit} bytes"
+                           + (" (VLSPLIT_MAX_VIDEO_BYTES)" if video else ""))
+
+    def clip_request(self, params: VideoParams, max_tokens: int = 0) -> ClipRequest:
+        """A clip's sampling resolved against the checkpoint's defaults and checked against the limits
+        (before any byte of it is read); `max_tokens` (the decoder's context) lowers the token bound."""
+        limits = self.video_limits
+        if max_tokens and max_tokens < limits.max_tokens:
+            limits = dataclasses.replace(limits, max_tokens=int(max_tokens))
+        sampling = self.engine.video.sampling(limits, params.fps, params.min_frames, params.max_frames,
+                                              params.min_pixels, params.max_pixels)
+        return ClipRequest(sampling, limits)
 
     async def image_id_of(self, data: bytes) -> str:
         return await asyncio.to_thread(content_id, data)
 
-    async def encode(self, image_id: str, data: bytes | None = None, content: str | None = None) -> Encoded:
-        """Embeddings of the image `image_id`; its bytes come with the call or from the upload store, where
-        they must hash to `content` (the content id `image_id` was derived from; default `image_id`)."""
+    async def encode(self, image_id: str, data: bytes | None = None, content: str | None = None,
+                     stored: str | None = None, clip: ClipRequest | None = None) -> Encoded:
+        """Embeddings of the image (or with `clip`, the clip sampled so) `image_id`; its bytes come with the
+        call or from the upload store (under `stored`, default `image_id`), where they must hash to `content`
+        (the content id `image_id` was derived from; default `image_id`)."""
         if self.flights.running(image_id):
             # No await between this check and `do`: the running flight is joined, `work` not called.
             metrics.CACHE.labels("miss").inc()
@@ -135,17 +162,24 @@ class CachedEncoder:
         if cached is not None:
             return cached
         if data is None:
-            data = await self._uploaded(image_id, content or image_id)
-        return await self.flights.do(image_id, lambda: self._compute(image_id, data))
+            data = await self._uploaded(stored or image_id, content or image_id)
+        return await self.flights.do(image_id, lambda: self._compute(image_id, data, clip))
 
-    async def put_image(self, data: bytes, scope: str = "") -> Upload:
-        """Validate and keep `data` for `image_ttl_s`, so that Encode can name it by id (in `scope`)."""
-        image = await asyncio.to_thread(load_image, data, self.limits)
+    async def put_image(self, data: bytes, scope: str = "", video: bool = False) -> Upload:
+        """Validate and keep `data` for `image_ttl_s`, so that Encode can name it by id (in `scope`). A clip
+        is probed (container, frames, length, resolution), not decoded."""
+        if video:
+            self.check_size(data, video=True)
+            frames, fps, width, height = await asyncio.to_thread(probe, data, self.video_limits)
+            size, extra = (width, height), {"frames": frames, "duration_s": frames / fps}
+        else:
+            image = await asyncio.to_thread(load_image, data, self.limits)
+            size, extra = (image.width, image.height), {}
         image_id = await self.image_id_of(data)
         await self.store.set(image_key(scoped_image_id(scope, image_id)), data, self.image_ttl_s)
         if not self.store.healthy:
             raise Unavailable("the image store is unreachable; send the image bytes with each request instead")
-        return Upload(image_id, self.image_ttl_s, image.width, image.height)
+        return Upload(image_id, self.image_ttl_s, *size, **extra)
 
     async def _uploaded(self, image_id: str, content: str) -> bytes:
         """Stored bytes, re-hashed: bytes that are not the image they are stored as are dropped."""
@@ -187,13 +221,14 @@ class CachedEncoder:
         if payload.image_id != image_id:
             raise CorruptPayload(f"entry under {image_id} holds the payload of image {payload.image_id or '(unnamed)'}")
         return Encoded(image_id, blob, payload.fingerprint, payload.grid_thw, payload.n_tokens,
-                       dtype_name(payload.dtype), cache_hit=True, encode_ms=0.0)
+                       dtype_name(payload.dtype), cache_hit=True, encode_ms=0.0, video=payload.video is not None)
 
-    async def _compute(self, image_id: str, data: bytes) -> Encoded:
+    async def _compute(self, image_id: str, data: bytes, clip: ClipRequest | None = None) -> Encoded:
         cached = await self._cached(image_id)  # a flight that just ended may have filled it
         if cached is not None:
             return cached
-        inputs = await asyncio.to_thread(self._inputs, data)  # a bad image fails here, before any lock
+        # a bad image or clip fails here, before any lock; a clip is decoded here, never in the tower's thread
+        inputs = await asyncio.to_thread(self._inputs, data, clip)
 
         async def compute() -> Encoded:
             if self.max_queue and self.queued >= self.max_queue:
@@ -212,8 +247,11 @@ class CachedEncoder:
         return await self.replicas.run(embedding_key(self.fingerprint, image_id), compute,
                                        lambda: self._cached(image_id))
 
-    def _inputs(self, data: bytes) -> ImageInputs:
-        """Worker thread: bytes -> validated image -> pixel patches (BadImage/TooLarge here, alone)."""
+    def _inputs(self, data: bytes, clip: ClipRequest | None = None) -> ImageInputs | VideoInputs:
+        """Worker thread: bytes -> validated image (or sampled clip) -> pixel patches (BadImage/TooLarge here,
+        alone)."""
+        if clip is not None:
+            return self.engine.video.preprocess(data, clip.sampling, clip.limits)
         return self.engine.preprocessor(load_image(data, self.limits))
 
     def _run_tower(self, jobs: list[tuple[str, ImageInputs]]) -> list[Encoded]:
@@ -233,7 +271,8 @@ class CachedEncoder:
                  payload.n_tokens, seconds * 1000, batch,
                  extra={"image_id": image_id, "encode_ms": round(seconds * 1000, 1), "batch": batch})
         return Encoded(image_id, blob, payload.fingerprint, payload.grid_thw, payload.n_tokens,
-                       dtype_name(self.payload_dtype), cache_hit=False, encode_ms=seconds * 1000)
+                       dtype_name(self.payload_dtype), cache_hit=False, encode_ms=seconds * 1000,
+                       video=payload.video is not None)
 
     def warm_up(self) -> None:
         """Engine thread: one forward pass on a small synthetic image (first-call allocations)."""

@@ -25,6 +25,7 @@ from shared.codec import DTYPES
 from shared.config import MiB, EncoderConfig
 from shared.hardware import Runtime, check_dtype, resolve_dtype, set_torch_threads
 from shared.images import ImageLimits
+from shared.video import VideoLimits
 from shared.logs import setup_logging
 from shared.quantize import check_quantize
 from shared.server import Service, run
@@ -65,9 +66,16 @@ def encoder_service(config: EncoderConfig) -> Service:
         register=lambda server: vision_encoder_pb2_grpc.add_VisionEncoderServicer_to_server(servicer, server),
         start=start,
         stop=stop,
-        # Images arrive in one message; payloads leave in 1 MiB chunks.
-        max_message_bytes=config.max_image_bytes + MiB,
+        # Images and clips arrive in one message; payloads leave in 1 MiB chunks.
+        max_message_bytes=max(config.max_image_bytes, config.max_video_bytes) + MiB,
     )
+
+
+def video_limits(config: EncoderConfig) -> VideoLimits:
+    return VideoLimits(max_bytes=config.max_video_bytes, max_duration_s=config.max_video_seconds,
+                       max_frames=config.max_video_frames, max_frame_pixels=config.max_video_frame_pixels,
+                       max_tokens=config.max_video_tokens, decode_timeout_s=config.video_decode_timeout_s,
+                       max_fps=config.max_video_fps, max_source_frames=config.max_video_source_frames)
 
 
 async def _open(config: EncoderConfig, executor: ThreadPoolExecutor) -> CachedEncoder:
@@ -89,6 +97,7 @@ async def _open(config: EncoderConfig, executor: ThreadPoolExecutor) -> CachedEn
         cache_ttl_s=config.cache_ttl_s,
         image_ttl_s=config.image_ttl_s,
         limits=ImageLimits(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels),
+        video_limits=video_limits(config),
         batch_limits=_batch_limits(config),
         replica_flight=ReplicaFlight(store.redis, config.encode_lock_s),
         max_queue=config.encode_max_queue,

@@ -96,21 +96,37 @@ class Usage(_message.Message):
     completion_tokens: int
     def __init__(self, prompt_tokens: _Optional[int] = ..., image_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
+class VideoParams(_message.Message):
+    __slots__ = ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    MIN_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MIN_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    fps: float
+    min_frames: int
+    max_frames: int
+    min_pixels: int
+    max_pixels: int
+    def __init__(self, fps: _Optional[float] = ..., min_frames: _Optional[int] = ..., max_frames: _Optional[int] = ..., min_pixels: _Optional[int] = ..., max_pixels: _Optional[int] = ...) -> None: ...
+
 class EmbeddingInfo(_message.Message):
-    __slots__ = ("image_id", "fingerprint", "grid_thw", "n_tokens", "payload_bytes", "dtype")
+    __slots__ = ("image_id", "fingerprint", "grid_thw", "n_tokens", "payload_bytes", "dtype", "video")
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     GRID_THW_FIELD_NUMBER: _ClassVar[int]
     N_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
     image_id: str
     fingerprint: str
     grid_thw: _containers.RepeatedScalarFieldContainer[int]
     n_tokens: int
     payload_bytes: int
     dtype: str
-    def __init__(self, image_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., grid_thw: _Optional[_Iterable[int]] = ..., n_tokens: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., dtype: _Optional[str] = ...) -> None: ...
+    video: bool
+    def __init__(self, image_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., grid_thw: _Optional[_Iterable[int]] = ..., n_tokens: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., video: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model_type", "fingerprint", "dtype", "payload_format", "dtype_reason", "torch_threads", "device_name", "quantize", "weight_bytes", "backend", "max_payload_bytes", "payload_values_per_token", "image_tokens")

@@ -136,26 +136,38 @@ class ModerateResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[ClassifyResponse, _Mapping]]] = ...) -> None: ...
 
 class ImageRef(_message.Message):
-    __slots__ = ("data", "image_id")
+    __slots__ = ("data", "image_id", "video")
     DATA_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     image_id: str
-    def __init__(self, data: _Optional[bytes] = ..., image_id: _Optional[str] = ...) -> None: ...
+    video: _common_pb2.VideoParams
+    def __init__(self, data: _Optional[bytes] = ..., image_id: _Optional[str] = ..., video: _Optional[_Union[_common_pb2.VideoParams, _Mapping]] = ...) -> None: ...
 
 class UploadImageRequest(_message.Message):
-    __slots__ = ("data",)
+    __slots__ = ("data", "video")
     DATA_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
     data: bytes
-    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+    video: bool
+    def __init__(self, data: _Optional[bytes] = ..., video: _Optional[bool] = ...) -> None: ...
 
 class UploadImageResponse(_message.Message):
-    __slots__ = ("image_id", "ttl_seconds")
+    __slots__ = ("image_id", "ttl_seconds", "width", "height", "frames", "duration_s")
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
     image_id: str
     ttl_seconds: int
-    def __init__(self, image_id: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+    width: int
+    height: int
+    frames: int
+    duration_s: float
+    def __init__(self, image_id: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., frames: _Optional[int] = ..., duration_s: _Optional[float] = ...) -> None: ...
 
 class AskRequest(_message.Message):
     __slots__ = ("image", "question", "sampling")

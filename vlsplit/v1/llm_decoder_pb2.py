@@ -25,31 +25,33 @@ _sym_db = _symbol_database.Default()
 from vlsplit.v1 import common_pb2 as vlsplit_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cvlsplit/v1/llm_decoder.proto\x12\nvlsplit.v1\x1a\x17vlsplit/v1/common.proto\"T\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\x05image\x18\x02 \x01(\x0b\x32\x1c.vlsplit.v1.ImagePlaceholderH\x00\x42\x06\n\x04part\"\x12\n\x10ImagePlaceholder\"E\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12(\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x17.vlsplit.v1.ContentPart\"\x99\x02\n\x0eGenerateHeader\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.vlsplit.v1.ChatMessage\x12\x15\n\rpayload_bytes\x18\x02 \x03(\x04\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.vlsplit.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x11\n\timage_ids\x18\x05 \x03(\t\x12\'\n\x05\x62\x61tch\x18\x06 \x03(\x0b\x32\x18.vlsplit.v1.Conversation\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\x18\n\x10resume_token_ids\x18\x08 \x03(\r\x12\t\n\x01n\x18\t \x01(\r\x12\x12\n\ncache_salt\x18\n \x01(\t\"\x7f\n\x0c\x43onversation\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.vlsplit.v1.ChatMessage\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x18\n\x10resume_token_ids\x18\x03 \x03(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"%\n\x0cPayloadSizes\x12\x15\n\rpayload_bytes\x18\x01 \x03(\x04\"\x93\x01\n\x0fGenerateRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.vlsplit.v1.GenerateHeaderH\x00\x12\x17\n\rpayload_chunk\x18\x02 \x01(\x0cH\x00\x12\x31\n\rpayload_sizes\x18\x03 \x01(\x0b\x32\x18.vlsplit.v1.PayloadSizesH\x00\x42\x06\n\x04part\"\xff\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.vlsplit.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.vlsplit.v1.Usage\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x01\x12\x14\n\x0cneed_payload\x18\x06 \x01(\x08\x12\r\n\x05index\x18\x07 \x01(\r\x12\x15\n\rprefix_cached\x18\x08 \x01(\x08\x12*\n\x08logprobs\x18\t \x03(\x0b\x32\x18.vlsplit.v1.TokenLogprob\"s\n\rScoreResponse\x12\x14\n\x0cneed_payload\x18\x01 \x01(\x08\x12&\n\x06scores\x18\x02 \x03(\x0b\x32\x16.vlsplit.v1.LabelScore\x12\x15\n\rprefix_cached\x18\x03 \x01(\x08\x12\r\n\x05index\x18\x04 \x01(\r2\xe4\x01\n\nLLMDecoder\x12I\n\x08Generate\x12\x1b.vlsplit.v1.GenerateRequest\x1a\x1c.vlsplit.v1.GenerateResponse(\x01\x30\x01\x12\x46\n\x08\x43lassify\x12\x1b.vlsplit.v1.GenerateRequest\x1a\x19.vlsplit.v1.ScoreResponse(\x01\x30\x01\x12\x43\n\x0cGetModelInfo\x12\x1c.vlsplit.v1.ModelInfoRequest\x1a\x15.vlsplit.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cvlsplit/v1/llm_decoder.proto\x12\nvlsplit.v1\x1a\x17vlsplit/v1/common.proto\"\x83\x01\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12-\n\x05image\x18\x02 \x01(\x0b\x32\x1c.vlsplit.v1.ImagePlaceholderH\x00\x12-\n\x05video\x18\x03 \x01(\x0b\x32\x1c.vlsplit.v1.VideoPlaceholderH\x00\x42\x06\n\x04part\"\x12\n\x10ImagePlaceholder\"\x12\n\x10VideoPlaceholder\"E\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12(\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x17.vlsplit.v1.ContentPart\"\x99\x02\n\x0eGenerateHeader\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.vlsplit.v1.ChatMessage\x12\x15\n\rpayload_bytes\x18\x02 \x03(\x04\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.vlsplit.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x11\n\timage_ids\x18\x05 \x03(\t\x12\'\n\x05\x62\x61tch\x18\x06 \x03(\x0b\x32\x18.vlsplit.v1.Conversation\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\x18\n\x10resume_token_ids\x18\x08 \x03(\r\x12\t\n\x01n\x18\t \x01(\r\x12\x12\n\ncache_salt\x18\n \x01(\t\"\x7f\n\x0c\x43onversation\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.vlsplit.v1.ChatMessage\x12\x0e\n\x06labels\x18\x02 \x03(\t\x12\x18\n\x10resume_token_ids\x18\x03 \x03(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"%\n\x0cPayloadSizes\x12\x15\n\rpayload_bytes\x18\x01 \x03(\x04\"\x93\x01\n\x0fGenerateRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.vlsplit.v1.GenerateHeaderH\x00\x12\x17\n\rpayload_chunk\x18\x02 \x01(\x0cH\x00\x12\x31\n\rpayload_sizes\x18\x03 \x01(\x0b\x32\x18.vlsplit.v1.PayloadSizesH\x00\x42\x06\n\x04part\"\xff\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.vlsplit.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.vlsplit.v1.Usage\x12\x0f\n\x07ttft_ms\x18\x05 \x01(\x01\x12\x14\n\x0cneed_payload\x18\x06 \x01(\x08\x12\r\n\x05index\x18\x07 \x01(\r\x12\x15\n\rprefix_cached\x18\x08 \x01(\x08\x12*\n\x08logprobs\x18\t \x03(\x0b\x32\x18.vlsplit.v1.TokenLogprob\"s\n\rScoreResponse\x12\x14\n\x0cneed_payload\x18\x01 \x01(\x08\x12&\n\x06scores\x18\x02 \x03(\x0b\x32\x16.vlsplit.v1.LabelScore\x12\x15\n\rprefix_cached\x18\x03 \x01(\x08\x12\r\n\x05index\x18\x04 \x01(\r2\xe4\x01\n\nLLMDecoder\x12I\n\x08Generate\x12\x1b.vlsplit.v1.GenerateRequest\x1a\x1c.vlsplit.v1.GenerateResponse(\x01\x30\x01\x12\x46\n\x08\x43lassify\x12\x1b.vlsplit.v1.GenerateRequest\x1a\x19.vlsplit.v1.ScoreResponse(\x01\x30\x01\x12\x43\n\x0cGetModelInfo\x12\x1c.vlsplit.v1.ModelInfoRequest\x1a\x15.vlsplit.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vlsplit.v1.llm_decoder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONTENTPART']._serialized_start=69
-  _globals['_CONTENTPART']._serialized_end=153
-  _globals['_IMAGEPLACEHOLDER']._serialized_start=155
-  _globals['_IMAGEPLACEHOLDER']._serialized_end=173
-  _globals['_CHATMESSAGE']._serialized_start=175
-  _globals['_CHATMESSAGE']._serialized_end=244
-  _globals['_GENERATEHEADER']._serialized_start=247
-  _globals['_GENERATEHEADER']._serialized_end=528
-  _globals['_CONVERSATION']._serialized_start=530
-  _globals['_CONVERSATION']._serialized_end=657
-  _globals['_PAYLOADSIZES']._serialized_start=659
-  _globals['_PAYLOADSIZES']._serialized_end=696
-  _globals['_GENERATEREQUEST']._serialized_start=699
-  _globals['_GENERATEREQUEST']._serialized_end=846
-  _globals['_GENERATERESPONSE']._serialized_start=849
-  _globals['_GENERATERESPONSE']._serialized_end=1104
-  _globals['_SCORERESPONSE']._serialized_start=1106
-  _globals['_SCORERESPONSE']._serialized_end=1221
-  _globals['_LLMDECODER']._serialized_start=1224
-  _globals['_LLMDECODER']._serialized_end=1452
+  _globals['_CONTENTPART']._serialized_start=70
+  _globals['_CONTENTPART']._serialized_end=201
+  _globals['_IMAGEPLACEHOLDER']._serialized_start=203
+  _globals['_IMAGEPLACEHOLDER']._serialized_end=221
+  _globals['_VIDEOPLACEHOLDER']._serialized_start=223
+  _globals['_VIDEOPLACEHOLDER']._serialized_end=241
+  _globals['_CHATMESSAGE']._serialized_start=243
+  _globals['_CHATMESSAGE']._serialized_end=312
+  _globals['_GENERATEHEADER']._serialized_start=315
+  _globals['_GENERATEHEADER']._serialized_end=596
+  _globals['_CONVERSATION']._serialized_start=598
+  _globals['_CONVERSATION']._serialized_end=725
+  _globals['_PAYLOADSIZES']._serialized_start=727
+  _globals['_PAYLOADSIZES']._serialized_end=764
+  _globals['_GENERATEREQUEST']._serialized_start=767
+  _globals['_GENERATEREQUEST']._serialized_end=914
+  _globals['_GENERATERESPONSE']._serialized_start=917
+  _globals['_GENERATERESPONSE']._serialized_end=1172
+  _globals['_SCORERESPONSE']._serialized_start=1174
+  _globals['_SCORERESPONSE']._serialized_end=1289
+  _globals['_LLMDECODER']._serialized_start=1292
+  _globals['_LLMDECODER']._serialized_end=1520
 # @@protoc_insertion_point(module_scope)

@@ -8,14 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ContentPart(_message.Message):
-    __slots__ = ("text", "image")
+    __slots__ = ("text", "image", "video")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
     text: str
     image: ImagePlaceholder
-    def __init__(self, text: _Optional[str] = ..., image: _Optional[_Union[ImagePlaceholder, _Mapping]] = ...) -> None: ...
+    video: VideoPlaceholder
+    def __init__(self, text: _Optional[str] = ..., image: _Optional[_Union[ImagePlaceholder, _Mapping]] = ..., video: _Optional[_Union[VideoPlaceholder, _Mapping]] = ...) -> None: ...
 
 class ImagePlaceholder(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VideoPlaceholder(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

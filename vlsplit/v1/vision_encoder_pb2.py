@@ -25,21 +25,21 @@ _sym_db = _symbol_database.Default()
 from vlsplit.v1 import common_pb2 as vlsplit_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fvlsplit/v1/vision_encoder.proto\x12\nvlsplit.v1\x1a\x17vlsplit/v1/common.proto\"M\n\rEncodeRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x12\n\x08image_id\x18\x02 \x01(\tH\x00\x12\r\n\x05scope\x18\x03 \x01(\tB\x08\n\x06source\"z\n\x0e\x45ncodeResponse\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x19.vlsplit.v1.EmbeddingInfoH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x42\x06\n\x04part\"/\n\x0fPutImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05scope\x18\x02 \x01(\t\"X\n\x10PutImageResponse\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r2\xde\x01\n\rVisionEncoder\x12\x41\n\x06\x45ncode\x12\x19.vlsplit.v1.EncodeRequest\x1a\x1a.vlsplit.v1.EncodeResponse0\x01\x12\x45\n\x08PutImage\x12\x1b.vlsplit.v1.PutImageRequest\x1a\x1c.vlsplit.v1.PutImageResponse\x12\x43\n\x0cGetModelInfo\x12\x1c.vlsplit.v1.ModelInfoRequest\x1a\x15.vlsplit.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fvlsplit/v1/vision_encoder.proto\x12\nvlsplit.v1\x1a\x17vlsplit/v1/common.proto\"\x89\x01\n\rEncodeRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x12\n\x08image_id\x18\x02 \x01(\tH\x00\x12\r\n\x05scope\x18\x03 \x01(\t\x12&\n\x05video\x18\x04 \x01(\x0b\x32\x17.vlsplit.v1.VideoParams\x12\x12\n\nmax_tokens\x18\x05 \x01(\x04\x42\x08\n\x06source\"z\n\x0e\x45ncodeResponse\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x19.vlsplit.v1.EmbeddingInfoH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12\x11\n\tcache_hit\x18\x03 \x01(\x08\x12\x11\n\tencode_ms\x18\x04 \x01(\x01\x42\x06\n\x04part\">\n\x0fPutImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\r\n\x05scope\x18\x02 \x01(\t\x12\r\n\x05video\x18\x03 \x01(\x08\"|\n\x10PutImageResponse\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x0e\n\x06\x66rames\x18\x05 \x01(\r\x12\x12\n\nduration_s\x18\x06 \x01(\x01\x32\xde\x01\n\rVisionEncoder\x12\x41\n\x06\x45ncode\x12\x19.vlsplit.v1.EncodeRequest\x1a\x1a.vlsplit.v1.EncodeResponse0\x01\x12\x45\n\x08PutImage\x12\x1b.vlsplit.v1.PutImageRequest\x1a\x1c.vlsplit.v1.PutImageResponse\x12\x43\n\x0cGetModelInfo\x12\x1c.vlsplit.v1.ModelInfoRequest\x1a\x15.vlsplit.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vlsplit.v1.vision_encoder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODEREQUEST']._serialized_start=72
-  _globals['_ENCODEREQUEST']._serialized_end=149
-  _globals['_ENCODERESPONSE']._serialized_start=151
-  _globals['_ENCODERESPONSE']._serialized_end=273
-  _globals['_PUTIMAGEREQUEST']._serialized_start=275
-  _globals['_PUTIMAGEREQUEST']._serialized_end=322
-  _globals['_PUTIMAGERESPONSE']._serialized_start=324
-  _globals['_PUTIMAGERESPONSE']._serialized_end=412
-  _globals['_VISIONENCODER']._serialized_start=415
-  _globals['_VISIONENCODER']._serialized_end=637
+  _globals['_ENCODEREQUEST']._serialized_start=73
+  _globals['_ENCODEREQUEST']._serialized_end=210
+  _globals['_ENCODERESPONSE']._serialized_start=212
+  _globals['_ENCODERESPONSE']._serialized_end=334
+  _globals['_PUTIMAGEREQUEST']._serialized_start=336
+  _globals['_PUTIMAGEREQUEST']._serialized_end=398
+  _globals['_PUTIMAGERESPONSE']._serialized_start=400
+  _globals['_PUTIMAGERESPONSE']._serialized_end=524
+  _globals['_VISIONENCODER']._serialized_start=527
+  _globals['_VISIONENCODER']._serialized_end=749
 # @@protoc_insertion_point(module_scope)
