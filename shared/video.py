@@ -288,8 +288,8 @@ def _open(data: bytes):
         raise BadImage(f"unsupported video container {container.format.name!r}; "
                        "send mp4, mov, webm, mkv, avi or gif")
     if not container.streams.video:
-        container.close()
         what = "audio only" if container.streams.audio else "no streams"
+        container.close()
         raise BadImage(f"the file has no video stream ({what})")
     return container
 

@@ -10,6 +10,7 @@ image spans computed; each sequence's full blocks are hashed for prefix reuse.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import uuid
 from collections import OrderedDict
 
@@ -159,7 +160,7 @@ class Intake:
         runs, intervals, run_keys = [], [], []
         for grid, video, key in zip(grids, videos, keys):
             # the grid (and a clip's timing) is part of an item's key: its M-RoPE positions depend on it
-            base = f"{key}/{'x'.join(map(str, grid))}"
+            base = f"{key}/{'x'.join(map(str, grid))}" + ("" if video is None else f"/{_timing_key(video)}")
             item_runs = self.prompts.media_runs(grid, video)
             interval = self._interval(video)
             for i, run in enumerate(item_runs):
@@ -286,6 +287,12 @@ class Intake:
             match = self.blocks.match(seq, len(prompt), limit=len(prompt) - 1)
             if match.tokens < prompt.image_end:
                 raise NeedPayload(f"the KV of the images is not cached ({match.tokens} of {prompt.image_end} tokens)")
+
+
+def _timing_key(video: VideoTiming) -> str:
+    """A clip's timing as part of its KV key (its positions or its prompt text depend on it)."""
+    text = repr((video.second_per_grid_t, video.timestamps)).encode()
+    return hashlib.blake2b(text, digest_size=8).hexdigest()
 
 
 def _per_conversation(resume: tuple, conversations: int) -> list[tuple[int, ...]]:
