@@ -193,3 +193,18 @@ def test_a_corrupt_clip_is_invalid_argument_and_the_stack_keeps_serving(two_repl
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "video" in err.value.details()
     assert video_ask(stack.stub, make_clip(2.0, fps=8, seed=9), QUESTION, fps=2).token_ids
+
+
+def test_a_clip_over_the_decoders_context_is_refused_before_the_tower_runs(tiny_models, tmp_path):
+    stack = Stack(tiny_models["qwen2_vl"], tmp_path, decoder_env={"VLSPLIT_MAX_MODEL_LEN": "200"}).start()
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            video_ask(stack.stub, make_clip(3.0, fps=10, seed=10), QUESTION, fps=1.5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "the limit is 200" in err.value.details() and "VLSPLIT_MAX_VIDEO_TOKENS" in err.value.details()
+        assert stack.encodes() == 0
+        small = video_ask(stack.stub, make_clip(2.0, fps=8, seed=10), QUESTION, fps=2, min_pixels=3136,
+                          max_pixels=12544)
+        assert small.token_ids and stack.encodes() == 1
+    finally:
+        stack.stop()

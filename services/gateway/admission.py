@@ -34,18 +34,21 @@ class DecoderLimits:
     max_payload_bytes: int
     values_per_token: int
     rule: common_pb2.ImageTokenRule
+    max_model_len: int = 0  # 0: not advertised
 
     @classmethod
     def from_pb(cls, info: common_pb2.ModelInfo) -> "DecoderLimits | None":
         """None for a decoder that advertises no limit (an older one)."""
         if not info.max_payload_bytes or not info.payload_values_per_token or not info.image_tokens.patch_size:
             return None
-        return cls(info.max_payload_bytes, info.payload_values_per_token, info.image_tokens)
+        return cls(info.max_payload_bytes, info.payload_values_per_token, info.image_tokens, info.max_model_len)
 
     @property
     def max_tokens(self) -> int:
-        """The most image (or clip) tokens one request may send this decoder."""
-        return self.max_payload_bytes // (self.values_per_token * MIN_VALUE_BYTES)
+        """The most image (or clip) tokens one request may send this decoder: its payload bytes, and its
+        context when it advertises one."""
+        tokens = self.max_payload_bytes // (self.values_per_token * MIN_VALUE_BYTES)
+        return min(tokens, self.max_model_len) if self.max_model_len else tokens
 
     def estimate(self, data: bytes | None) -> int:
         """A lower bound on the payload bytes of the image `data` (None: an image sent by id)."""

@@ -91,7 +91,8 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
         return common_pb2.ModelInfo(model_type=engine.family.model_type, fingerprint=engine.fingerprint,
                                     payload_format=FORMAT_VERSION, max_payload_bytes=self.max_payload_bytes,
                                     payload_values_per_token=engine.hidden_size * (1 + engine.deepstack_levels),
-                                    image_tokens=self.image_tokens, **self.runtime.info_fields())
+                                    image_tokens=self.image_tokens, max_model_len=engine.max_len,
+                                    **self.runtime.info_fields())
 
     async def Generate(self, requests, context):
         stream = RequestStream(aiter(requests), self.config.stream_idle_s, self.config.payload_wait_s)

@@ -129,7 +129,7 @@ class EmbeddingInfo(_message.Message):
     def __init__(self, image_id: _Optional[str] = ..., fingerprint: _Optional[str] = ..., grid_thw: _Optional[_Iterable[int]] = ..., n_tokens: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., video: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_type", "fingerprint", "dtype", "payload_format", "dtype_reason", "torch_threads", "device_name", "quantize", "weight_bytes", "backend", "max_payload_bytes", "payload_values_per_token", "image_tokens")
+    __slots__ = ("model_type", "fingerprint", "dtype", "payload_format", "dtype_reason", "torch_threads", "device_name", "quantize", "weight_bytes", "backend", "max_payload_bytes", "payload_values_per_token", "image_tokens", "max_model_len")
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,7 @@ class ModelInfo(_message.Message):
     MAX_PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_VALUES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     IMAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     model_type: str
     fingerprint: str
     dtype: str
@@ -156,7 +157,8 @@ class ModelInfo(_message.Message):
     max_payload_bytes: int
     payload_values_per_token: int
     image_tokens: ImageTokenRule
-    def __init__(self, model_type: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., payload_format: _Optional[int] = ..., dtype_reason: _Optional[str] = ..., torch_threads: _Optional[int] = ..., device_name: _Optional[str] = ..., quantize: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., max_payload_bytes: _Optional[int] = ..., payload_values_per_token: _Optional[int] = ..., image_tokens: _Optional[_Union[ImageTokenRule, _Mapping]] = ...) -> None: ...
+    max_model_len: int
+    def __init__(self, model_type: _Optional[str] = ..., fingerprint: _Optional[str] = ..., dtype: _Optional[str] = ..., payload_format: _Optional[int] = ..., dtype_reason: _Optional[str] = ..., torch_threads: _Optional[int] = ..., device_name: _Optional[str] = ..., quantize: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., max_payload_bytes: _Optional[int] = ..., payload_values_per_token: _Optional[int] = ..., image_tokens: _Optional[_Union[ImageTokenRule, _Mapping]] = ..., max_model_len: _Optional[int] = ...) -> None: ...
 
 class ImageTokenRule(_message.Message):
     __slots__ = ("patch_size", "merge_size", "min_pixels", "max_pixels")
