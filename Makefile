@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: all setup test test-slow demo bench-load bench-ask bench-many bench-decode bench-prefill bench-tower bench-openvino bench-quantize bench-grammar bench-peer peer-setup protos clean
+.PHONY: all setup test test-slow test-video-reference demo bench-load bench-ask bench-many bench-decode bench-prefill bench-tower bench-openvino bench-quantize bench-grammar bench-peer peer-setup protos clean
 
 all: test
 
@@ -34,6 +34,13 @@ test: setup
 # Opt-in tests that build bench-size checkpoints (hundreds of MB) or run long.
 test-slow: setup
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# Opt-in: shared/video.py against the official transformers video processors, which need torchvision, in an
+# environment of their own (.cache/video-reference/venv: torch 2.14.1 + torchvision 0.29.1, several GB; first
+# build about 75 s). tests/video_reference has its own pytest.ini, so tests/conftest.py is not loaded.
+test-video-reference: setup
+	bash scripts/video_reference_env.sh
+	.cache/video-reference/venv/bin/python -m pytest tests/video_reference -q -p no:cacheprovider $(PYTEST_ARGS)
 
 $(DEMO_MODEL): | setup
 	$(BIN)/vlsplit make-model $(DEMO_MODEL) --family qwen2_vl --size tiny

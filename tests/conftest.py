@@ -21,6 +21,10 @@ from vlsplit.make_model import make_model
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
+# tests/video_reference compares shared/video.py with the official video processors, which need torchvision:
+# it runs in an environment of its own (`make test-video-reference`), never in `make test`.
+collect_ignore = ["video_reference"]
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
