@@ -80,6 +80,7 @@ class VideoLimits:
     decode_timeout_s: float = 60.0  # VLSPLIT_VIDEO_DECODE_TIMEOUT_S
     max_fps: float = 8.0  # VLSPLIT_MAX_VIDEO_FPS: the highest sampling rate a request may ask for
     max_source_frames: int = 216_000  # VLSPLIT_MAX_VIDEO_SOURCE_FRAMES: frames the container may hold
+    tokens_setting: str = "VLSPLIT_MAX_VIDEO_TOKENS"  # what max_tokens came from, for the refusal
 
 
 @dataclass(frozen=True)
@@ -396,7 +397,7 @@ def check_tokens(pre: VideoPreprocessor, indices: list[int], source: tuple[int, 
     tokens = pre.tokens(len(indices), pre.frame_size(len(indices), *source, s))
     if tokens > limits.max_tokens:
         raise TooLarge(f"the clip is {tokens} tokens ({len(indices)} frames); the limit is {limits.max_tokens} "
-                       "(VLSPLIT_MAX_VIDEO_TOKENS; lower fps or max_pixels)")
+                       f"({limits.tokens_setting}; lower fps or max_pixels)")
     return tokens
 
 

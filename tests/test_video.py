@@ -201,7 +201,7 @@ def test_a_clip_over_the_decoders_context_is_refused_before_the_tower_runs(tiny_
         with pytest.raises(grpc.RpcError) as err:
             video_ask(stack.stub, make_clip(3.0, fps=10, seed=10), QUESTION, fps=1.5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "the limit is 200" in err.value.details() and "VLSPLIT_MAX_VIDEO_TOKENS" in err.value.details()
+        assert "the limit is 200 (the decoder's context, VLSPLIT_MAX_MODEL_LEN" in err.value.details()
         assert stack.encodes() == 0
         small = video_ask(stack.stub, make_clip(2.0, fps=8, seed=10), QUESTION, fps=2, min_pixels=3136,
                           max_pixels=12544)

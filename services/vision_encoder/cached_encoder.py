@@ -141,7 +141,8 @@ class CachedEncoder:
         (before any byte of it is read); `max_tokens` (the decoder's context) lowers the token bound."""
         limits = self.video_limits
         if max_tokens and max_tokens < limits.max_tokens:
-            limits = dataclasses.replace(limits, max_tokens=int(max_tokens))
+            limits = dataclasses.replace(limits, max_tokens=int(max_tokens),
+                                         tokens_setting="the decoder's context, VLSPLIT_MAX_MODEL_LEN")
         sampling = self.engine.video.sampling(limits, params.fps, params.min_frames, params.max_frames,
                                               params.min_pixels, params.max_pixels)
         return ClipRequest(sampling, limits)
