@@ -10,9 +10,9 @@ environment of its own. What they do, per family (`Family.video.rule`):
          indices = arange(0, N, N / n) truncated;
   qwen3: n = clamp(int(N / r * fps), min_frames, min(max_frames, N)), indices = linspace(0, N - 1, n) rounded.
 - one size for every frame, the family's `smart_resize` under the total pixel budget qwen-vl-utils
-  applies (the processors' `cap_pixels_per_frame=True`), bicubic with antialiasing on float frames,
-  clamped and rounded back to uint8 (what torchvision's resize does for uint8), then
-  (x - 255 mean) / (255 std) in float32;
+  applies (the processors' `cap_pixels_per_frame=True`), bicubic with antialiasing on the uint8 frames
+  (torch's uint8 kernel, which torchvision's resize calls on the CPU), then (x - 255 mean) / (255 std)
+  in float32;
 - frames padded to a multiple of the temporal patch (2) by repeating the last, then patchified as
   the image processor does: pixel values [t*h*w, C*2*P*P], grid (t, h, w).
 
@@ -252,9 +252,9 @@ class VideoPreprocessor:
 
     @staticmethod
     def resize(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """[n, 3, H, W] uint8 -> [n, 3, h, w] uint8, as torchvision's resize does (bicubic, antialiased)."""
-        out = F.interpolate(frames.float(), size=list(size), mode="bicubic", align_corners=False, antialias=True)
-        return out.clamp_(0, 255).round_().to(torch.uint8)
+        """[n, 3, H, W] uint8 -> [n, 3, h, w] uint8, as torchvision's resize does on the CPU: bicubic with
+        antialiasing on the uint8 frames themselves (torch's own uint8 kernel; no float round trip)."""
+        return F.interpolate(frames, size=list(size), mode="bicubic", align_corners=False, antialias=True)
 
     def patches(self, clip: Clip) -> VideoInputs:
         """Normalised, temporally padded and patchified frames, and the clip's timing."""
