@@ -31,6 +31,7 @@ EXAMPLES = """examples:
                                                  # OpenAI API and web page on http://localhost:8080)
   vlsplit ask cat.png "What is in this picture?" "What colour is it?"
   vlsplit ask --stream cat.png "Describe it in detail."
+  vlsplit ask clip.mp4 "What happens in this video?" --fps 2   # a clip (by its suffix; --video for others)
   vlsplit chat cat.png --system "Answer briefly."
   vlsplit classify cat.png "Is this image safe?" --labels safe,unsafe
   vlsplit make-model ./bench-qwen2 --family qwen2_vl --size bench
@@ -124,15 +125,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-threads", type=int, help="torch threads of the decoder (default: every usable CPU)")
     p.set_defaults(func=_up)
 
-    p = sub.add_parser("ask", help="ask the gateway questions about an image")
-    p.add_argument("image", nargs="?", type=Path, help="image file (or --image-id)")
+    p = sub.add_parser("ask", help="ask the gateway questions about an image or a video clip")
+    p.add_argument("image", nargs="?", type=Path, help="image or clip file (or --image-id)")
     p.add_argument("questions", nargs="*", metavar="QUESTION")
-    p.add_argument("--image-id", help="sha256 of an image sent before, instead of IMAGE")
+    p.add_argument("--image-id", help="sha256 of an image or clip sent before, instead of IMAGE")
     p.add_argument("--gateway", default="localhost:50051")
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     p.add_argument("--json", action="store_true", help="one JSON object per question")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline per question, seconds")
     _add_sampling_args(p)
+    _add_video_args(p)
     _add_gateway_args(p)
     p.set_defaults(func=_ask)
 
@@ -143,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway", default="localhost:50051")
     p.add_argument("--timeout", type=float, default=120.0, help="deadline per answer, seconds")
     _add_sampling_args(p)
+    _add_video_args(p, flag=False)
     _add_gateway_args(p)
     p.set_defaults(func=_chat)
 
@@ -153,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gateway", default="localhost:50051")
     p.add_argument("--json", action="store_true", help="one JSON object with labels: [{label, prob, logprob}]")
     p.add_argument("--timeout", type=float, default=120.0)
+    _add_video_args(p)
     _add_gateway_args(p)
     p.set_defaults(func=_classify)
 
@@ -225,6 +229,33 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+VIDEO_HELP = ("IMAGE (or --image-id) is a video clip; implied by a .mp4 .m4v .mov .webm .mkv .avi file and by any "
+              "of the sampling flags below (a .gif is an image unless this is given)")
+
+
+def _add_video_args(p: argparse.ArgumentParser, flag: bool = True) -> None:
+    """A clip's sampling (unset = the model's defaults; the gateway's encoder bounds each)."""
+    if flag:
+        p.add_argument("--video", action="store_true", help=VIDEO_HELP)
+    p.add_argument("--fps", type=float, help="clip: frames sampled per second (default: the model's, 2)")
+    p.add_argument("--min-frames", type=int, help="clip: fewest frames sampled")
+    p.add_argument("--max-frames", type=int, help="clip: most frames sampled")
+    p.add_argument("--min-pixels", type=int, help="clip: the processor's lower pixel bound")
+    p.add_argument("--max-pixels", type=int, help="clip: the processor's upper pixel bound")
+
+
+VIDEO_FLAGS = ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels")
+
+
+def _video(args, path: Path | None) -> dict | None:
+    """The clip's sampling ({} = the model's defaults) when IMAGE is a clip, else None."""
+    from vlsplit.sdk import VIDEO_SUFFIXES
+
+    sampling = {name: getattr(args, name) for name in VIDEO_FLAGS if getattr(args, name, None) is not None}
+    by_suffix = path is not None and path.suffix.lower() in VIDEO_SUFFIXES
+    return sampling if sampling or getattr(args, "video", False) or by_suffix else None
+
+
 def _sampling(args):
     from shared.sampling import SamplingParams
 
@@ -290,20 +321,21 @@ def _ask(args) -> int:
 
     if args.image_id:  # with --image-id every positional argument is a question
         questions = ([str(args.image)] if args.image else []) + args.questions
-        image = None
+        image, video = None, _video(args, None)
     else:
         if args.image is None:
             raise ValueError("give an IMAGE file or --image-id")
-        questions, image = args.questions, args.image.read_bytes()
+        questions, image, video = args.questions, args.image.read_bytes(), _video(args, args.image)
     if not questions:
         raise ValueError("give at least one QUESTION")
-    return ask_questions(args.gateway, image, args.image_id, questions, args, _sampling(args))
+    return ask_questions(args.gateway, image, args.image_id, questions, args, _sampling(args), video)
 
 
 def _chat(args) -> int:
     from vlsplit.client import chat_loop
 
-    return chat_loop(args.gateway, args.images, args.system, args, _sampling(args))
+    sampling = {name: getattr(args, name) for name in VIDEO_FLAGS if getattr(args, name) is not None}
+    return chat_loop(args.gateway, args.images, args.system, args, _sampling(args), sampling)
 
 
 def _classify(args) -> int:
@@ -312,7 +344,8 @@ def _classify(args) -> int:
     labels = [label.strip() for label in args.labels.split(",") if label.strip()]
     if not labels:
         raise ValueError("give at least one label with --labels a,b,c")
-    return classify_image(args.gateway, args.image.read_bytes(), args.question, labels, args)
+    return classify_image(args.gateway, args.image.read_bytes(), args.question, labels, args,
+                          _video(args, args.image))
 
 
 def _health(args) -> int:

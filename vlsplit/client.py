@@ -1,5 +1,6 @@
 """`vlsplit ask` / `classify` / `health`: the command line's side of the SDK (vlsplit/sdk.py), printing
-one line (or JSON object) per question."""
+one line (or JSON object) per question. A clip is asked about as an image is (its bytes first, then
+its id), with its sampling (`video`: {fps, min_frames, ...}) on every question."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from vlsplit.sdk import Answer, Client, Image, VlsplitError
+from vlsplit.sdk import Answer, Client, Image, Upload, Video, VlsplitError
 
 
 def open_channel(address: str, args=None, options: list | None = None) -> grpc.Channel:
@@ -90,22 +91,30 @@ def answer_json(answer: Answer) -> dict:
     }
 
 
+def as_media(source: bytes | Path | str, video: dict | None) -> Image:
+    """An image source as it is, or with `video` (a clip's sampling, {} = the model's defaults) a Video."""
+    return source if video is None else Video(source, **video)
+
+
 def ask_questions(address: str, image: bytes | None, image_id: str | None, questions: list[str], args,
-                  params) -> int:
-    ref: Image = image if image is not None else image_id
+                  params, video: dict | None = None) -> int:
+    """`video`: the image (bytes or id) is a clip, sampled so ({} = the model's defaults)."""
+    source = image if image is not None else image_id
+    assert source is not None
+    ref = as_media(source, video)
     with sdk_client(address, args) as client:
         for question in questions:
             try:
                 answer = _ask_one(client, ref, question, args, params)
                 if answer is None and image is not None:  # the id expired everywhere: send the bytes again
-                    answer = _ask_one(client, image, question, args, params)
+                    answer = _ask_one(client, as_media(image, video), question, args, params)
                 if answer is None:
                     raise_not_found(image_id)
             except VlsplitError as exc:
                 print(f"vlsplit: error: {exc}", file=sys.stderr)
                 return 1
             _print(answer, args)
-            ref = answer.image_id  # later questions send the id, not the bytes
+            ref = as_media(answer.image_id, video)  # later questions send the id, not the bytes
     return 0
 
 
@@ -116,7 +125,7 @@ def _ask_one(client: Client, ref: Image, question: str, args, params) -> Answer 
             return client.ask(ref, question, **sampling_kwargs(params))
         return _stream(client, ref, question, args, params)
     except VlsplitError as exc:
-        if exc.code == grpc.StatusCode.NOT_FOUND and isinstance(ref, str):
+        if exc.code == grpc.StatusCode.NOT_FOUND and isinstance(ref.source if isinstance(ref, Video) else ref, str):
             return None
         raise
 
@@ -150,10 +159,11 @@ def _print(answer: Answer, args) -> None:
               f"ttft {answer.ttft_ms:.0f} ms, total {answer.total_ms:.0f} ms", flush=True)
 
 
-def classify_image(address: str, image: bytes, question: str, labels: list[str], args) -> int:
+def classify_image(address: str, image: bytes, question: str, labels: list[str], args,
+                   video: dict | None = None) -> int:
     with sdk_client(address, args) as client:
         try:
-            result = client.classify(image, question, labels)
+            result = client.classify(as_media(image, video), question, labels)
         except VlsplitError as exc:
             print(f"vlsplit: error: {exc}", file=sys.stderr)
             return 1
@@ -168,16 +178,23 @@ def classify_image(address: str, image: bytes, question: str, labels: list[str],
     return 0
 
 
-CHAT_HELP = "type a message; /image PATH attaches an image to your next message; /reset starts over; /quit ends"
+CHAT_HELP = ("type a message; /image PATH attaches an image or clip (.mp4 .mov .webm .mkv .avi) to your next "
+             "message; /reset starts over; /quit ends")
 
 
-def chat_loop(address: str, images: list[Path], system: str | None, args, params) -> int:
-    """`vlsplit chat`: an interactive, multi-turn conversation read line by line from stdin. Images are
-    uploaded once and referred to by id, so every turn reuses their embeddings and the decoder's KV."""
+def chat_loop(address: str, images: list[Path], system: str | None, args, params, video: dict | None = None) -> int:
+    """`vlsplit chat`: an interactive, multi-turn conversation read line by line from stdin. Images and clips
+    are uploaded once and referred to by id, so every turn reuses their embeddings and the decoder's KV.
+    `video`: the clips' sampling (None or {} = the model's defaults)."""
     interactive = sys.stdin.isatty()
+
+    def attach(path: Path) -> Image:
+        uploaded: Upload = client.upload(path)
+        return Video(uploaded, **video) if uploaded.video and video else uploaded
+
     with sdk_client(address, args) as client:
         base = [{"role": "system", "content": system}] if system else []
-        history, pending = list(base), [client.upload(path) for path in images]
+        history, pending = list(base), [attach(path) for path in images]
         print(f"vlsplit chat: {CHAT_HELP}", file=sys.stderr)
         while (line := _read_line(interactive)) is not None:
             if not line:
@@ -189,7 +206,7 @@ def chat_loop(address: str, images: list[Path], system: str | None, args, params
                 continue
             if line.startswith("/image"):
                 path = Path(line[len("/image"):].strip())
-                pending.append(client.upload(path))
+                pending.append(attach(path))
                 print(f"[attached {path.name}]", file=sys.stderr)
                 continue
             history.append({"role": "user", "content": [{"type": "image", "image": i} for i in pending] + [line]})

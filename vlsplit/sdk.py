@@ -10,6 +10,15 @@
             print(delta.text, end="", flush=True)
 
 Images are `bytes`, a `pathlib.Path` to read, or a `str` image id (from `upload` or an earlier answer).
+Video clips go wherever an image goes: a `Path` ending in .mp4, .m4v, .mov, .webm, .mkv or .avi is a
+clip (a .gif is an image unless wrapped), an id `upload` returned for a clip is one, and
+`Video(source, fps=..., max_frames=...)` marks any source (bytes, a file, an id) as a clip with its
+sampling (unset = the model's defaults):
+
+    clip = client.upload(Path("clip.mp4"))        # an Upload: the id, with .frames, .duration_s, ...
+    print(clip.frames, clip.duration_s)
+    client.ask(Video(clip, fps=2), "What happens?")
+    client.chat([{"role": "user", "content": [{"type": "video", "video": clip, "fps": 2}, "And then?"]}])
 Every call has a deadline (`timeout`, default 120 s, for all its attempts); UNAVAILABLE and RESOURCE_EXHAUSTED are retried
 with exponential backoff (a server's `retry-after-ms` hint is honoured), streams only until their
 first message. TLS: `tls_ca` (server check), `tls_cert` + `tls_key` (mutual TLS); `token` (or
@@ -33,10 +42,51 @@ import tenacity
 from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 __all__ = ["Answer", "AsyncClient", "ChatChoice", "ChatResult", "Classification", "Client", "Delta", "Image",
-           "Label", "Message", "Retry", "VlsplitError"]
+           "Label", "Message", "Retry", "Upload", "Video", "VIDEO_SUFFIXES", "VlsplitError", "is_video"]
 
-Image = Union[bytes, Path, str]  # bytes, a file to read, or an image id
-Message = Mapping[str, Any]  # {"role": ..., "content": str | [str | Image | {"type": "text"|"image", ...}]}
+# A file with one of these suffixes is a clip (.gif is not: an animated GIF is an image unless marked a clip).
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi"})
+
+
+@dataclass(frozen=True)
+class Video:
+    """A video clip and how it is sampled into frames; unset fields take the model's defaults (the
+    gateway's encoder bounds each, e.g. fps by VLSPLIT_MAX_VIDEO_FPS). `source`: the clip's bytes, a
+    file to read, or the id of an uploaded clip."""
+
+    source: Union[bytes, Path, str]
+    fps: float | None = None
+    min_frames: int | None = None
+    max_frames: int | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+
+class Upload(str):
+    """What `upload` returns: the id (a str: it goes wherever an image id goes; a clip's stays a clip),
+    with what the gateway found: size, and for a clip its frame count and length."""
+
+    video: bool
+    width: int
+    height: int
+    frames: int
+    duration_s: float
+    ttl_seconds: int
+
+    def __new__(cls, image_id: str, *, video: bool = False, width: int = 0, height: int = 0, frames: int = 0,
+                duration_s: float = 0.0, ttl_seconds: int = 0) -> "Upload":
+        self = super().__new__(cls, image_id)
+        self.video, self.width, self.height, self.frames = video, width, height, frames
+        self.duration_s, self.ttl_seconds = duration_s, ttl_seconds
+        return self
+
+    @property
+    def id(self) -> str:
+        return str(self)
+
+
+Image = Union[bytes, Path, str, Video]  # bytes, a file to read, an image id, or a clip
+Message = Mapping[str, Any]  # {"role": ..., "content": str | [str | Image | {"type": "text"|"image"|"video", ...}]}
 T = TypeVar("T")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
@@ -133,14 +183,50 @@ class ChatResult:
 # ---- requests --------------------------------------------------------------------------------------
 
 
+def is_video(image: object) -> bool:
+    """Whether `image` is a clip: a `Video`, an `Upload` of a clip, or a Path with a video suffix."""
+    if isinstance(image, Video):
+        return True
+    if isinstance(image, Upload):
+        return image.video
+    return isinstance(image, Path) and image.suffix.lower() in VIDEO_SUFFIXES
+
+
 def image_ref(image: Image) -> gateway_pb2.ImageRef:
+    """The ImageRef of an image or clip (a clip's carries its sampling: `ImageRef.video`)."""
+    ref = _source_ref(image.source if isinstance(image, Video) else image)
+    if is_video(image):
+        ref.video.SetInParent()
+    if isinstance(image, Video):
+        for name in ("fps", "min_frames", "max_frames", "min_pixels", "max_pixels"):
+            value = getattr(image, name)
+            if value is not None:
+                setattr(ref.video, name, value)
+    return ref
+
+
+def _source_ref(image: object) -> gateway_pb2.ImageRef:
     if isinstance(image, (bytes, bytearray)):
         return gateway_pb2.ImageRef(data=bytes(image))
     if isinstance(image, Path):
         return gateway_pb2.ImageRef(data=image.read_bytes())
     if isinstance(image, str):
-        return gateway_pb2.ImageRef(image_id=image)
-    raise TypeError(f"an image is bytes, a pathlib.Path or an image id str, not {type(image).__name__}")
+        return gateway_pb2.ImageRef(image_id=str(image))
+    raise TypeError(f"an image is bytes, a pathlib.Path, an image id str or a Video, not {type(image).__name__}")
+
+
+def upload_request(image: Union[bytes, Path, Video], video: bool | None) -> gateway_pb2.UploadImageRequest:
+    """`video`: True = a clip, False = an image, None = by `is_video` (a Path's suffix, a Video)."""
+    source = image.source if isinstance(image, Video) else image
+    if isinstance(source, str):
+        raise TypeError("upload takes bytes or a pathlib.Path (a str is an id, already uploaded)")
+    clip = is_video(image) if video is None else video
+    return gateway_pb2.UploadImageRequest(data=_source_ref(source).data, video=clip)
+
+
+def upload_result(request: gateway_pb2.UploadImageRequest, reply: gateway_pb2.UploadImageResponse) -> Upload:
+    return Upload(reply.image_id, video=request.video, width=reply.width, height=reply.height, frames=reply.frames,
+                  duration_s=reply.duration_s, ttl_seconds=reply.ttl_seconds)
 
 
 def sampling(max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
@@ -164,8 +250,9 @@ def sampling(max_new_tokens: int | None = None, temperature: float | None = None
 
 
 def chat_request(messages: Iterable[Message], n: int, params: common_pb2.SamplingParams) -> gateway_pb2.ChatRequest:
-    """Content parts: a str is text; bytes or a Path is an image; {"type": "text", "text": str} and
-    {"type": "image", "image": bytes | Path | image id} say which explicitly."""
+    """Content parts: a str is text; bytes, a Path, a Video or an Upload is an image or clip (is_video);
+    {"type": "text", "text": str}, {"type": "image", "image": bytes | Path | image id} and
+    {"type": "video", "video": bytes | Path | clip id, "fps": ..., "max_frames": ...} say which explicitly."""
     request = gateway_pb2.ChatRequest(n=n, sampling=params)
     for message in messages:
         turn = request.messages.add(role=str(message["role"]))
@@ -174,6 +261,11 @@ def chat_request(messages: Iterable[Message], n: int, params: common_pb2.Samplin
             if isinstance(part, Mapping):
                 if part.get("type") == "text":
                     turn.content.add(text=str(part["text"]))
+                elif part.get("type") == "video":
+                    sampling_fields = {k: v for k, v in part.items() if k not in ("type", "video")}
+                    source = part["video"]
+                    clip = source if isinstance(source, Video) else Video(source, **sampling_fields)
+                    turn.content.add(image=image_ref(clip))
                 else:
                     turn.content.add(image=image_ref(part["image"]))
             elif isinstance(part, str):
@@ -320,11 +412,12 @@ class Client:
     def close(self) -> None:
         self._channel.close()
 
-    def upload(self, image: bytes | Path) -> str:
-        """Store the image; returns its id for later calls."""
-        reply: gateway_pb2.UploadImageResponse = self._unary(
-            self._stub.UploadImage, gateway_pb2.UploadImageRequest(data=image_ref(image).data))
-        return reply.image_id
+    def upload(self, image: bytes | Path | Video, video: bool | None = None) -> Upload:
+        """Store the image or clip (`video`: True = a clip; None = by the Path's suffix, or a Video); returns
+        its id for later calls (an Upload: a str, with width, height, and a clip's frames and duration_s)."""
+        request = upload_request(image, video)
+        reply: gateway_pb2.UploadImageResponse = self._unary(self._stub.UploadImage, request)
+        return upload_result(request, reply)
 
     def ask(self, image: Image, question: str, **sampling_args: Any) -> Answer:
         request = gateway_pb2.AskRequest(image=image_ref(image), question=question, sampling=sampling(**sampling_args))
@@ -409,10 +502,10 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def upload(self, image: bytes | Path) -> str:
-        request = gateway_pb2.UploadImageRequest(data=image_ref(image).data)
+    async def upload(self, image: bytes | Path | Video, video: bool | None = None) -> Upload:
+        request = upload_request(image, video)
         reply: gateway_pb2.UploadImageResponse = await self._unary(self._stub.UploadImage, request)
-        return reply.image_id
+        return upload_result(request, reply)
 
     async def ask(self, image: Image, question: str, **sampling_args: Any) -> Answer:
         request = gateway_pb2.AskRequest(image=image_ref(image), question=question, sampling=sampling(**sampling_args))

@@ -5,7 +5,10 @@ gateway's own event loop, so it shares the pipeline, pools, caches, auth and lim
     GET  /v1/models              the served model
     POST /v1/chat/completions    chat, streamed as server-sent events with "stream": true
     POST /v1/images              raw image bytes in the body -> {"id": image_id, "url": "vlsplit://<id>"}
-    POST /v1/classify            vlsplit's Moderate: {"image": url, "checks": [{"question", "labels"}]}
+    POST /v1/videos              raw clip bytes in the body (probed, stored) -> {"id", "url", "frames",
+                                 "duration_s", "width", "height", "expires_in"}
+    POST /v1/classify            vlsplit's Moderate: {"image": url | "video": {"url", fps...},
+                                 "checks": [{"question", "labels"}]}
     GET  /healthz                200 once the gateway is ready
     GET  /openapi.json           the request bodies' schema (what schemathesis tests against)
 
@@ -15,7 +18,9 @@ unknown is a 400 before any work, naming the field in `param`. Errors use OpenAI
 failure gets (invalid 400, unauthenticated 401, scope 403, unknown image 404, body too large 413,
 rate or capacity 429 with Retry-After, upstream down 503, deadline 504). Every bound of a chat request
 (messages, images, text, image bytes, n, sampling) is checked before its images are fetched; then they
-are fetched side by side under one byte budget (VLSPLIT_MAX_REQUEST_IMAGE_BYTES).
+are fetched side by side under one byte budget (VLSPLIT_MAX_REQUEST_IMAGE_BYTES). Clips (`video_url`
+parts) count as images there, each under VLSPLIT_MAX_VIDEO_BYTES; POST /v1/videos takes a body up to
+VLSPLIT_MAX_VIDEO_BYTES (a larger one is refused, naming it, before it is read).
 
 With TLS (VLSPLIT_TLS_CERT/KEY) the port speaks HTTPS with the gRPC port's certificate, reloaded on
 change; with VLSPLIT_TLS_CLIENT_CA it requires client certificates from that CA, as gRPC does.
@@ -43,13 +48,14 @@ from starlette.exceptions import HTTPException
 
 from shared.config import GatewayConfig
 from shared.errors import Overloaded, TooLarge, VlsplitError
+from shared.image_ids import VideoParams
 from shared.tls import server_tls
 from vlsplit.v1 import gateway_pb2
 
 from .auth import ANONYMOUS, CLIENT, AuthInterceptor
 from .chat import check_bounds
-from .openai_api import (ChatCompletionRequest, ClassifyRequest, Completion, chat_request, image_urls, stats, turns,
-                         usage)
+from .openai_api import (ChatCompletionRequest, ClassifyRequest, Completion, chat_request, media_parts, media_url,
+                         stats, turns, usage)
 from .remote import ImageUrls
 from .servicer import GatewayServicer
 
@@ -62,26 +68,30 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes ends in 413 before it is all read."""
+    """ASGI middleware: a request body over `limit` bytes ends in 413 before it is all read. `paths`:
+    {path: (limit, status, message)} for bodies with a bound of their own (a clip upload: its bytes are
+    the clip, so over VLSPLIT_MAX_VIDEO_BYTES is a 400 naming it, as a clip in a data: URL is)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, paths: dict[str, tuple[int, int, str]] | None = None):
+        self.app, self.limit, self.paths = app, limit, paths or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit, status, message = self.paths.get(scope.get("path", ""), (self.limit, 413, self.message))
         declared = dict(scope.get("headers") or ()).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await error_response(413, self.message)(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            code = "invalid_argument" if status == 400 else None
+            return await error_response(status, message, code)(scope, receive, send)
         seen = 0
 
         async def counted():
             nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise HTTPException(413, self.message)
-            return message
+            received = await receive()
+            seen += len(received.get("body", b""))
+            if seen > limit:
+                raise (TooLarge(message) if status == 400 else HTTPException(413, message))
+            return received
 
         await self.app(scope, counted, send)
 
@@ -110,7 +120,8 @@ def error_of(exc: Exception) -> JSONResponse:
 class HttpApi:
     def __init__(self, servicer: GatewayServicer, config: GatewayConfig, auth: AuthInterceptor | None):
         self.servicer, self.config, self.auth = servicer, config, auth
-        self.urls = ImageUrls(config.max_image_bytes, config.remote_images, config.remote_image_timeout_s)
+        self.urls = ImageUrls(config.max_image_bytes, config.remote_images, config.remote_image_timeout_s,
+                              max_video_bytes=config.max_video_bytes)
         self._model: str | None = None
         self.page_headers = page_headers(self.page_html())
         self.app = self._build()
@@ -138,6 +149,7 @@ class HttpApi:
         app.add_api_route("/v1/models", self.models, methods=["GET"])
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
         app.add_api_route("/v1/images", self.upload, methods=["POST"], openapi_extra=IMAGE_BODY)
+        app.add_api_route("/v1/videos", self.upload_video, methods=["POST"], openapi_extra=VIDEO_BODY)
         app.add_api_route("/v1/classify", self.classify, methods=["POST"])
         return app
 
@@ -176,26 +188,26 @@ class HttpApi:
         return StreamingResponse(self._sse(completion, first, events, include_usage), media_type="text/event-stream")
 
     async def _chat(self, body: ChatCompletionRequest) -> gateway_pb2.ChatRequest:
-        """The request, every bound checked first (no image is fetched or decoded for a doomed one); then
-        its images, fetched side by side under the request's byte budget."""
-        urls = image_urls(body)
-        check_bounds(self.config, messages=len(body.messages), images=len(urls),
+        """The request, every bound checked first (no image or clip is fetched or decoded for a doomed one);
+        then its images and clips, fetched side by side under the request's byte budget."""
+        media = [media_url(part) for part in media_parts(body)]
+        check_bounds(self.config, messages=len(body.messages), images=len(media),
                      chars=sum(len(part.text) for _, parts in turns(body) for part in parts if part.type == "text"),
-                     image_bytes=sum(_data_url_bytes(url) for url in urls))
-        self.servicer.check_chat(chat_request(body, [gateway_pb2.ImageRef() for _ in urls]))
-        return chat_request(body, await self._images(urls))
+                     image_bytes=sum(_data_url_bytes(url) for url, _ in media))
+        self.servicer.check_chat(chat_request(body, [gateway_pb2.ImageRef() for _ in media]))
+        return chat_request(body, await self._images(media))
 
-    async def _images(self, urls: list[str]) -> list[gateway_pb2.ImageRef]:
+    async def _images(self, media: list[tuple[str, VideoParams | None]]) -> list[gateway_pb2.ImageRef]:
         budget = ImageBytes(self.config.max_request_image_bytes)
 
-        async def fetch(url: str) -> gateway_pb2.ImageRef:
-            ref = await self.urls.image_ref(url)
+        async def fetch(url: str, video: VideoParams | None) -> gateway_pb2.ImageRef:
+            ref = await self.urls.image_ref(url, video)
             budget.take(len(ref.data))
             return ref
 
         try:
             async with asyncio.TaskGroup() as group:  # the first failure cancels the other fetches
-                tasks = [group.create_task(fetch(url)) for url in urls]
+                tasks = [group.create_task(fetch(url, video)) for url, video in media]
         except ExceptionGroup as failed:
             raise failed.exceptions[0] from None
         return [task.result() for task in tasks]
@@ -223,11 +235,23 @@ class HttpApi:
         data = await request.body()
         reply = await self.servicer.UploadImage(gateway_pb2.UploadImageRequest(data=data), _Context(self.config))
         return {"id": reply.image_id, "object": "image", "url": f"vlsplit://{reply.image_id}",
-                "expires_in": reply.ttl_seconds}
+                "expires_in": reply.ttl_seconds, "width": reply.width, "height": reply.height}
+
+    async def upload_video(self, request: Request) -> dict:
+        """A clip's bytes (the body, raw): probed (container, frames, length, size limits) and stored; its id
+        goes in a video_url part as vlsplit://<id>, with any sampling."""
+        await self.admit(request, "UploadImage")
+        data = await request.body()
+        reply = await self.servicer.UploadImage(gateway_pb2.UploadImageRequest(data=data, video=True),
+                                                _Context(self.config))
+        return {"id": reply.image_id, "object": "video", "url": f"vlsplit://{reply.image_id}",
+                "expires_in": reply.ttl_seconds, "width": reply.width, "height": reply.height,
+                "frames": reply.frames, "duration_s": round(reply.duration_s, 3)}
 
     async def classify(self, body: ClassifyRequest, request: Request) -> dict:
         await self.admit(request, "Moderate")
-        moderate = gateway_pb2.ModerateRequest(image=await self.urls.image_ref(body.image))
+        url, video = body.media()
+        moderate = gateway_pb2.ModerateRequest(image=await self.urls.image_ref(url, video))
         for check in body.checks:
             moderate.checks.add(question=check.question, labels=check.labels)
         reply = await self.servicer.Moderate(moderate, _Context(self.config))
@@ -312,18 +336,23 @@ IMAGE_BODY = {"requestBody": {"required": True, "content": {
     "image/png": {"schema": {"type": "string", "format": "binary"}},
     "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+VIDEO_BODY = {"requestBody": {"required": True, "content": {
+    mime: {"schema": {"type": "string", "format": "binary"}}
+    for mime in ("video/mp4", "video/webm", "video/quicktime", "video/x-matroska", "video/x-msvideo", "image/gif",
+                 "application/octet-stream")}}}
 
 
 def page_headers(html: str) -> dict[str, str]:
     """A strict Content-Security-Policy for the page: only its own inline script and styles (by hash,
     computed from the page as served, so editing it needs no header change), its own API, blob:
-    previews; no framing, no plugins, no base or form targets elsewhere."""
+    previews (a clip's too: media-src blob:); no framing, no plugins, no base or form targets elsewhere."""
     scripts = [_csp_hash(body) for body in re.findall(r"<script>(.*?)</script>", html, re.S)]
     styles = [_csp_hash(body) for body in re.findall(r"<style>(.*?)</style>", html, re.S)]
     attributes = [_csp_hash(value) for value in re.findall(r'\sstyle="([^"]*)"', html)]
     style_src = " ".join([*styles, *(["'unsafe-hashes'", *attributes] if attributes else [])])
     policy = ("default-src 'none'; script-src " + " ".join(scripts) + "; style-src " + style_src +
-              "; img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; form-action 'self'; "
+              "; img-src 'self' blob: data:; media-src blob:; connect-src 'self'; base-uri 'none'; "
+              "form-action 'self'; "
               "frame-ancestors 'none'")
     return {"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
             "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
@@ -337,8 +366,9 @@ class HttpServer:
     """uvicorn on the running loop; the socket is bound before the gateway reports SERVING."""
 
     def __init__(self, api: HttpApi, config: GatewayConfig):
-        uv = uvicorn.Config(BodyLimit(api.app, config.max_http_body_bytes), lifespan="off", log_config=None,
-                            access_log=False, timeout_graceful_shutdown=config.grace_s,
+        clip = (config.max_video_bytes, 400, f"the clip is over {config.max_video_bytes} bytes (VLSPLIT_MAX_VIDEO_BYTES)")
+        uv = uvicorn.Config(BodyLimit(api.app, config.max_http_body_bytes, {"/v1/videos": clip}), lifespan="off",
+                            log_config=None, access_log=False, timeout_graceful_shutdown=config.grace_s,
                             # requests at once, as MAX_CONCURRENT_RPCS for gRPC (503 beyond it)
                             limit_concurrency=config.max_concurrent_rpcs or None)
         uv.load()

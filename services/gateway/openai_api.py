@@ -1,6 +1,6 @@
 """OpenAI chat-completions requests -> ChatRequest protos, and ChatResponses -> OpenAI JSON.
 
-What is taken: messages (system/developer, user with text and image_url parts, assistant), n,
+What is taken: messages (system/developer, user with text, image_url and video_url parts, assistant), n,
 max_tokens / max_completion_tokens, temperature, top_p, seed, stop, presence_penalty,
 frequency_penalty, logprobs, top_logprobs, response_format (text, json_object, json_schema) and
 stream + stream_options.include_usage; plus vLLM's extras top_k, repetition_penalty and
@@ -9,6 +9,11 @@ field (tools, functions, logit_bias, audio, user, ...) is refused with a 400 nam
 client relies on is silently dropped. Unset temperature is greedy, as in the gRPC API (OpenAI's own
 default is 1). Every response also carries a `vlsplit`
 object: image ids, cache hit/miss and timings.
+
+A `video_url` part is a clip, as vLLM and SGLang take it: {"type": "video_url", "video_url": {"url": ...}},
+the url a data: URL, vlsplit://<id> (POST /v1/videos) or a remote https:// URL (the image URLs' guards),
+plus vlsplit's optional sampling fields beside the url: fps, min_frames, max_frames, min_pixels,
+max_pixels (unset = the model's defaults; the encoder bounds each and names its setting).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import InvalidRequest
+from shared.image_ids import VideoParams
 from vlsplit.sdk import sampling
 from vlsplit.v1 import common_pb2, gateway_pb2, llm_decoder_pb2
 
@@ -50,7 +56,34 @@ class ImagePart(Strict):
     image_url: ImageUrl
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+UINT32 = 2**32 - 1
+
+
+class VideoSampling(Strict):
+    """How a clip is sampled into frames (ImageRef.video); unset = the model's default."""
+
+    fps: float | None = Field(None, ge=0, le=1e6)
+    min_frames: int | None = Field(None, ge=0, le=UINT32)
+    max_frames: int | None = Field(None, ge=0, le=UINT32)
+    min_pixels: int | None = Field(None, ge=0, le=2**63 - 1)
+    max_pixels: int | None = Field(None, ge=0, le=2**63 - 1)
+
+    def params(self) -> VideoParams:
+        return VideoParams(fps=self.fps or 0.0, min_frames=self.min_frames or 0, max_frames=self.max_frames or 0,
+                           min_pixels=self.min_pixels or 0, max_pixels=self.max_pixels or 0)
+
+
+class VideoUrl(VideoSampling):
+    url: str = Field(min_length=1)
+
+
+class VideoPart(Strict):
+    type: Literal["video_url"]
+    video_url: VideoUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
+MediaPart = ImagePart | VideoPart
 
 
 class Message(Strict):
@@ -120,22 +153,48 @@ class Check(Strict):
 
 
 class ClassifyRequest(Strict):
-    image: str = Field(min_length=1)
+    """`image`: an image URL; or `video`: a clip's URL and its sampling (exactly one of the two)."""
+
+    image: str | None = Field(None, min_length=1)
+    video: VideoUrl | None = None
     checks: list[Check] = Field(min_length=1)
 
+    def media(self) -> tuple[str, VideoParams | None]:
+        """(url, sampling): the sampling is None for an image."""
+        if (self.image is None) == (self.video is None):
+            raise InvalidRequest("give exactly one of image (an image URL) and video ({\"url\": a clip URL, ...})")
+        if self.video is not None:
+            return self.video.url, self.video.params()
+        assert self.image is not None
+        return self.image, None
 
-def turns(body: ChatCompletionRequest) -> list[tuple[str, list[TextPart | ImagePart]]]:
+
+def turns(body: ChatCompletionRequest) -> list[tuple[str, list[TextPart | ImagePart | VideoPart]]]:
     """The messages as (gateway role, parts); a string content is one text part."""
     return [(ROLES[m.role], [TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content)
             for m in body.messages]
 
 
+def media_parts(body: ChatCompletionRequest) -> list[MediaPart]:
+    """The image and video parts, in order of appearance."""
+    return [part for _, parts in turns(body) for part in parts if isinstance(part, (ImagePart, VideoPart))]
+
+
+def media_url(part: MediaPart) -> tuple[str, VideoParams | None]:
+    """(url, sampling) of a part: the sampling is None for an image."""
+    if isinstance(part, VideoPart):
+        return part.video_url.url, part.video_url.params()
+    return part.image_url.url, None
+
+
 def image_urls(body: ChatCompletionRequest) -> list[str]:
-    return [part.image_url.url for _, parts in turns(body) for part in parts if isinstance(part, ImagePart)]
+    """The URLs of the image and video parts, in order."""
+    return [media_url(part)[0] for part in media_parts(body)]
 
 
 def chat_request(body: ChatCompletionRequest, images: list[gateway_pb2.ImageRef]) -> gateway_pb2.ChatRequest:
-    """The ChatRequest of `body`, its image parts replaced in order by `images` (fetched by the caller)."""
+    """The ChatRequest of `body`, its image and video parts replaced in order by `images` (fetched by the
+    caller; a clip's ref carries its sampling)."""
     request = gateway_pb2.ChatRequest(n=body.n, sampling=_sampling(body))
     refs = iter(images)
     for role, parts in turns(body):
