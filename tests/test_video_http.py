@@ -342,6 +342,15 @@ def test_cli_ask_about_a_clip_prints_the_image_json_lines(stack, tmp_path):
                  "--gateway", stack.gateway.address)
     assert by_id.returncode == 0, by_id.stderr
     assert json.loads(by_id.stdout)["token_ids"] == lines[0]["token_ids"]
+    labels = _cli("classify", str(path), "Is something moving?", "--labels", "yes,no", "--json", "--fps", "1",
+                  "--min-frames", "2", "--gateway", stack.gateway.address)
+    assert labels.returncode == 0, labels.stderr
+    assert json.loads(labels.stdout)["image_id"] == sha(data) and json.loads(labels.stdout)["cache"] == "hit"
+    chat = subprocess.run([sys.executable, "-m", "vlsplit.cli", "chat", str(path), "--fps", "1", "--min-frames", "2",
+                           "--max-new-tokens", "10", "--gateway", stack.gateway.address], input=QUESTION + "\n",
+                          capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0 and "[hit]" in chat.stdout, chat.stdout + chat.stderr  # the clip's id, uploaded once
+    assert lines[0]["text"] in chat.stdout
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"not a video")
     failed = _cli("ask", str(bad), QUESTION, "--gateway", stack.gateway.address)
@@ -392,6 +401,11 @@ def test_page_shows_a_dropped_clips_first_frame_and_frame_count(stack, tmp_path)
             page.wait_for_selector("table.checks")
             assert page.locator("table.checks tr").count() == 3
             page.screenshot(path=str(tmp_path / "clip-page.png"), full_page=True)
+            # a clip the browser cannot decode (MPEG-4 Part 2 in .mov): no frame to show, but the gateway takes it
+            page.evaluate(DROP, [base64.b64encode(clip(seed=10, fmt="mov")).decode(), "clip.mov", "video/quicktime"])
+            page.wait_for_function("() => document.getElementById('clip-info').textContent.includes('8 frames')")
+            page.wait_for_function("() => document.getElementById('hint').textContent.includes('cannot show')")
+            assert not page.locator("#preview").is_visible() and not page.is_disabled("#ask")
             assert page.evaluate("window.cspViolations") == []
         finally:
             browser.close()
