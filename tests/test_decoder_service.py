@@ -268,7 +268,7 @@ BAD_REQUESTS = {  # name: (data -> request messages, text the error must contain
     "empty_stop_string": bad_sampling("stop strings must be non-empty", stop=[""]),
     "no_messages": bad_messages("messages must be a non-empty list"),
     "unknown_role": bad_messages("role must be one of", user(IMAGE_PART, TEXT_PART, role="robot")),
-    "empty_content_part": bad_messages("neither text nor image", user(IMAGE_PART, pb.ContentPart())),
+    "empty_content_part": bad_messages("neither text, image nor video", user(IMAGE_PART, pb.ContentPart())),
 }
 
 
