@@ -208,3 +208,21 @@ def test_a_clip_over_the_decoders_context_is_refused_before_the_tower_runs(tiny_
         assert small.token_ids and stack.encodes() == 1
     finally:
         stack.stop()
+
+
+def test_grpc_chat_with_an_image_and_a_clip_equals_monolithic(two_replicas):
+    stack, _, _ = two_replicas
+    data, picture = make_clip(2.0, fps=8, seed=11), make_image(160, 120, seed=12)
+    params = common_pb2.VideoParams(fps=2)
+    turn = gateway_pb2.ChatTurn(role="user", content=[
+        gateway_pb2.ChatTurnPart(image=gateway_pb2.ImageRef(data=picture)),
+        gateway_pb2.ChatTurnPart(image=gateway_pb2.ImageRef(data=data, video=params)),
+        gateway_pb2.ChatTurnPart(text="Is the picture in the clip?")])
+    reply = stack.stub.Chat(gateway_pb2.ChatRequest(messages=[turn], sampling=common_pb2.SamplingParams(
+        max_new_tokens=8)), timeout=120)
+    encoder = VisionEngine(stack.model)
+    clip = encoder.video.preprocess(data, encoder.video.sampling(VideoLimits(), fps=2))
+    messages = [user("image", "video", text="Is the picture in the clip?")]
+    assert list(reply.choices[0].token_ids) == reference_tokens(stack.model, [load_image(picture)], messages, 8,
+                                                                videos=[clip])
+    assert len(reply.image_ids) == 2
