@@ -15,7 +15,6 @@ import json
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import openai
@@ -246,8 +245,9 @@ def test_remote_clip_urls_have_the_image_guards(limited, url, reason):
 
 
 def test_remote_clip_fetch_is_bounded_by_the_video_limit(monkeypatch):
+    public = ("93.184.216.34",)
     monkeypatch.setattr(socket, "getaddrinfo",
-                        lambda host, port, *a, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))])
+                        lambda host, port, *a, **k: [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (*public, port))])
     bodies = {"/small": b"v" * 3000, "/big": b"v" * 6000}
     transport = httpx.MockTransport(lambda request: httpx.Response(200, content=bodies[request.url.path]))
     urls = ImageUrls(1000, remote=True, timeout_s=5, transport=transport, max_video_bytes=5000)
@@ -338,8 +338,8 @@ def test_cli_ask_about_a_clip_prints_the_image_json_lines(stack, tmp_path):
                              "ttft_ms", "total_ms", "prompt_tokens", "completion_tokens"}
     for line in lines:
         assert line["token_ids"] == list(grpc_ask(stack, data, line["question"]).token_ids)
-    by_id = _cli("ask", "--image-id", sha(data), "--video", "--fps", "1", "--min-frames", "2", QUESTION, "--max-new-tokens", "10", "--json",
-                 "--gateway", stack.gateway.address)
+    by_id = _cli("ask", "--image-id", sha(data), "--video", "--fps", "1", "--min-frames", "2", QUESTION,
+                 "--max-new-tokens", "10", "--json", "--gateway", stack.gateway.address)
     assert by_id.returncode == 0, by_id.stderr
     assert json.loads(by_id.stdout)["token_ids"] == lines[0]["token_ids"]
     labels = _cli("classify", str(path), "Is something moving?", "--labels", "yes,no", "--json", "--fps", "1",

@@ -366,7 +366,8 @@ class HttpServer:
     """uvicorn on the running loop; the socket is bound before the gateway reports SERVING."""
 
     def __init__(self, api: HttpApi, config: GatewayConfig):
-        clip = (config.max_video_bytes, 400, f"the clip is over {config.max_video_bytes} bytes (VLSPLIT_MAX_VIDEO_BYTES)")
+        clip = (config.max_video_bytes, 400,
+                f"the clip is over {config.max_video_bytes} bytes (VLSPLIT_MAX_VIDEO_BYTES)")
         uv = uvicorn.Config(BodyLimit(api.app, config.max_http_body_bytes, {"/v1/videos": clip}), lifespan="off",
                             log_config=None, access_log=False, timeout_graceful_shutdown=config.grace_s,
                             # requests at once, as MAX_CONCURRENT_RPCS for gRPC (503 beyond it)
