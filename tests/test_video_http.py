@@ -22,6 +22,7 @@ import pytest
 
 import vlsplit
 from clips import make_audio_only, make_clip
+from conftest import make_image
 from procs import Service
 from services.gateway.remote import ImageUrls
 from shared.errors import InvalidRequest, TooLarge
@@ -97,6 +98,23 @@ def test_video_url_data_url_equals_grpc_ask_and_chat(stack, client):
     assert reply.usage.prompt_tokens == answer.usage.prompt_tokens
     chat = grpc_chat(stack, data)
     assert reply.model_extra["vlsplit"]["token_ids"] == [list(chat.choices[0].token_ids)]
+
+
+@STACK
+def test_an_image_and_a_clip_in_one_turn_equal_grpc_chat(stack, client):
+    image, data = make_image(96, 80, seed=12), clip(seed=12)
+    content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(image).decode()}},
+               {"type": "video_url", "video_url": {"url": data_url(data), **SAMPLING}},
+               {"type": "text", "text": "Compare them."}]
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=10)
+    assert reply.model_extra["vlsplit"]["image_ids"] == [sha(image), sha(data)]
+    turn = gateway_pb2.ChatTurn(role="user", content=[gateway_pb2.ChatTurnPart(image=gateway_pb2.ImageRef(data=image)),
+                                                      gateway_pb2.ChatTurnPart(image=video_ref(data)),
+                                                      gateway_pb2.ChatTurnPart(text="Compare them.")])
+    chat = stack.stub.Chat(gateway_pb2.ChatRequest(messages=[turn], sampling=common_pb2.SamplingParams(
+        max_new_tokens=10)), timeout=120)
+    assert reply.model_extra["vlsplit"]["token_ids"] == [list(chat.choices[0].token_ids)]
+    assert reply.usage.prompt_tokens == chat.usage.prompt_tokens
 
 
 @STACK
