@@ -52,7 +52,8 @@ ALLOWED_CONTAINERS = frozenset({"mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matro
 
 @dataclass(frozen=True)
 class VideoSampling:
-    """How a clip becomes frames: part of its cache key (the same clip sampled otherwise is another entry).
+    """How a clip becomes frames: a request's `VideoParams` (shared/image_ids.py, which the cache key
+    hashes) resolved against the checkpoint's defaults and checked against the limits.
 
     min_pixels / max_pixels are the processor's `size` (shortest_edge / longest_edge): per frame for
     qwen2, over all frames for qwen3 (each family's own meaning)."""
@@ -62,10 +63,6 @@ class VideoSampling:
     max_frames: int
     min_pixels: int
     max_pixels: int
-
-    def key(self) -> str:
-        return (f"fps={self.fps:g};frames={self.min_frames}-{self.max_frames};"
-                f"pixels={self.min_pixels}-{self.max_pixels}")
 
 
 @dataclass(frozen=True)
