@@ -1,6 +1,7 @@
 """One clip, ten questions: the split engines vs the monolithic transformers model, same process, same run.
 
     .venv/bin/python bench/video.py [--seconds 16] [--size 448] [--fps 30] [--sample-fps 0] [--questions 10]
+                                    [--rounds 3] [--no-monolithic]
                                     [--family qwen2_vl] [--dtype auto]
 
 The clip: `--seconds` of `--size` x `--size` h264 at `--fps` (made here with PyAV: a smooth textured
@@ -21,8 +22,9 @@ weights), at the serving default dtype (`resolve_dtype("auto", "cpu")`):
   clip): its tower and prefill, every question again (it has no cache). Its decode + preprocess are the same
   code as ours and counted once; question 10 reuses them (in the monolith's favour).
 
-Both paths are warmed up first on a 2 s clip of another picture. One measurement each: on 2 cores the
-default run takes a few minutes.
+Both paths are warmed up first on a 2 s clip of another picture. `--rounds` measurements (default 3), each
+on another clip of the same size (so nothing of it is cached); the table has their medians (and minima). On 2
+cores the default run takes about 3 minutes.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -81,6 +84,7 @@ def main() -> None:
     parser.add_argument("--family", default="qwen2_vl")
     parser.add_argument("--model", type=Path)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements, each on another clip")
     parser.add_argument("--no-monolithic", action="store_true", help="skip the transformers baseline")
     args = parser.parse_args()
 
@@ -148,8 +152,9 @@ def main() -> None:
         return {"clip": clip, "inputs": inputs, "payload": payload, "decode_s": decoded - start,
                 "preprocess_s": prepared - decoded, "tower_s": towered - prepared}
 
-    print(f"making the clip: {args.seconds:g} s, {args.size}x{args.size}, {args.fps} fps, h264 ...", flush=True)
-    data = make_bench_clip(args.seconds, args.size, args.fps)
+    print(f"making {args.rounds} clip(s): {args.seconds:g} s, {args.size}x{args.size}, {args.fps} fps, h264 ...",
+          flush=True)
+    clips = [make_bench_clip(args.seconds, args.size, args.fps, seed=10 + r) for r in range(args.rounds)]
     warm = make_bench_clip(2.0, min(args.size, 224), args.fps, seed=1)
 
     print("warming up both paths on a 2 s clip ...", flush=True)
@@ -158,60 +163,75 @@ def main() -> None:
     if mono is not None:
         mono_ttft(w["inputs"], "warm-up")
 
-    print("split engines ...", flush=True)
-    s = split(data)
-    ttfts, computed, prompts = [], [], []
-    for q in range(args.questions):
-        ttft, prompt, prefilled = ask(s["payload"], QUESTIONS[q % len(QUESTIONS)] + ("" if q < len(QUESTIONS) else f" ({q})"))
-        ttfts.append(ttft)
-        computed.append(prefilled)
-        prompts.append(prompt)
-        print(f"  question {q + 1}: TTFT {ttft:.3f} s, {prefilled} of {prompt} prompt tokens computed", flush=True)
-    m1 = m10 = None
-    if mono is not None:
-        print("monolithic ...", flush=True)
-        m1 = mono_ttft(s["inputs"], QUESTIONS[0])
-        print(f"  question 1: TTFT {m1:.3f} s", flush=True)
-        m10 = mono_ttft(s["inputs"], QUESTIONS[(args.questions - 1) % len(QUESTIONS)])
-        print(f"  question {args.questions}: TTFT {m10:.3f} s", flush=True)
+    last = args.questions
+    rounds = []
+    for r, data in enumerate(clips):  # each round another clip (of the same size): nothing of it is cached
+        print(f"round {r + 1}: split engines ...", flush=True)
+        s = split(data)
+        ttfts, computed, prompts = [], [], []
+        for q in range(last):
+            question = QUESTIONS[q % len(QUESTIONS)] + ("" if q < len(QUESTIONS) else f" ({q})")
+            ttft, prompt, prefilled = ask(s["payload"], question)
+            ttfts.append(ttft)
+            computed.append(prefilled)
+            prompts.append(prompt)
+            print(f"  question {q + 1}: TTFT {ttft:.3f} s, {prefilled} of {prompt} prompt tokens computed", flush=True)
+        s.update(ttfts=ttfts, computed=computed, prompts=prompts, front=s["decode_s"] + s["preprocess_s"])
+        s["first"] = s["front"] + s["tower_s"] + ttfts[0]
+        s["total"] = s["first"] + sum(ttfts[1:])
+        if mono is not None:
+            print(f"round {r + 1}: monolithic ...", flush=True)
+            s["m1"] = s["front"] + mono_ttft(s["inputs"], QUESTIONS[0])
+            print(f"  question 1: clip bytes -> first token {s['m1']:.3f} s", flush=True)
+            s["m_last"] = mono_ttft(s["inputs"], QUESTIONS[(last - 1) % len(QUESTIONS)])
+            print(f"  question {last}: TTFT {s['m_last']:.3f} s", flush=True)
+            s["m_total"] = s["m1"] + (last - 1) * s["m_last"]
+        rounds.append(s)
 
+    def med(key, index=None):
+        values = [(r[key][index] if index is not None else r[key]) for r in rounds]
+        return statistics.median(values), min(values)
+
+    s = rounds[0]
     clip, inputs = s["clip"], s["inputs"]
     t, h, w_ = inputs.grid_thw
     tokens = t * h * w_ // encoder.video.merge_size ** 2
-    front = s["decode_s"] + s["preprocess_s"]
-    first_split = front + s["tower_s"] + ttfts[0]
-    last = args.questions
     print()
     print(f"{Path(model).name} ({family.model_type}), {choice.name} ({choice.reason}), torch threads "
           f"{torch.get_num_threads()}")
     print(f"CPU: {machine()}")
-    print(f"clip: {args.seconds:g} s {args.size}x{args.size} h264 at {args.fps} fps, {len(data) / 1e6:.2f} MB, "
-          f"{clip.total_frames} frames; sampled {len(clip.indices)} at {sampling.fps:g} fps, resized to "
-          f"{clip.frames.shape[3]}x{clip.frames.shape[2]}: grid {list(inputs.grid_thw)}, {tokens} clip tokens, "
-          f"a {prompts[0]}-token prompt")
+    print(f"clip: {args.seconds:g} s {args.size}x{args.size} h264 at {args.fps} fps, "
+          f"{statistics.mean(len(c) for c in clips) / 1e6:.2f} MB, {clip.total_frames} frames; sampled "
+          f"{len(clip.indices)} at {sampling.fps:g} fps, resized to {clip.frames.shape[3]}x{clip.frames.shape[2]}: "
+          f"grid {list(inputs.grid_thw)}, {tokens} clip tokens, a {s['prompts'][0]}-token prompt")
+    print(f"median of {args.rounds} round(s), each on another clip (min in brackets)")
     print()
-    rows = [("decode + sample (read_clip)", s["decode_s"], None),
-            ("preprocess (patches)", s["preprocess_s"], None),
-            ("vision tower (encode_inputs)", s["tower_s"], None),
-            ("question 1: decoder TTFT (clip prefill)", ttfts[0], None),
-            ("question 1: clip bytes -> first token", first_split, (front + m1) if m1 is not None else None),
-            (f"question {last}: TTFT (prefix cache hit)", ttfts[-1], m10)]
-    print(f"| {'step':<42} | {'split (s)':>10} | {'monolithic (s)':>14} | {'monolithic / split':>18} |")
-    print(f"|{'-' * 44}|{'-' * 12}|{'-' * 16}|{'-' * 20}|")
+    mono_on = mono is not None
+    rows = [("decode + sample (read_clip)", med("decode_s"), None),
+            ("preprocess (patches)", med("preprocess_s"), None),
+            ("vision tower (encode_inputs)", med("tower_s"), None),
+            ("question 1: decoder TTFT (clip prefill)", med("ttfts", 0), None),
+            ("question 1: clip bytes -> first token", med("first"), med("m1") if mono_on else None),
+            (f"question {last}: TTFT (prefix cache hit)", med("ttfts", -1), med("m_last") if mono_on else None),
+            (f"{last} questions, first tokens (sum)", med("total"), med("m_total") if mono_on else None)]
+
+    def cell(value) -> str:
+        return f"{value[0]:.3f} ({value[1]:.3f})" if value is not None else ""
+
+    print(f"| {'step':<42} | {'split, s':>17} | {'monolithic, s':>17} | {'monolithic / split':>18} |")
+    print(f"|{'-' * 44}|{'-' * 18}:|{'-' * 18}:|{'-' * 19}:|")
     for name, ours, theirs in rows:
-        other = f"{theirs:>14.3f}" if theirs is not None else f"{'':>14}"
-        ratio = f"{theirs / ours:>17.1f}x" if theirs is not None and ours > 0 else f"{'':>18}"
-        print(f"| {name:<42} | {ours:>10.3f} | {other} | {ratio} |")
-    if m1 is not None:
-        total_split = first_split + sum(ttfts[1:])
-        total_mono = front + m1 + (last - 1) * m10
-        print(f"| {f'{last} questions, first tokens (sum)':<42} | {total_split:>10.3f} | {total_mono:>14.3f} | "
-              f"{total_mono / total_split:>17.1f}x |")
+        ratio = f"{theirs[0] / ours[0]:.1f}x" if theirs is not None and ours[0] > 0 else ""
+        print(f"| {name:<42} | {cell(ours):>17} | {cell(theirs):>17} | {ratio:>18} |")
     print()
-    print(f"prompt tokens computed: {computed[0]} of {prompts[0]} (question 1; the system prompt's blocks were "
-          f"cached by the warm-up), {computed[-1]} of {prompts[-1]} (question {last})")
+    if mono_on and last > 2:
+        print(f"monolithic questions {'2' if last == 3 else f'2..{last - 1}'} are counted at question {last}'s time (not run: no cache, the "
+              "same work); its decode + preprocess is ours, counted once")
+    print(f"prompt tokens computed: {s['computed'][0]} of {s['prompts'][0]} (question 1; the system prompt's blocks "
+          f"were cached by the warm-up), {s['computed'][-1]} of {s['prompts'][-1]} (question {last})")
     if last > 1:
-        print(f"median TTFT of questions 2..{last}: {sorted(ttfts[1:])[len(ttfts[1:]) // 2]:.3f} s")
+        later = [x for r in rounds for x in r["ttfts"][1:]]
+        print(f"median TTFT of questions 2..{last}: {statistics.median(later):.3f} s")
     print(f"models loaded in {load_s:.1f} s; whole run {time.perf_counter() - wall:.0f} s")
     decoder.close()
 
