@@ -310,6 +310,8 @@ def probe(data: bytes, limits: VideoLimits) -> tuple[int, float, int, int]:
     container = _open(data)
     try:
         stream = container.streams.video[0]
+        if stream.codec_context is None:
+            raise BadImage("no decoder for the clip's video codec (an unknown or unsupported codec)")
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else 0.0
         if not (math.isfinite(fps) and 0 < fps <= 1000):

@@ -34,12 +34,6 @@ FAMILIES = ["qwen2_vl", "qwen3_vl"]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 ENCODES = "vlsplit_encoder_encodes_total"
 
-# Known bug (shared/video.py probe): a video stream FFmpeg has no decoder for (here mp4's `avc1` sample entry
-# renamed) has `stream.codec_context is None`, and `stream.codec_context.width` raises AttributeError: an
-# INTERNAL over gRPC instead of INVALID_ARGUMENT. Marked xfail(strict) below; the fuzz test lets exactly this
-# case through (`_no_decoder`) so it stays green and still catches anything else.
-NO_DECODER_BUG = ("shared/video.py probe(): a video stream without a decoder (codec_context None) raises "
-                  "AttributeError ('NoneType' object has no attribute 'width') instead of BadImage")
 
 
 # --- clips ---------------------------------------------------------------------------------------
@@ -286,12 +280,14 @@ def test_webm_cut_in_half_plays_as_the_shorter_clip_it_still_is(family):
     assert shorter.video.timestamps[-1] < full.video.timestamps[-1]
 
 
-@pytest.mark.xfail(strict=True, reason=NO_DECODER_BUG)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stream_without_a_decoder_is_bad_image(family):
+    """A video stream FFmpeg has no decoder for (mp4's `avc1` sample entry renamed): no codec context."""
     pre = preprocessor(family)
     with pytest.raises(BadImage):
         pre.preprocess(no_decoder_clip(), pre.sampling(VideoLimits()))
+    with pytest.raises(BadImage, match="no decoder for the clip's video codec"):
+        probe(no_decoder_clip(), VideoLimits())
 
 
 # --- fuzz: mutated clips ---------------------------------------------------------------------------
@@ -317,15 +313,6 @@ def _mutate(data: bytes, mutations) -> bytes:
     return bytes(out)
 
 
-def _no_decoder(data: bytes) -> bool:
-    """The known bug's input class (NO_DECODER_BUG): a video stream without a codec context."""
-    try:
-        with av.open(io.BytesIO(data), metadata_errors="ignore") as container:
-            return bool(container.streams.video) and container.streams.video[0].codec_context is None
-    except Exception:  # noqa: BLE001
-        return False
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("fmt", list(FUZZ_BASES))
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
@@ -338,9 +325,6 @@ def test_mutated_clip_is_valid_or_refused(fmt, mutations):
         valid(pre.preprocess(data, small(pre, FUZZ_LIMITS), FUZZ_LIMITS))
     except (BadImage, TooLarge):
         pass
-    except AttributeError:
-        if not _no_decoder(data):
-            raise
     assert time.monotonic() - start < 2 * FUZZ_LIMITS.decode_timeout_s + 5
 
 
@@ -496,8 +480,6 @@ def test_service_max_tokens_refused_before_the_tower(encoder, pre2):
     assert encoder.service.metric(ENCODES) == encodes + 1
 
 
-@pytest.mark.xfail(strict=True, reason="services/vision_encoder/cached_encoder.py: EncodeRequest.max_tokens is "
-                   "checked only while a clip is decoded (a cache miss); a cached clip of more tokens is returned")
 def test_service_max_tokens_holds_for_a_cached_clip(encoder, pre2):
     data = clip(seed=9)
     tokens = encoder.encode(data).n_tokens  # now cached
@@ -531,7 +513,6 @@ def test_service_hostile_upload(encoder, case):
     encoder.refused(phrase, lambda: encoder.put(make()))
 
 
-@pytest.mark.xfail(strict=True, reason=NO_DECODER_BUG + " (INTERNAL over gRPC)")
 def test_service_stream_without_a_decoder(encoder):
     internal = encoder.internal()
     error = rpc_error(lambda: encoder.encode(no_decoder_clip()))

@@ -158,13 +158,13 @@ class CachedEncoder:
         if self.flights.running(image_id):
             # No await between this check and `do`: the running flight is joined, `work` not called.
             metrics.CACHE.labels("miss").inc()
-            return await self.flights.do(image_id, _unreachable)
+            return _within(await self.flights.do(image_id, _unreachable), clip)
         cached = await self._cached(image_id, count=True)
         if cached is not None:
-            return cached
+            return _within(cached, clip)
         if data is None:
             data = await self._uploaded(stored or image_id, content or image_id)
-        return await self.flights.do(image_id, lambda: self._compute(image_id, data, clip))
+        return _within(await self.flights.do(image_id, lambda: self._compute(image_id, data, clip)), clip)
 
     async def put_image(self, data: bytes, scope: str = "", video: bool = False) -> Upload:
         """Validate and keep `data` for `image_ttl_s`, so that Encode can name it by id (in `scope`). A clip
@@ -280,6 +280,14 @@ class CachedEncoder:
         image = Image.linear_gradient("L").resize(_WARMUP_SIZE).convert("RGB")
         payload = self.engine.encode([image])[0]
         decode_payload(encode_payload(payload, self.payload_dtype))
+
+
+def _within(encoded: Encoded, clip: ClipRequest | None) -> Encoded:
+    """A clip's payload, also from the cache or another request's flight, under this request's token bound."""
+    if clip is not None and encoded.n_tokens > clip.limits.max_tokens:
+        raise TooLarge(f"the clip is {encoded.n_tokens} tokens; the limit is {clip.limits.max_tokens} "
+                       f"({clip.limits.tokens_setting}; lower fps or max_pixels)")
+    return encoded
 
 
 async def _unreachable() -> Encoded:
