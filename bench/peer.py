@@ -78,6 +78,10 @@ class Seeds:
 
 class VLLM:
     name = "vLLM"
+    # what one prompt may hold, and the context (bench/video_peer.py serves a clip instead of an image)
+    mm_limit: dict = {"image": {"count": 1, "width": 1024, "height": 1024}, "video": 0}
+    max_model_len = 4096
+    extra_args: tuple = ()
 
     def __init__(self, model: Path, dtype: str | None, port: int, log: Path):
         self.model, self.dtype, self.port, self.log = model, dtype, port, log
@@ -93,13 +97,14 @@ class VLLM:
                                str(PEER_VENV / "lib" / "libiomp5.so")) if Path(p).exists()]
         if preload:
             env["LD_PRELOAD"] = ":".join(preload)
-        limit = json.dumps({"image": {"count": 1, "width": 1024, "height": 1024}, "video": 0})
+        limit = json.dumps(self.mm_limit)
         start = time.perf_counter()
         self.proc = subprocess.Popen(
             [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
              "--served-model-name", "bench", *(["--dtype", self.dtype] if self.dtype else []),
              "--host", "127.0.0.1", "--port", str(self.port),
-             "--max-model-len", "4096", "--enable-prefix-caching", "--limit-mm-per-prompt", limit],
+             "--max-model-len", str(self.max_model_len), "--enable-prefix-caching", "--limit-mm-per-prompt", limit,
+             *self.extra_args],
             env=env, stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         deadline = start + 900
         while time.perf_counter() < deadline:  # its /health answers 200 once the engine is up
