@@ -389,42 +389,32 @@ DROP = """async ([b64, name, type]) => {
 
 @STACK
 def test_page_shows_a_dropped_clips_first_frame_and_frame_count(stack, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    from test_web import RECORD_CSP_VIOLATIONS, chromium
+    from test_web import open_page
 
     data = clip(seed=9, fmt="webm")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
-            page.add_init_script(RECORD_CSP_VIOLATIONS)
-            page.goto(stack.http_url.removesuffix("/v1") + "/")
-            page.wait_for_function("() => document.getElementById('model').textContent === 'qwen2_vl'")
-            page.evaluate(DROP, [base64.b64encode(data).decode(), "clip.webm", "video/webm"])
-            page.wait_for_function("() => !document.getElementById('ask').disabled")  # uploaded
-            assert "8 frames" in page.inner_text("#clip-info") and "2.0 s" in page.inner_text("#clip-info")
-            page.wait_for_function("() => document.getElementById('preview').src.startsWith('data:image/png')")
-            assert page.locator("#preview").is_visible()  # the first frame, drawn from a <video> in the page
-            assert page.evaluate("document.getElementById('preview').naturalWidth") == 64
-            assert page.locator("#fps-box").is_visible()
-            page.fill("#fps", "1")
-            page.fill("#max-tokens", "10")
-            page.fill("#question", QUESTION)
-            page.click("#ask")
-            page.wait_for_function("() => document.querySelectorAll('.answer .stats .hit, .answer .stats .miss')"
-                                   ".length === 1")
-            text = page.locator(".answer .text").inner_text()
-            page.click("#moderate")
-            page.wait_for_selector("table.checks")
-            assert page.locator("table.checks tr").count() == 3
-            page.screenshot(path=str(tmp_path / "clip-page.png"), full_page=True)
-            # a clip the browser cannot decode (MPEG-4 Part 2 in .mov): no frame to show, but the gateway takes it
-            page.evaluate(DROP, [base64.b64encode(clip(seed=10, fmt="mov")).decode(), "clip.mov", "video/quicktime"])
-            page.wait_for_function("() => document.getElementById('clip-info').textContent.includes('8 frames')")
-            page.wait_for_function("() => document.getElementById('hint').textContent.includes('cannot show')")
-            assert not page.locator("#preview").is_visible() and not page.is_disabled("#ask")
-            assert page.evaluate("window.cspViolations") == []
-        finally:
-            browser.close()
+    with open_page(stack) as (_, page):
+        page.evaluate(DROP, [base64.b64encode(data).decode(), "clip.webm", "video/webm"])
+        page.wait_for_function("() => !document.getElementById('ask').disabled")  # uploaded
+        assert "8 frames" in page.inner_text("#clip-info") and "2.0 s" in page.inner_text("#clip-info")
+        page.wait_for_function("() => document.getElementById('preview').src.startsWith('data:image/png')")
+        assert page.locator("#preview").is_visible()  # the first frame, drawn from a <video> in the page
+        assert page.evaluate("document.getElementById('preview').naturalWidth") == 64
+        assert page.locator("#fps-box").is_visible()
+        page.fill("#fps", "1")
+        page.fill("#max-tokens", "10")
+        page.fill("#question", QUESTION)
+        page.click("#ask")
+        page.wait_for_function("() => document.querySelectorAll('.answer .stats .hit, .answer .stats .miss')"
+                               ".length === 1")
+        text = page.locator(".answer .text").inner_text()
+        page.click("#moderate")
+        page.wait_for_selector("table.checks")
+        assert page.locator("table.checks tr").count() == 3
+        page.screenshot(path=str(tmp_path / "clip-page.png"), full_page=True)
+        # a clip the browser cannot decode (MPEG-4 Part 2 in .mov): no frame to show, but the gateway takes it
+        page.evaluate(DROP, [base64.b64encode(clip(seed=10, fmt="mov")).decode(), "clip.mov", "video/quicktime"])
+        page.wait_for_function("() => document.getElementById('clip-info').textContent.includes('8 frames')")
+        page.wait_for_function("() => document.getElementById('hint').textContent.includes('cannot show')")
+        assert not page.locator("#preview").is_visible() and not page.is_disabled("#ask")
+        assert page.evaluate("window.cspViolations") == []
     assert text == grpc_ask(stack, data, sampling={"fps": 1}).text
