@@ -4,6 +4,10 @@ gateway's own event loop, so it shares the pipeline, pools, caches, auth and lim
     GET  /                       the web page (services/gateway/web/index.html)
     GET  /v1/models              the served model
     POST /v1/chat/completions    chat, streamed as server-sent events with "stream": true
+    POST /v1/chat/completions/batch  vLLM's batch: "messages" a list of conversations sharing the sampling;
+                                 one choice per conversation (index = its position). One image shared
+                                 by one-turn [image, text] conversations -> AskMany (one decoder request,
+                                 the image's prefix shared); else each conversation's chat, concurrently
     POST /v1/images              raw image bytes in the body -> {"id": image_id, "url": "vlsplit://<id>"}
     POST /v1/videos              raw clip bytes in the body (probed, stored) -> {"id", "url", "frames",
                                  "duration_s", "width", "height", "expires_in"}
@@ -54,8 +58,8 @@ from vlsplit.v1 import gateway_pb2
 
 from .auth import ANONYMOUS, CLIENT, AuthInterceptor
 from .chat import check_bounds
-from .openai_api import (ChatCompletionRequest, ClassifyRequest, Completion, chat_request, media_parts, media_url,
-                         stats, turns, usage)
+from .openai_api import (BatchChatCompletionRequest, ChatCompletionRequest, ClassifyRequest, Completion,
+                         ask_many_request, chat_request, media_parts, media_url, stats, turns, usage)
 from .remote import ImageUrls
 from .servicer import GatewayServicer
 
@@ -148,6 +152,7 @@ class HttpApi:
         app.add_api_route("/healthz", self.healthz, methods=["GET"])
         app.add_api_route("/v1/models", self.models, methods=["GET"])
         app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+        app.add_api_route("/v1/chat/completions/batch", self.chat_completions_batch, methods=["POST"])
         app.add_api_route("/v1/images", self.upload, methods=["POST"], openapi_extra=IMAGE_BODY)
         app.add_api_route("/v1/videos", self.upload_video, methods=["POST"], openapi_extra=VIDEO_BODY)
         app.add_api_route("/v1/classify", self.classify, methods=["POST"])
@@ -187,18 +192,60 @@ class HttpApi:
         first = await _first(events)  # errors before the first token still get a status code
         return StreamingResponse(self._sse(completion, first, events, include_usage), media_type="text/event-stream")
 
-    async def _chat(self, body: ChatCompletionRequest) -> gateway_pb2.ChatRequest:
-        """The request, every bound checked first (no image or clip is fetched or decoded for a doomed one);
-        then its images and clips, fetched side by side under the request's byte budget."""
+    async def chat_completions_batch(self, body: BatchChatCompletionRequest, request: Request):
+        """vLLM's batch endpoint. Every conversation's bounds are checked before any image is fetched; the
+        batch's images share one byte budget (VLSPLIT_MAX_REQUEST_IMAGE_BYTES)."""
+        await self.admit(request, "Chat")
+        model = await self.model()
+        if body.model != model:
+            return error_response(404, f"the model {body.model!r} does not exist; this gateway serves {model!r}",
+                                  "model_not_found")
+        if len(body.messages) > self.config.max_questions:
+            raise TooLarge(f"{len(body.messages)} conversations in the batch; the limit is "
+                           f"{self.config.max_questions} (VLSPLIT_MAX_QUESTIONS)")
+        conversations = body.conversations()
+        for conversation in conversations:
+            self._check(conversation)
+        completion = Completion(model, "chatcmpl-batch-")
+        budget = ImageBytes(self.config.max_request_image_bytes)
+        shared = body.shared_image()
+        if shared is not None:
+            url, questions = shared
+            [image] = await self._images([(url, None)], budget)
+            reply = await self.servicer.AskMany(ask_many_request(body, image, questions), _Context(self.config))
+            return completion.batch_response(list(reply.answers), shared_prefix=True)
+
+        async def answer(conversation: ChatCompletionRequest) -> gateway_pb2.ChatResponse:
+            final = None
+            async for _, final in self.servicer.chat(await self._chat(conversation, budget), self.config.deadline_s):
+                pass
+            return final
+
+        try:
+            async with asyncio.TaskGroup() as group:  # at most VLSPLIT_MAX_QUESTIONS; the first failure ends all
+                tasks = [group.create_task(answer(conversation)) for conversation in conversations]
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+        return completion.batch_response([task.result() for task in tasks], shared_prefix=False)
+
+    def _check(self, body: ChatCompletionRequest) -> list[tuple[str, VideoParams | None]]:
+        """Every bound of a chat request (no image or clip is fetched or decoded for a doomed one); its media."""
         media = [media_url(part) for part in media_parts(body)]
         check_bounds(self.config, messages=len(body.messages), images=len(media),
                      chars=sum(len(part.text) for _, parts in turns(body) for part in parts if part.type == "text"),
                      image_bytes=sum(_data_url_bytes(url) for url, _ in media))
         self.servicer.check_chat(chat_request(body, [gateway_pb2.ImageRef() for _ in media]))
-        return chat_request(body, await self._images(media))
+        return media
 
-    async def _images(self, media: list[tuple[str, VideoParams | None]]) -> list[gateway_pb2.ImageRef]:
-        budget = ImageBytes(self.config.max_request_image_bytes)
+    async def _chat(self, body: ChatCompletionRequest, budget: ImageBytes | None = None) -> gateway_pb2.ChatRequest:
+        """The request, every bound checked first; then its images and clips, fetched side by side under the
+        request's byte budget (`budget`: a batch's, shared by its conversations)."""
+        media = self._check(body)
+        return chat_request(body, await self._images(media, budget))
+
+    async def _images(self, media: list[tuple[str, VideoParams | None]],
+                      budget: ImageBytes | None = None) -> list[gateway_pb2.ImageRef]:
+        budget = budget or ImageBytes(self.config.max_request_image_bytes)
 
         async def fetch(url: str, video: VideoParams | None) -> gateway_pb2.ImageRef:
             ref = await self.urls.image_ref(url, video)

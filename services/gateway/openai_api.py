@@ -125,10 +125,11 @@ ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat | Ch
 INT32 = 2**31 - 1
 
 
-class ChatCompletionRequest(Strict):
+class ChatSampling(Strict):
+    """What a chat completion and a batch of them (POST /v1/chat/completions/batch) share: the model and
+    the sampling, response format and logprobs fields."""
+
     model: str
-    messages: list[Message] = Field(min_length=1)
-    n: int = Field(1, ge=1, le=INT32)
     max_tokens: int | None = Field(None, ge=1, le=INT32)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -143,8 +144,45 @@ class ChatCompletionRequest(Strict):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     guided_choice: list[str] | None = Field(None, min_length=1)
+
+
+class ChatCompletionRequest(ChatSampling):
+    messages: list[Message] = Field(min_length=1)
+    n: int = Field(1, ge=1, le=INT32)
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+
+class BatchChatCompletionRequest(ChatSampling):
+    """vLLM's POST /v1/chat/completions/batch body: a chat completion request whose `messages` is a list of
+    conversations (each a list of messages), all sampled with the one set of parameters. As in vLLM, n is 1
+    and stream is false (the answer is one JSON body, one choice per conversation)."""
+
+    messages: list[Annotated[list[Message], Field(min_length=1)]] = Field(min_length=1)
+    n: Literal[1] = 1
+    stream: Literal[False] = False
+
+    def conversations(self) -> list[ChatCompletionRequest]:
+        """Each conversation as the chat completion request it stands for (already validated)."""
+        shared = {name: getattr(self, name) for name in ChatSampling.model_fields}
+        return [ChatCompletionRequest.model_construct(**shared, messages=messages) for messages in self.messages]
+
+    def shared_image(self) -> tuple[str, list[str]] | None:
+        """(image URL, questions) when every conversation is one user turn [image, text] about the same image
+        URL (AskMany's shape: one decoder request, the image's prefix shared); else None."""
+        url, questions = None, []
+        for messages in self.messages:
+            if len(messages) != 1 or messages[0].role != "user" or isinstance(messages[0].content, str) \
+                    or len(messages[0].content) != 2:
+                return None
+            image, text = messages[0].content
+            if not isinstance(image, ImagePart) or not isinstance(text, TextPart) or not text.text.strip() \
+                    or url not in (None, image.image_url.url):
+                return None
+            url = image.image_url.url
+            questions.append(text.text)
+        assert url is not None
+        return url, questions
 
 
 class Check(Strict):
@@ -207,7 +245,13 @@ def chat_request(body: ChatCompletionRequest, images: list[gateway_pb2.ImageRef]
     return request
 
 
-def _sampling(body: ChatCompletionRequest) -> common_pb2.SamplingParams:
+def ask_many_request(body: BatchChatCompletionRequest, image: gateway_pb2.ImageRef,
+                     questions: list[str]) -> gateway_pb2.AskManyRequest:
+    """A shared-image batch as the gRPC AskMany request it is (`image`: fetched by the caller)."""
+    return gateway_pb2.AskManyRequest(image=image, questions=questions, sampling=_sampling(body))
+
+
+def _sampling(body: ChatSampling) -> common_pb2.SamplingParams:
     out = sampling(max_new_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
                    top_p=body.top_p, top_k=body.top_k, seed=body.seed,
                    stop=[body.stop] if isinstance(body.stop, str) else body.stop or [],
@@ -220,7 +264,7 @@ def _sampling(body: ChatCompletionRequest) -> common_pb2.SamplingParams:
     return out
 
 
-def _response_format(body: ChatCompletionRequest) -> common_pb2.ResponseFormat | None:
+def _response_format(body: ChatSampling) -> common_pb2.ResponseFormat | None:
     fmt = body.response_format
     if body.guided_choice is not None and fmt is not None and not isinstance(fmt, TextFormat):
         raise InvalidRequest("guided_choice and response_format cannot both be set")
@@ -238,8 +282,8 @@ def _response_format(body: ChatCompletionRequest) -> common_pb2.ResponseFormat |
 class Completion:
     """The ids and clock of one chat completion, and its JSON shapes."""
 
-    def __init__(self, model: str):
-        self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
+    def __init__(self, model: str, prefix: str = "chatcmpl-"):
+        self.id, self.created, self.model = f"{prefix}{uuid.uuid4().hex}", int(time.time()), model
 
     def response(self, final: gateway_pb2.ChatResponse) -> dict:
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
@@ -247,6 +291,31 @@ class Completion:
                              "logprobs": _logprobs(c.logprobs) if c.logprobs else None,
                              "finish_reason": FINISH.get(c.finish_reason)} for c in final.choices],
                 "usage": usage(final.usage), "vlsplit": stats(final)}
+
+    def batch_response(self, finals: list[gateway_pb2.Answer | gateway_pb2.ChatResponse], shared_prefix: bool) -> dict:
+        """vLLM's batch answer: one chat.completion whose choice i answers conversation i, usage summed.
+        `finals`: AskMany's answers (shared image) or each conversation's ChatResponse (n=1)."""
+        choices, token_ids, image_ids, cache = [], [], [], []
+        prompt_tokens = completion_tokens = 0
+        for index, final in enumerate(finals):
+            if isinstance(final, gateway_pb2.Answer):
+                one, images = final, [final.image_id]
+            else:
+                [one], images = final.choices, list(final.image_ids)
+            choices.append({"index": index, "message": {"role": "assistant", "content": one.text},
+                            "logprobs": _logprobs(one.logprobs) if one.logprobs else None,
+                            "finish_reason": FINISH.get(one.finish_reason)})
+            token_ids.append(list(one.token_ids))
+            image_ids.append(images)
+            cache.append("hit" if final.cache == gateway_pb2.CACHE_STATUS_HIT else "miss")
+            prompt_tokens += final.usage.prompt_tokens
+            completion_tokens += final.usage.completion_tokens
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens},
+                "vlsplit": {"shared_prefix": shared_prefix, "image_ids": image_ids, "cache": cache,
+                            "token_ids": token_ids}}
 
     def chunk(self, choices: list[dict], **extra) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
