@@ -11,8 +11,8 @@ row attends alone (paged or gathered). A step's time is taken from the engine's 
 over the steps that decoded all N rows and prefilled nothing (median). A variant is `+`-joined
 parts: a `packed_linear` mode (off, head, all: the decoder's weight layout on CPU; default all),
 `int8` (int8 weights, `--quantize int8`), `gather` (decode rows gather their context, instead of the
-server default `auto`: the paged kernel), `nomv` (one-row bf16 calls on oneDNN's packed GEMV instead
-of `torch.mv`). Each gets its own engine in the same run and the rounds
+server default `auto`: the paged kernel), `mv` / `nomv` (one-row bf16 calls forced to `torch.mv` / oneDNN's
+packed GEMV; by default the decoder times both at load, `choose_one_row_kernel`). Each gets its own engine in the same run and the rounds
 alternate between them, so a noisy machine affects every column alike.
 
 The floor: a decode step must read every weight it multiplies once (the layers' matrices and the
@@ -89,12 +89,12 @@ def engine_for(model: Path, dtype, variant: str):
     packed = next((p for p in parts if p in ("off", "head", "all")), "all")
     engine = DecoderEngine(model, dtype=dtype, quantize="int8" if "int8" in parts else "off", packed_linear=packed,
                            decode_attention="gather" if "gather" in parts else "auto")
-    if "nomv" in parts:  # one-row calls on the packed GEMV instead of torch.mv (shared/packed_linear.py)
+    if parts & {"mv", "nomv"}:  # one-row bf16 calls forced to torch.mv / the packed GEMV (default: timed at load)
         from shared.packed_linear import PackedLinear
 
         for module in [*engine.runner.text_model.modules(), engine.runner.lm_head]:
-            if isinstance(module, PackedLinear):
-                module.mv_one_row = False
+            if isinstance(module, PackedLinear) and module.dense is not None:
+                module.mv_one_row = "mv" in parts
     return engine
 
 

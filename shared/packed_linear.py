@@ -13,8 +13,10 @@ row count, and bit-identical, so bf16 calls of two rows or more always take it);
 copy of its weights in memory, which
 `packed_linear = "head"` avoids (only the LM head, which multiplies one row per sequence, is packed;
 a tied head keeps its dense rows anyway for the embedding lookup, and shares them here). In bf16, a
-call of exactly one row goes to `torch.mv` on the dense weight where one is kept: when the weights
-stream from memory (a real decode step), it reads them faster than the packed GEMV on AMX.
+call of exactly one row may go to `torch.mv` on the dense weight where one is kept: which kernel reads
+streaming weights faster depends on the CPU (on a Xeon with AMX torch.mv, 66.6-72.4 vs 70.6-78.8 ms a
+one-row step; on an AMD EPYC with AVX-512 BF16 the packed GEMV, 43.8-44.5 vs 73.3-77.2 ms), so
+`choose_one_row_kernel` times both over the model's own linears at load and keeps the faster.
 
 Results differ from the dense kernel only in summation order (max |diff| ~5e-6 in fp32), as any
 change of batch shape already does; the equivalence suite checks greedy tokens stay identical.
@@ -70,6 +72,39 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         act = "" if self.activation[0] == "none" else f", activation={'-'.join(filter(None, self.activation))}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{act}"
+
+
+def choose_one_row_kernel(linears: list[PackedLinear], rounds: int = 3) -> str:
+    """"mv" or "packed": whichever runs one row through every linear of `linears` (a decode step's weights,
+    streaming from memory as in a real step) faster, timed here; set on all of them. "" when none could
+    take torch.mv (not bf16, or no dense weight)."""
+    import time
+
+    candidates = [m for m in linears if m.dense is not None and m.dense.dtype == torch.bfloat16]
+    if not candidates:
+        return ""
+    rows = [torch.zeros(1, m.in_features, dtype=torch.bfloat16, device=m.dense.device) for m in candidates]
+
+    def step(use_mv: bool) -> float:
+        for m in candidates:
+            m.mv_one_row = use_mv
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for m, x in zip(candidates, rows):
+                m(x)
+        return time.perf_counter() - start
+
+    step(True), step(False)  # first-call costs
+    best = {True: float("inf"), False: float("inf")}
+    for _ in range(rounds):
+        for use_mv in (True, False):
+            best[use_mv] = min(best[use_mv], step(use_mv))
+    use_mv = best[True] <= best[False]
+    for m in candidates:
+        m.mv_one_row = use_mv
+    log.info("one-row bf16 calls take %s: %.1f ms (torch.mv) vs %.1f ms (oneDNN packed GEMV) over %d linears",
+             "torch.mv" if use_mv else "the packed GEMV", best[True] * 1000, best[False] * 1000, len(candidates))
+    return "mv" if use_mv else "packed"
 
 
 def can_pack(dtype: torch.dtype, device: torch.device) -> bool:

@@ -11,7 +11,7 @@ import torch
 from conftest import make_image
 from reference import reference_tokens
 from services.llm_decoder.engine import DecoderEngine, GenerationRequest
-from shared.packed_linear import DENSE_FROM_ROWS, PackedLinear, can_pack
+from shared.packed_linear import DENSE_FROM_ROWS, PackedLinear, can_pack, choose_one_row_kernel
 from shared.sampling import SamplingParams
 from services.vision_encoder.engine import VisionEngine
 from services.vision_encoder.fast_ops import LinearPatchEmbed
@@ -156,3 +156,19 @@ def test_bf16_tower_with_fused_activations_stays_within_bf16_tolerance(tiny_mode
         assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) >= 0.9999
         # no further from float32 than bf16 itself is, give or take a rounding
         assert (a - ref).norm() <= 1.5 * (b - ref).norm() + 1e-6
+
+
+@pytest.mark.skipif(not can_pack(torch.bfloat16, torch.device("cpu")), reason="oneDNN packs no bf16 weights here")
+def test_the_one_row_kernel_is_chosen_for_all_bf16_linears_and_both_agree():
+    gen = torch.Generator().manual_seed(4)
+    linears = [PackedLinear(torch.randn(128, 64, generator=gen).bfloat16(), None, dense=True) for _ in range(3)]
+    fp32 = PackedLinear(torch.randn(8, 64, generator=gen), None, dense=True)
+    choice = choose_one_row_kernel([*linears, fp32])
+    assert choice in ("mv", "packed")
+    assert {m.mv_one_row for m in linears} == {choice == "mv"} and not fp32.mv_one_row
+    x = torch.randn(1, 64, generator=gen).bfloat16()
+    for m in linears:
+        chosen = m(x)
+        m.mv_one_row = not m.mv_one_row
+        torch.testing.assert_close(chosen, m(x), rtol=2e-2, atol=2e-2)
+    assert choose_one_row_kernel([fp32]) == ""

@@ -20,7 +20,7 @@ from shared.errors import CheckpointError
 from shared.families.base import LM_HEAD
 from shared.quantize import check_quantize, quantize_linears, resident_bytes
 
-from shared.packed_linear import MODES, PackedLinear, can_pack, pack_linears
+from shared.packed_linear import MODES, PackedLinear, can_pack, choose_one_row_kernel, pack_linears
 
 from . import attention, paged_kernel
 from .attention import Alone, Cascade, StepAttention
@@ -67,6 +67,9 @@ class ModelRunner:
                                         dense=self.lm_head.weight is self.text_model.embed_tokens.weight)
         if self.packed == "all":
             pack_linears(self.text_model.layers, dense=True)
+        # bf16: torch.mv or the packed GEMV for one-row calls, whichever this CPU runs faster (timed now)
+        self.one_row_kernel = choose_one_row_kernel(
+            [m for m in [*self.text_model.modules(), self.lm_head] if isinstance(m, PackedLinear)])
         heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
         head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // heads
         layers = self.config.num_hidden_layers
