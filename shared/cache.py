@@ -34,10 +34,10 @@ import hmac
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from typing import Protocol
 
 import redis.asyncio as aioredis
+from cachetools import TLRUCache
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
@@ -66,35 +66,36 @@ class Store(Protocol):
 
 
 class MemoryStore:
-    """LRU bounded in bytes, with per-entry expiry. One per process."""
+    """LRU bounded in bytes, with per-entry expiry. One per process.
+
+    A cachetools TLRUCache: each entry is (value, expiry on the monotonic clock), its time-to-use the
+    expiry it was set with and its size its value's length; the least recently used entries go first
+    when the bytes are over `max_bytes` (expired ones before any), and a value over it is not stored."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self.used = 0
-        self.entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self.entries: TLRUCache[str, tuple[bytes, float]] = TLRUCache(
+            maxsize=max_bytes, ttu=lambda _key, entry, _now: entry[1], timer=time.monotonic,
+            getsizeof=lambda entry: len(entry[0]))
+
+    @property
+    def used(self) -> int:
+        """The bytes held (expired entries included until they are dropped)."""
+        return int(self.entries.currsize)
 
     async def get(self, key: str) -> bytes | None:
+        self.entries.expire()  # expired entries are dropped, as on a write
         entry = self.entries.get(key)
-        if entry is None or entry[1] < time.monotonic():
-            await self.delete(key)
-            return None
-        self.entries.move_to_end(key)
-        return entry[0]
+        return None if entry is None else entry[0]
 
     async def set(self, key: str, value: bytes, ttl_s: int) -> None:
         await self.delete(key)
         if len(value) > self.max_bytes:
             return
         self.entries[key] = (value, time.monotonic() + ttl_s)
-        self.used += len(value)
-        while self.used > self.max_bytes:
-            _, (old, _) = self.entries.popitem(last=False)
-            self.used -= len(old)
 
     async def delete(self, key: str) -> None:
-        entry = self.entries.pop(key, None)
-        if entry is not None:
-            self.used -= len(entry[0])
+        self.entries.pop(key, None)
 
     async def close(self) -> None:
         self.entries.clear()

@@ -12,9 +12,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import uuid
-from collections import OrderedDict
 
 import torch
+from cachetools import LRUCache
 
 from shared.codec import validate_payload
 from shared.config import EngineConfig
@@ -47,7 +47,8 @@ class Intake:
         # Qwen2.5-VL: a clip's temporal positions are tokens_per_second * second_per_grid_t apart
         self.tokens_per_second = tokens_per_second
         # image (or clip) id -> (grid, clip timing), for warm starts
-        self.image_grids: OrderedDict[str, tuple[tuple[int, int, int], VideoTiming | None]] = OrderedDict()
+        self.image_grids: LRUCache[str, tuple[tuple[int, int, int], VideoTiming | None]] = LRUCache(
+            maxsize=MAX_REMEMBERED_IMAGES)
 
     @property
     def request_block_limit(self) -> int:
@@ -149,10 +150,7 @@ class Intake:
             raise CorruptPayload(f"payload has {len(payload.deepstack)} deepstack levels, model needs {self.deepstack_levels}")
 
     def _remember(self, image_id: str, grid: tuple[int, int, int], video: VideoTiming | None) -> None:
-        self.image_grids[image_id] = (tuple(grid), video)
-        self.image_grids.move_to_end(image_id)
-        while len(self.image_grids) > MAX_REMEMBERED_IMAGES:
-            self.image_grids.popitem(last=False)
+        self.image_grids[image_id] = (tuple(grid), video)  # the least recently used go past the bound
 
     def _prompt(self, messages: list[Message], grids, videos, keys, embeddings, deepstack) -> Prompt:
         inputs = self.prompts(messages, grids, videos)
