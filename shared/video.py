@@ -350,7 +350,7 @@ def read_clip(data: bytes, pre: VideoPreprocessor, s: VideoSampling, limits: Vid
         raise TooLarge(f"the clip samples to {len(indices)} frames; the limit is {limits.max_frames} "
                        "(VLSPLIT_MAX_VIDEO_FRAMES)")
     if width and height:  # checked again on the first decoded frame
-        check_tokens(pre, indices, (height, width), s, limits)
+        check_tokens(pre, len(indices), pre.frame_size(len(indices), height, width, s), limits)
     wanted = {}
     for position, index in enumerate(indices):
         wanted.setdefault(index, []).append(position)
@@ -371,7 +371,7 @@ def read_clip(data: bytes, pre: VideoPreprocessor, s: VideoSampling, limits: Vid
             if size is None:
                 _check_frame_size(frame.width, frame.height, limits)
                 size = pre.frame_size(len(indices), frame.height, frame.width, s)
-                check_tokens(pre, indices, (frame.height, frame.width), s, limits)
+                check_tokens(pre, len(indices), size, limits)
                 first = (frame.width, frame.height)
             elif (frame.width, frame.height) != first:
                 raise BadImage(f"the clip changes resolution mid-stream ({first[0]}x{first[1]} -> "
@@ -391,11 +391,11 @@ def read_clip(data: bytes, pre: VideoPreprocessor, s: VideoSampling, limits: Vid
     return Clip(torch.stack(out), tuple(indices), total, fps, first[0], first[1])
 
 
-def check_tokens(pre: VideoPreprocessor, indices: list[int], source: tuple[int, int], s: VideoSampling,
-                 limits: VideoLimits) -> int:
-    tokens = pre.tokens(len(indices), pre.frame_size(len(indices), *source, s))
+def check_tokens(pre: VideoPreprocessor, frames: int, size: tuple[int, int], limits: VideoLimits) -> int:
+    """The prompt tokens of `frames` frames resized to `size`, refused over `limits.max_tokens`."""
+    tokens = pre.tokens(frames, size)
     if tokens > limits.max_tokens:
-        raise TooLarge(f"the clip is {tokens} tokens ({len(indices)} frames); the limit is {limits.max_tokens} "
+        raise TooLarge(f"the clip is {tokens} tokens ({frames} frames); the limit is {limits.max_tokens} "
                        f"({limits.tokens_setting}; lower fps or max_pixels)")
     return tokens
 

@@ -62,7 +62,7 @@ class Job:
 
     @property
     def images(self) -> int:
-        return _image_count(self.conversations[0])
+        return media_count(self.conversations[0])
 
 
 class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
@@ -243,7 +243,7 @@ def _finished(request_id: str, event: TokenEvent, start: float, first: float, en
 def job_from_header(header: llm_decoder_pb2.GenerateHeader, config: DecoderConfig, classify: bool) -> Job:
     conversations = ([messages_from_pb(c.messages) for c in header.batch] if header.batch
                      else [messages_from_pb(header.messages)])
-    counts = {_image_count(c) for c in conversations}
+    counts = {media_count(c) for c in conversations}
     if len(counts) != 1:
         raise InvalidRequest("every conversation of a batch must hold the same images")
     images = counts.pop()
@@ -283,10 +283,6 @@ def _choices(header, conversation: list[Message], sampling: SamplingParams, conf
         raise InvalidRequest(f"n is {header.n}; the limit is {config.max_rows} (VLSPLIT_MAX_ROWS)")
     seeds = [None if sampling.seed is None else (sampling.seed + j) % 2**64 for j in range(header.n)]
     return [conversation] * header.n, [dataclasses.replace(sampling, seed=seed) for seed in seeds]
-
-
-def _image_count(conversation: list[Message]) -> int:
-    return media_count(conversation)
 
 
 def messages_from_pb(messages) -> list[Message]:
