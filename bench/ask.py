@@ -7,7 +7,7 @@ in ms and as a share of TTFT.
                                   [--questions 4] [--max-new-tokens 16] [--size 1024]
 
 The split stack runs as real processes (private redis-server, encoder, decoder, gateway) through
-`vlsplit.launcher.Stack`, exactly as `vlsplit up` starts them; the monolithic model runs here.
+`services.launcher.Stack`, exactly as `vlsplit up` starts them; the monolithic model runs here.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def split_answers(model: Path, dtype: str, image: bytes, warmup: bytes, question
                   max_new_tokens: int) -> list:
     import grpc
 
-    from vlsplit.launcher import Stack, free_port
+    from services.launcher import Stack, free_port
     from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
     stack = Stack(model=model, gateway_port=free_port(), dtype=dtype)

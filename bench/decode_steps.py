@@ -37,7 +37,7 @@ from common import ensure_model, machine, photo, read_bandwidth_gbs  # noqa: E40
 def decode_ms(decoder, payload, img_id: str, rows: int, new_tokens: int, distinct: bool = False) -> tuple[float, int]:
     from services.llm_decoder.engine import GenerationRequest
     from shared.sampling import SamplingParams
-    from shared.processor import question_messages
+    from shared.schema import question_messages
 
     if distinct:  # ~1,400 tokens each, different from the first token on: nothing shared, nothing cached
         # prefilled over several steps: the first rows must still be decoding when the last one joins

@@ -19,7 +19,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from services.llm_decoder.grammar import GrammarCompiler, GrammarMask
 from shared.sampling import ResponseFormat
-from vlsplit.tokenizer_builder import build_tokenizer
+from services.model_builder.tokenizer import build_tokenizer
 
 VERDICT = {"type": "object", "additionalProperties": False, "required": ["verdict", "confidence"],
            "properties": {"verdict": {"enum": ["safe", "unsafe", "unsure"]},

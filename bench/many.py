@@ -40,7 +40,7 @@ CHECKS = [("Is there violence in this image? Answer yes or no.", ["yes", "no"]),
 def split_runs(model: Path, dtype: str, image: bytes, questions, max_new_tokens: int, mod_images, checks) -> dict:
     import grpc
 
-    from vlsplit.launcher import Stack, free_port
+    from services.launcher import Stack, free_port
     from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
     stack = Stack(model=model, gateway_port=free_port(), dtype=dtype)

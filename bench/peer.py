@@ -188,7 +188,7 @@ class Vlsplit:
     def start(self) -> float:
         import grpc
 
-        from vlsplit.launcher import Stack, free_port
+        from services.launcher import Stack, free_port
         from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
         self.pb, self.common = gateway_pb2, common_pb2

@@ -42,7 +42,7 @@ def main() -> None:
     from shared.hardware import resolve_dtype
     from shared.image_ids import image_id
     from shared.images import load_image
-    from shared.processor import question_messages
+    from shared.schema import question_messages
     from shared.sampling import SamplingParams
 
     model = args.model or ensure_model(args.family)

@@ -40,7 +40,7 @@ def prompts(n: int) -> list[str]:
 def answer(decoder, payload, img_id: str, question: str, new_tokens: int):
     """(first-token logits [vocab], greedy token ids)."""
     from services.llm_decoder.engine import GenerationRequest
-    from shared.processor import question_messages
+    from shared.schema import question_messages
     from shared.sampling import SamplingParams
 
     seen = []

@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vlsplit.launcher import free_port
+from services.launcher import free_port
 
-SAMPLE = Path(__file__).resolve().parent.parent / "vlsplit" / "assets" / "sample.png"
+SAMPLE = Path(__file__).resolve().parent.parent / "docs" / "sample.png"
 QUESTIONS = ["What is in this picture?", "What colour is the roof?", "Is it day or night?"]
 
 

@@ -24,17 +24,14 @@ from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerB
 
 from .errors import BadImage, InvalidRequest
 from .payload import VideoTiming
+from .schema import MEDIA_TYPES, Message, check_role
 
 IMAGE_TOKEN = "<|image_pad|>"
 VIDEO_TOKEN = "<|video_pad|>"
-MEDIA_TYPES = ("image", "video")
 # Stands for a message's text while the chat template renders (private-use characters: no template
 # or tokenizer treats them specially).
 _PLACEHOLDER = "\ue000{}\ue001"
 _PLACEHOLDER_RE = re.compile("\ue000(\\d+)\ue001")
-ROLES = ("system", "user", "assistant")
-
-Message = dict[str, Any]  # {"role": str, "content": str | [{"type": "image" | "video"} | {"type": "text", "text": str}]}
 
 
 @dataclass(frozen=True)
@@ -192,24 +189,16 @@ class PromptBuilder:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def question_messages(question: str, n_images: int = 1) -> list[Message]:
-    """The one-turn prompt: the image(s), then the question."""
-    content: list[dict] = [{"type": "image"} for _ in range(n_images)]
-    return [{"role": "user", "content": content + [{"type": "text", "text": question}]}]
-
-
-def media_count(messages: list[Message]) -> int:
-    """The image and video parts of a conversation."""
-    return sum(isinstance(m.get("content"), list) and isinstance(part, dict) and part.get("type") in MEDIA_TYPES
-               for m in messages for part in (m["content"] if isinstance(m.get("content"), list) else []))
-
-
 def validate_messages(messages: list[Message]) -> None:
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list")
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise InvalidRequest(f"message {i}: role must be one of {', '.join(ROLES)}")
+        if not isinstance(message, dict):
+            raise InvalidRequest(f"message {i} must be a dict with a role and content")
+        try:
+            check_role(i, message.get("role"))
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
         content = message.get("content")
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(parts, list):

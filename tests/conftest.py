@@ -17,7 +17,7 @@ os.environ.setdefault("VLSPLIT_DECODE_ATTENTION", "gather")
 import pytest
 from PIL import Image
 
-from vlsplit.make_model import make_model
+from services.model_builder import make_model
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 

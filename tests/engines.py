@@ -10,7 +10,7 @@ from shared.sampling import SamplingParams
 from services.vision_encoder.engine import VisionEngine
 from shared.image_ids import image_id
 from shared.images import load_image
-from shared.processor import question_messages
+from shared.schema import question_messages
 
 
 @lru_cache(maxsize=None)

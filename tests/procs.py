@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from vlsplit.launcher import free_port, start_redis, wait_serving
+from services.launcher import free_port, start_redis, wait_serving
 
 READY_TIMEOUT_S = 120
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 
 from procs import Redis, Service
-from vlsplit.launcher import free_port
+from services.launcher import free_port
 from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, vision_encoder_pb2_grpc
 
 

@@ -17,12 +17,12 @@ import pytest
 from conftest import make_image
 from procs import Redis, Service
 from reference import reference_tokens
-from services.gateway.auth import new_token
+from shared.credentials import new_token
 from shared.images import load_image
 from stack import ask_request
 from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
-SAMPLE = Path(__file__).resolve().parent.parent / "vlsplit" / "assets" / "sample.png"
+SAMPLE = Path(__file__).resolve().parent.parent / "docs" / "sample.png"
 CLIENTS = {  # name -> (scopes, requests_per_s, images_per_day); "" = the gateway's default
     "alice": ("*", "", ""), "bob": ("*", "", ""), "reader": ("classify", "", ""),
     "slow": ("*", "0.5", ""), "thrifty": ("*", "", "2"), "revoked": ("*", "", ""), "pace": ("*", "4", ""),

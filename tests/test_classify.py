@@ -12,7 +12,7 @@ from services.llm_decoder.engine import GenerationRequest
 from shared.errors import InvalidRequest, TooLarge
 from shared.image_ids import image_id
 from shared.images import load_image
-from shared.processor import question_messages
+from shared.schema import question_messages
 
 QUESTION = "Is this image safe for work? Answer yes or no."
 LABELS = ["yes", "no", "maybe not", "it depends on the context"]  # single- and multi-token

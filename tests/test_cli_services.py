@@ -16,7 +16,7 @@ from reference import reference_tokens
 from shared.image_ids import image_id
 from shared.images import load_image
 
-SAMPLE = Path(__file__).resolve().parent.parent / "vlsplit" / "assets" / "sample.png"
+SAMPLE = Path(__file__).resolve().parent.parent / "docs" / "sample.png"
 FIELDS = {"question", "text", "token_ids", "image_id", "cache", "encode_ms", "ttft_ms", "total_ms"}
 
 

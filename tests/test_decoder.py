@@ -23,7 +23,7 @@ from services.llm_decoder.sampling import Sampler, SamplingParams
 from services.vision_encoder.engine import VisionEngine
 from shared.errors import CorruptPayload, InvalidRequest, ModelMismatch, TooLarge
 from shared.images import load_image
-from shared.processor import question_messages
+from shared.schema import question_messages
 
 QUESTION = "What is in this picture?"
 STEPS = 12

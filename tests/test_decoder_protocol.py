@@ -18,7 +18,7 @@ from services.llm_decoder.engine import GenerationRequest
 from shared.codec import encode_payload
 from shared.image_ids import image_id
 from shared.images import load_image
-from shared.processor import question_messages
+from shared.schema import question_messages
 from shared.transfer import chunks
 from vlsplit.v1 import common_pb2, llm_decoder_pb2 as pb, llm_decoder_pb2_grpc
 

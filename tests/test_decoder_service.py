@@ -25,14 +25,14 @@ from transformers import AutoTokenizer
 from conftest import FAMILIES, make_image
 from procs import Service
 from reference import reference_inputs, reference_tokens
-from vlsplit.make_model import make_model
+from services.model_builder import make_model
 from services.llm_decoder.engine import DecoderEngine, GenerationRequest
 from shared.sampling import SamplingParams
 from services.vision_encoder.engine import VisionEngine
 from shared.codec import FORMAT_VERSION, encode_payload
 from shared.hardware import cpu_features, usable_cpus
 from shared.images import load_image
-from shared.processor import question_messages
+from shared.schema import question_messages
 from shared.transfer import CHUNK_BYTES, chunks
 from vlsplit.v1 import common_pb2, llm_decoder_pb2 as pb, llm_decoder_pb2_grpc
 

@@ -80,7 +80,7 @@ def test_eight_concurrent_first_questions_encode_once(fresh_stack):
 
 
 def test_decoder_of_another_checkpoint_refuses_payload(fresh_stack, tmp_path):
-    from vlsplit.make_model import make_model
+    from services.model_builder import make_model
 
     other = make_model(tmp_path / "other", "qwen2_vl", "tiny", seed=1)
     s = fresh_stack(decoder_model=str(other))
@@ -304,7 +304,7 @@ def test_payload_over_redis_bulk_limit_is_cached_in_parts(tiny_models, tmp_path)
 def test_gateway_refetches_the_fingerprint_after_the_model_changes(fresh_stack, tmp_path):
     """Known bug: the gateway kept the first fingerprint forever, so after a redeploy with another
     checkpoint it sent cached payloads of the old model and every ask failed FAILED_PRECONDITION."""
-    from vlsplit.make_model import make_model
+    from services.model_builder import make_model
 
     s = fresh_stack()
     data = make_image(200, 160, seed=26)

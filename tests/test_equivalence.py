@@ -14,7 +14,7 @@ from shared.sampling import SamplingParams
 from services.vision_encoder.engine import VisionEngine
 from shared.codec import decode_payload, encode_payload
 from shared.images import load_image
-from shared.processor import question_messages
+from shared.schema import question_messages
 
 QUESTION = "What is in this picture? Describe it."
 

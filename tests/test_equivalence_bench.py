@@ -12,7 +12,7 @@ import pytest
 from conftest import FAMILIES, make_image
 from reference import reference_tokens
 from test_equivalence import QUESTION, split_tokens
-from vlsplit.make_model import make_model
+from services.model_builder import make_model
 from shared.images import load_image
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "models"
@@ -36,7 +36,7 @@ def test_batched_questions_equal_monolithic_at_real_widths():
     from test_equivalence import engines
     from services.llm_decoder.engine import GenerationRequest
     from shared.sampling import SamplingParams
-    from shared.processor import question_messages
+    from shared.schema import question_messages
 
     path = CACHE / "bench-qwen2_vl"
     if not (path / "config.json").is_file():

@@ -17,7 +17,7 @@ from services.vision_encoder.engine import VisionEngine
 from services.vision_encoder.fast_ops import LinearPatchEmbed
 from shared.checkpoint import Checkpoint
 from shared.images import load_image
-from shared.processor import question_messages
+from shared.schema import question_messages
 
 QUESTION = "What is in this picture? Describe it."
 

@@ -23,7 +23,7 @@ from test_decoder_service import header
 from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, llm_decoder_pb2 as pb
 from vlsplit.v1 import llm_decoder_pb2_grpc, vision_encoder_pb2 as enc, vision_encoder_pb2_grpc
 
-SAMPLE = (Path(__file__).resolve().parent.parent / "vlsplit" / "assets" / "sample.png").read_bytes()
+SAMPLE = (Path(__file__).resolve().parent.parent / "docs" / "sample.png").read_bytes()
 Q = "What is this?"
 
 

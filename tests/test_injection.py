@@ -11,11 +11,12 @@ import pytest
 
 from reference import escaped_ids, reference_inputs, reference_tokens
 from shared.images import load_image
-from shared.processor import PromptBuilder, question_messages
+from shared.processor import PromptBuilder
+from shared.schema import question_messages
 from shared.sampling import SamplingParams
-from vlsplit.local import LocalPipeline
+from services.local import LocalPipeline
 
-SAMPLE = Path(__file__).resolve().parent.parent / "vlsplit" / "assets" / "sample.png"
+SAMPLE = Path(__file__).resolve().parent.parent / "docs" / "sample.png"
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 PLAIN = ["What is this?", "\nWhat is this?\n\n", "  two  spaces  ", "ünïcödé, 日本語, emoji 🙂", "a" * 300, "<|", "|>"]
 

@@ -13,7 +13,7 @@ from services.llm_decoder.engine import DecoderEngine, GenerationRequest, NeedPa
 from services.llm_decoder.request import END
 from shared.sampling import SamplingParams
 from shared.errors import TooLarge
-from shared.processor import question_messages
+from shared.schema import question_messages
 
 QUESTIONS = ["What?", "What is in this picture?", "Describe the colours you can see, please.",
              "Is it day or night?", "Count the objects in the image and list them one by one.", "Why?",

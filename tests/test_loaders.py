@@ -15,14 +15,14 @@ from safetensors.torch import load_file, save_file
 import shared.checkpoint as checkpoint_module
 from conftest import make_image
 from reference import reference_tokens
-from vlsplit.make_model import make_model
+from services.model_builder import make_model
 from services.llm_decoder.engine import DecoderEngine, GenerationRequest
 from shared.sampling import SamplingParams
 from services.vision_encoder.engine import VisionEngine
 from shared.errors import CheckpointError
 from shared.families import get_family
 from shared.images import load_image
-from shared.processor import question_messages
+from shared.schema import question_messages
 
 QUESTION = "What is in this picture?"
 VISUAL = ("visual.", "model.visual.")

@@ -10,12 +10,12 @@ from pathlib import Path
 from PIL import Image
 
 from reference import reference_tokens
-from vlsplit.local import LocalPipeline
+from services.local import LocalPipeline
 from shared.sampling import SamplingParams
 from shared.image_ids import image_id
 from shared.images import load_image
 
-SAMPLE = Path(__file__).resolve().parent.parent / "vlsplit" / "assets" / "sample.png"
+SAMPLE = Path(__file__).resolve().parent.parent / "docs" / "sample.png"
 QUESTIONS = ["What is in this picture?", "What colour is the roof?", "Is it day or night?"]
 FIELDS = {"question", "text", "token_ids", "image_id", "encode_ms", "ttft_ms", "total_ms"}
 

@@ -14,9 +14,9 @@ import pytest
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
-from vlsplit.make_model import make_model
+from services.model_builder import make_model
 from shared.families import FAMILIES, get_family
-from vlsplit.tokenizer_builder import SPECIAL_TOKENS
+from services.model_builder.tokenizer import SPECIAL_TOKENS
 
 FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
          "preprocessor_config.json", "generation_config.json", "vlsplit_random_weights.json",

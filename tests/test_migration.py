@@ -15,7 +15,7 @@ import pytest
 
 from engines import engines, image_payload, request
 from services.llm_decoder.engine import GenerationRequest
-from shared.processor import question_messages
+from shared.schema import question_messages
 from shared.sampling import ResponseFormat, SamplingParams
 from procs import Redis, Service, running
 from reference import reference_tokens

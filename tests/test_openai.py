@@ -15,8 +15,8 @@ import pytest
 from conftest import make_image
 from procs import Service
 from test_encoder_service import wait_for
-from services.gateway.auth import new_token
-from vlsplit.launcher import free_port
+from shared.credentials import new_token
+from services.launcher import free_port
 from vlsplit.v1 import common_pb2, gateway_pb2
 
 pytestmark = pytest.mark.parametrize("stack", ["qwen2_vl"], indirect=True)

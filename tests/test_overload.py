@@ -16,7 +16,7 @@ from vlsplit.v1 import gateway_pb2_grpc
 
 from pathlib import Path
 
-SAMPLE = (Path(__file__).resolve().parent.parent / "vlsplit" / "assets" / "sample.png").read_bytes()
+SAMPLE = (Path(__file__).resolve().parent.parent / "docs" / "sample.png").read_bytes()
 DURATION_S = 30
 TOKENS = 16
 

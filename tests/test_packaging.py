@@ -1,14 +1,20 @@
-"""Packaging as the images ship it.
+"""Packaging: three installs, as users and the images get them.
 
-The gateway's install is made by `docker/install.sh gateway` (what its Dockerfile stage runs) in a fresh
-venv: it has no torch, transformers or Pillow and still serves a whole stack. The pinned requirement files
-cover pyproject's dependencies, every file has one import name, and the Dockerfile passes hadolint and
-agrees with the config (ports, health checks, non-root user).
+- `pip install vlsplit` (the client: SDK + client commands) holds grpcio, protobuf, grpcio-health-checking and
+  tenacity only, asks a running stack, and names the extra a server command needs;
+- `vlsplit[gateway]` (`docker/install.sh gateway`, what the gateway image runs) has no torch, transformers or
+  Pillow and still serves a whole stack;
+- `vlsplit[model]` (`docker/install.sh model`, the encoder/decoder images) has the model stack and no HTTP
+  side (opt-in: it installs torch, `make test-slow`).
+
+Each is made in a fresh venv. The pinned requirement files cover pyproject's dependencies, every file has one
+import name, and the Dockerfile passes hadolint and agrees with the config (ports, health checks, non-root user).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import shutil
@@ -27,8 +33,10 @@ from stack import ask_request
 from vlsplit.v1 import gateway_pb2, gateway_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO / "vlsplit" / "assets" / "sample.png"
+SAMPLE = REPO / "docs" / "sample.png"
 MODEL_STACK = ("torch", "transformers", "PIL", "numpy", "safetensors", "tokenizers", "msgpack")
+SERVER_STACK = ("redis", "prometheus_client", "cachetools", "grpc_reflection")
+HTTP_STACK = ("fastapi", "uvicorn", "httpx", "starlette", "pydantic")
 
 
 def _name(requirement: str) -> str:
@@ -46,29 +54,89 @@ def _pins(path: Path) -> dict[str, str]:
     return pins
 
 
-@pytest.fixture(scope="module")
-def gateway_venv(tmp_path_factory) -> Path:
-    venv = tmp_path_factory.mktemp("gateway-image") / "venv"
-    out = subprocess.run(["sh", "docker/install.sh", "gateway", str(venv)], cwd=REPO, capture_output=True,
-                         text=True, timeout=900)
+def _install(kind: str, root: Path, **env: str) -> Path:
+    venv = root / "venv"
+    out = subprocess.run(["sh", "docker/install.sh", kind, str(venv)], cwd=REPO, capture_output=True, text=True,
+                         timeout=900, env={**os.environ, **env})
     assert out.returncode == 0, out.stderr[-3000:]
     return venv
 
 
+@pytest.fixture(scope="module")
+def gateway_venv(tmp_path_factory) -> Path:
+    return _install("gateway", tmp_path_factory.mktemp("gateway-image"))
+
+
+@pytest.fixture(scope="module")
+def client_venv(tmp_path_factory) -> Path:
+    return _install("client", tmp_path_factory.mktemp("client"))
+
+
+def _found(venv: Path, cwd: Path, modules) -> dict[str, bool]:
+    """Which of `modules` the venv's python can import (and that vlsplit is the installed copy)."""
+    code = ("import importlib.util as u, json, vlsplit; "
+            f"print(json.dumps({{m: u.find_spec(m) is not None for m in {tuple(modules)!r}}})); "
+            "print(vlsplit.__file__)")
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", code], cwd=cwd, capture_output=True, text=True,
+                         check=True)
+    found, where = out.stdout.splitlines()
+    assert where.startswith(str(venv)), where  # the installed copy, not the source tree
+    return json.loads(found)
+
+
+def _vlsplit(venv: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(venv / "bin" / "vlsplit"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_client_install_holds_the_client_dependencies_only(client_venv, tmp_path):
+    out = subprocess.run([str(client_venv / "bin" / "pip"), "list", "--format=json", "--exclude", "pip",
+                          "--exclude", "setuptools", "--exclude", "vlsplit"], capture_output=True, text=True, check=True)
+    installed = {_name(p["name"]) for p in json.loads(out.stdout)}
+    assert installed == {"grpcio", "grpcio-health-checking", "protobuf", "tenacity", "typing-extensions"}, installed
+    assert _found(client_venv, tmp_path, MODEL_STACK + SERVER_STACK + HTTP_STACK) == dict.fromkeys(
+        MODEL_STACK + SERVER_STACK + HTTP_STACK, False)
+    code = "import vlsplit; from vlsplit import Client, AsyncClient, Video; print(vlsplit.__all__)"
+    subprocess.run([str(client_venv / "bin" / "python"), "-c", code], cwd=tmp_path, check=True, capture_output=True)
+    token = _vlsplit(client_venv, tmp_path, "token", "app", "--scopes", "ask")
+    assert token.returncode == 0 and "app:" in token.stdout, token.stderr
+
+
+@pytest.mark.parametrize("command, extra", [(("serve", "gateway"), "gateway"), (("serve", "decoder"), "model"),
+                                            (("serve", "encoder"), "model"), (("make-model", "m", "--family",
+                                                                               "qwen2_vl"), "model"),
+                                            (("up",), "model")])
+def test_client_install_names_the_extra_a_server_command_needs(client_venv, tmp_path, command, extra):
+    out = _vlsplit(client_venv, tmp_path, *command)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert f"pip install 'vlsplit[{extra}]'" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_gateway_install_has_no_model_stack(gateway_venv, tmp_path):
-    code = ("import importlib.util as u, json; "
-            f"print(json.dumps({{m: u.find_spec(m) is not None for m in {MODEL_STACK!r}}})); "
-            "import shared, services, vlsplit; print(json.dumps([shared.__file__, services.__file__, vlsplit.__file__]))")
-    out = subprocess.run([str(gateway_venv / "bin" / "python"), "-c", code], cwd=tmp_path, capture_output=True,
-                         text=True, check=True)
-    found, files = (json.loads(line) for line in out.stdout.splitlines())
-    assert found == dict.fromkeys(MODEL_STACK, False)
-    assert all(f.startswith(str(gateway_venv)) for f in files), files  # the installed copy, not the source tree
+    assert _found(gateway_venv, tmp_path, MODEL_STACK) == dict.fromkeys(MODEL_STACK, False)
+    assert all(_found(gateway_venv, tmp_path, SERVER_STACK + HTTP_STACK).values())
+    out = _vlsplit(gateway_venv, tmp_path, "serve", "decoder", "--model", str(tmp_path))
+    assert out.returncode == 3 and "pip install 'vlsplit[model]'" in out.stderr, out.stderr
 
 
-def test_gateway_install_serves_a_stack_through_a_password_protected_redis(gateway_venv, tiny_models, tmp_path):
+@pytest.mark.slow
+def test_model_install_has_the_model_stack_and_no_http_side(tmp_path):
+    """`docker/install.sh model` with torch from pip's configured index (this machine's CPU wheel)."""
+    venv = _install("model", tmp_path, TORCH_INDEX="")
+    assert all(_found(venv, tmp_path, MODEL_STACK + SERVER_STACK).values())
+    assert _found(venv, tmp_path, ("fastapi", "uvicorn", "httpx")) == dict.fromkeys(("fastapi", "uvicorn", "httpx"),
+                                                                                    False)
+    out = _vlsplit(venv, tmp_path, "serve", "gateway")
+    assert out.returncode == 3 and "pip install 'vlsplit[gateway]'" in out.stderr, out.stderr
+    made = _vlsplit(venv, tmp_path, "make-model", str(tmp_path / "m"), "--family", "qwen2_vl")
+    assert made.returncode == 0 and (tmp_path / "m" / "config.json").is_file(), made.stderr
+
+
+def test_gateway_install_serves_a_stack_through_a_password_protected_redis(gateway_venv, client_venv, tiny_models,
+                                                                            tmp_path):
     """Encoder and decoder from the development venv, the gateway from the image's install; the second
-    question is a cache hit, which needs the gateway to read Redis with the password from its env."""
+    question is a cache hit, which needs the gateway to read Redis with the password from its env. The
+    client install's `vlsplit health` and `vlsplit ask --json` talk to it."""
     model = tiny_models["qwen2_vl"]
     password = secrets.token_hex(12)
     secret_env = {"VLSPLIT_REDIS_PASSWORD": password}
@@ -91,16 +159,24 @@ def test_gateway_install_serves_a_stack_through_a_password_protected_redis(gatew
             for answer in (first, second):
                 assert list(answer.token_ids) == reference_tokens(model, [load_image(image)], answer.question, 6)
             assert gateway.metric("vlsplit_cache_errors_total") == 0
+            client = _vlsplit(client_venv, tmp_path, "ask", "--gateway", gateway.address, "--json",
+                              "--max-new-tokens", "6", str(SAMPLE), "What is this?")
+            assert client.returncode == 0, client.stderr
+            assert json.loads(client.stdout)["token_ids"] == list(first.token_ids)
+            assert _vlsplit(client_venv, tmp_path, "health", gateway.address).stdout.strip() == "SERVING"
 
 
 def test_requirement_files_pin_pyproject_dependencies():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    base = {_name(r) for r in project["dependencies"]}
-    model = {_name(r) for r in project["optional-dependencies"]["model"]} - {"torch"}
+    extras = project["optional-dependencies"]
+    base, server = ({_name(r) for r in group} for group in (project["dependencies"], extras["server"]))
+    gateway, model = ({_name(r) for r in extras[name]} - {"vlsplit", "torch"} for name in ("gateway", "model"))
+    assert all("vlsplit[server]" in extras[name] for name in ("gateway", "model"))
     gateway_pins = _pins(REPO / "docker" / "requirements" / "gateway.txt")
     model_pins = _pins(REPO / "docker" / "requirements" / "model.txt")
-    assert base <= set(gateway_pins), base - set(gateway_pins)
-    assert base | model <= set(model_pins), (base | model) - set(model_pins)
+    assert base | server | gateway <= set(gateway_pins), (base | server | gateway) - set(gateway_pins)
+    assert base | server | model <= set(model_pins), (base | server | model) - set(model_pins)
+    assert not {"fastapi", "uvicorn", "httpx"} & set(model_pins)  # the HTTP side is the gateway's
     assert not {_name(m) for m in ("torch", "transformers", "pillow", "numpy")} & set(gateway_pins)
     assert "torch" not in model_pins  # it comes from the CPU or CUDA wheel index (docker/install.sh)
     both = set(gateway_pins) & set(model_pins)

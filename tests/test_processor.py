@@ -15,7 +15,8 @@ from reference import reference_inputs
 from shared.errors import BadImage, InvalidRequest
 from shared.families import get_family
 from shared.images import load_image
-from shared.processor import ImagePreprocessor, PromptBuilder, question_messages, validate_messages
+from shared.processor import ImagePreprocessor, PromptBuilder, validate_messages
+from shared.schema import question_messages
 
 QUESTION = "What is in this picture? Describe it."
 SIZES = [(320, 240), (1, 1), (2000, 60), (60, 2000), (997, 13), (1024, 1024)]

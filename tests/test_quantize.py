@@ -27,7 +27,7 @@ from shared.quantize import Int8Linear, quantize_linears, quantize_rows, residen
 # and greedy agreement, for the bench checkpoints.
 LOGITS_COSINE = 0.99  # measured 0.994-0.9987 on the tiny models (their logits are nearly flat)
 EMBEDDINGS_COSINE = 0.999
-SAMPLE = Path(__file__).resolve().parent.parent / "vlsplit" / "assets" / "sample.png"
+SAMPLE = Path(__file__).resolve().parent.parent / "docs" / "sample.png"
 
 
 def dequantized(linear: Int8Linear) -> torch.Tensor:

@@ -18,7 +18,7 @@ import pytest
 from procs import Service
 from services.gateway.remote import ImageUrls, public_address
 from shared.errors import InvalidRequest
-from vlsplit.launcher import free_port
+from services.launcher import free_port
 
 LOOPBACK = "embeds 127.0.0.1"
 REFUSED = [  # (address, what the refusal must say)

@@ -16,7 +16,7 @@ from shared.sampling import SamplingParams
 from shared.errors import Overloaded, TooLarge
 from shared.fingerprint import largest_image_tokens
 from shared.payload import EmbeddingPayload
-from shared.processor import question_messages
+from shared.schema import question_messages
 
 # text only: the tiny seed-0 Qwen3-VL checkpoint answers it for thousands of tokens without an EOS
 LONG = GenerationRequest(question_messages("What is in this picture?", 0), [], SamplingParams(max_new_tokens=3000))

@@ -15,7 +15,7 @@ import trustme
 import vlsplit
 from conftest import make_image
 from procs import Service
-from services.gateway.auth import new_token
+from shared.credentials import new_token
 from stack import Stack
 
 ON_QWEN2_VL = pytest.mark.parametrize("stack", ["qwen2_vl"], indirect=True)

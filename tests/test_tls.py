@@ -21,7 +21,7 @@ from reference import reference_tokens
 from shared.images import load_image
 from vlsplit.v1 import common_pb2, llm_decoder_pb2_grpc, vision_encoder_pb2_grpc
 
-SAMPLE = Path(__file__).resolve().parent.parent / "vlsplit" / "assets" / "sample.png"
+SAMPLE = Path(__file__).resolve().parent.parent / "docs" / "sample.png"
 NAMES = ("localhost", "127.0.0.1")  # the servers' certificates: every service is dialled by these here
 STUBS = {"encoder": vision_encoder_pb2_grpc.VisionEncoderStub, "decoder": llm_decoder_pb2_grpc.LLMDecoderStub}
 

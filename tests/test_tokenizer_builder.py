@@ -1,4 +1,4 @@
-"""Tests for vlsplit.tokenizer_builder: tiny / real-Qwen BPE, special tokens, chat templates."""
+"""Tests for services.model_builder.tokenizer: tiny / real-Qwen BPE, special tokens, chat templates."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from vlsplit import tokenizer_builder as tb
+from services.model_builder import tokenizer as tb
 
 FAMILIES = list(tb.FAMILIES)
 
@@ -126,7 +126,7 @@ def test_tiny_is_deterministic_across_processes(tiny):
     code = textwrap.dedent(
         """
         import hashlib
-        from vlsplit import tokenizer_builder as tb
+        from services.model_builder import tokenizer as tb
         for fam in tb.FAMILIES:
             s = tb.build_tokenizer(fam, "tiny").backend_tokenizer.to_str()
             print(fam, hashlib.sha256(s.encode("utf-8")).hexdigest())

@@ -27,7 +27,7 @@ from procs import Service
 from services.gateway.remote import ImageUrls
 from shared.errors import InvalidRequest, TooLarge
 from shared.image_ids import VideoParams
-from vlsplit.launcher import free_port
+from services.launcher import free_port
 from vlsplit.sdk import Upload, Video, image_ref, upload_request
 from vlsplit.v1 import common_pb2, gateway_pb2
 

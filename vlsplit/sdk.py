@@ -39,6 +39,7 @@ import grpc
 import grpc.aio
 import tenacity
 
+from shared.schema import check_role, sampling_params
 from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 __all__ = ["Answer", "AsyncClient", "ChatChoice", "ChatResult", "Classification", "Client", "Delta", "Image",
@@ -236,17 +237,9 @@ def sampling(max_new_tokens: int | None = None, temperature: float | None = None
              json_schema: Mapping[str, Any] | None = None, choices: Sequence[str] | None = None,
              ) -> common_pb2.SamplingParams:
     """Sampling controls; unset = the server's defaults (greedy, its max_new_tokens)."""
-    pb = common_pb2.SamplingParams(stop=list(stop), logprobs=logprobs, top_logprobs=top_logprobs)
-    for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
-                        ("top_k", top_k), ("seed", seed), ("presence_penalty", presence_penalty),
-                        ("frequency_penalty", frequency_penalty), ("repetition_penalty", repetition_penalty)):
-        if value is not None:
-            setattr(pb, name, value)
-    if json_schema is not None:
-        pb.response_format.json_schema = json.dumps(json_schema)
-    elif choices is not None:
-        pb.response_format.choices.choices.extend(choices)
-    return pb
+    return sampling_params(max_new_tokens, temperature, top_p, top_k, seed, stop, presence_penalty,
+                           frequency_penalty, repetition_penalty, logprobs, top_logprobs,
+                           None if json_schema is None else json.dumps(json_schema), choices)
 
 
 def chat_request(messages: Iterable[Message], n: int, params: common_pb2.SamplingParams) -> gateway_pb2.ChatRequest:
@@ -254,7 +247,8 @@ def chat_request(messages: Iterable[Message], n: int, params: common_pb2.Samplin
     {"type": "text", "text": str}, {"type": "image", "image": bytes | Path | image id} and
     {"type": "video", "video": bytes | Path | clip id, "fps": ..., "max_frames": ...} say which explicitly."""
     request = gateway_pb2.ChatRequest(n=n, sampling=params)
-    for message in messages:
+    for index, message in enumerate(messages):
+        check_role(index, str(message["role"]))  # ValueError before anything is sent
         turn = request.messages.add(role=str(message["role"]))
         content = message["content"]
         for part in [content] if isinstance(content, str) else content:

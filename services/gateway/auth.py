@@ -18,15 +18,13 @@ import contextvars
 import hashlib
 import logging
 import os
-import re
-import secrets
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from prometheus_client import Counter
 
+from shared.credentials import SCOPES, Client, parse_tokens
 from shared.errors import Overloaded, PermissionDenied, Unauthenticated
 from shared.interceptor import CLIENT_NAME, wrap_handler
 from shared.metrics import BoundedLabel
@@ -35,7 +33,6 @@ from .rate import ClusterRateLimiter, RateLimiter
 
 log = logging.getLogger("vlsplit.auth")
 
-SCOPES = {"ask": ("Ask", "AskStream", "AskMany", "Chat", "ChatStream"), "classify": ("Classify", "Moderate"), "upload": ("UploadImage",)}
 METHOD_SCOPE = {method: scope for scope, methods in SCOPES.items() for method in methods}
 SERVICE_PREFIX = "/vlsplit.v1.Gateway/"
 CHECK_EVERY_S = 1.0
@@ -48,58 +45,8 @@ REJECTED = BoundedLabel(Counter("vlsplit_gateway_client_rejected",
                                 "Calls refused by authentication, scope, rate or quota", ["client", "reason"]))
 
 
-@dataclass(frozen=True)
-class Client:
-    name: str
-    scopes: frozenset[str]
-    requests_per_s: float  # 0 = unlimited
-    images_per_day: int  # 0 = unlimited
-
-
 ANONYMOUS = Client("", frozenset(SCOPES), 0.0, 0)  # auth off: everyone, unlimited
 CLIENT: contextvars.ContextVar[Client] = contextvars.ContextVar("vlsplit_client", default=ANONYMOUS)
-
-
-def new_token(name: str, scopes: str = "*") -> tuple[str, str]:
-    """A fresh token and the token-file line that admits it."""
-    token = "vls_" + secrets.token_urlsafe(32)
-    return token, f"{name}:{hashlib.sha256(token.encode()).hexdigest()}:{scopes}"
-
-
-def parse_tokens(text: str, requests_per_s: float, images_per_day: int) -> dict[str, Client]:
-    """sha256 hex -> Client; ValueError names the bad line."""
-    clients: dict[str, Client] = {}
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        fields = line.split(":")
-        if len(fields) < 2 or len(fields) > 5:
-            raise ValueError(f"line {number}: expected name:sha256[:scopes[:requests_per_s[:images_per_day]]]")
-        name, digest, *rest = fields
-        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
-            raise ValueError(f"line {number}: a name is 1-64 letters, digits, '.', '_' or '-'")
-        if not re.fullmatch(r"[0-9a-f]{64}", digest):
-            raise ValueError(f"line {number}: the token's sha256 must be 64 lowercase hex digits")
-        scopes = _scopes(rest[0] if rest else "", number)
-        rate = float(rest[1]) if len(rest) > 1 and rest[1] else requests_per_s
-        images = int(rest[2]) if len(rest) > 2 and rest[2] else images_per_day
-        if rate < 0 or images < 0:
-            raise ValueError(f"line {number}: limits are >= 0 (0 = unlimited)")
-        if digest in clients:
-            raise ValueError(f"line {number}: the same token is listed twice")
-        clients[digest] = Client(name, scopes, rate, images)
-    return clients
-
-
-def _scopes(text: str, number: int) -> frozenset[str]:
-    if text in ("", "*"):
-        return frozenset(SCOPES)
-    scopes = frozenset(s.strip() for s in text.split(",") if s.strip())
-    unknown = scopes - set(SCOPES)
-    if unknown:
-        raise ValueError(f"line {number}: unknown scope {sorted(unknown)[0]!r} (known: {', '.join(SCOPES)}, *)")
-    return scopes
 
 
 class TokenFile:

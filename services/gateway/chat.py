@@ -10,12 +10,12 @@ from typing import Awaitable, Callable
 
 from shared.config import GatewayConfig
 from shared.errors import InvalidRequest, TooLarge
+from shared.schema import check_role
 from vlsplit.v1 import common_pb2, gateway_pb2, llm_decoder_pb2
 
 from .pipeline import ImageSource
 
 CACHE_STATUS = {True: gateway_pb2.CACHE_STATUS_HIT, False: gateway_pb2.CACHE_STATUS_MISS}
-ROLES = ("system", "user", "assistant")
 
 
 async def conversation(turns, config: GatewayConfig, source: Callable[[gateway_pb2.ImageRef], Awaitable[ImageSource]],
@@ -30,8 +30,10 @@ async def conversation(turns, config: GatewayConfig, source: Callable[[gateway_p
                  image_bytes=sum(len(image.data) for image in images))
     messages, sources = [], []
     for i, turn in enumerate(turns):
-        if turn.role not in ROLES:
-            raise InvalidRequest(f"message {i}: role must be one of {', '.join(ROLES)}, not {turn.role!r}")
+        try:
+            check_role(i, turn.role)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
         if not turn.content:
             raise InvalidRequest(f"message {i} has no content")
         message = llm_decoder_pb2.ChatMessage(role=turn.role)

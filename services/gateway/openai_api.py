@@ -27,11 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.errors import InvalidRequest
 from shared.image_ids import VideoParams
-from vlsplit.sdk import sampling
+from shared.schema import OPENAI_ROLES, sampling_params
 from vlsplit.v1 import common_pb2, gateway_pb2, llm_decoder_pb2
 
 FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 class Strict(BaseModel):
@@ -87,7 +86,7 @@ MediaPart = ImagePart | VideoPart
 
 
 class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal[tuple(OPENAI_ROLES)]  # type: ignore[valid-type]  # the keys, as a Literal for the schema
     content: str | list[ContentPart]
 
 
@@ -209,7 +208,7 @@ class ClassifyRequest(Strict):
 
 def turns(body: ChatCompletionRequest) -> list[tuple[str, list[TextPart | ImagePart | VideoPart]]]:
     """The messages as (gateway role, parts); a string content is one text part."""
-    return [(ROLES[m.role], [TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content)
+    return [(OPENAI_ROLES[m.role], [TextPart(type="text", text=m.content)] if isinstance(m.content, str) else m.content)
             for m in body.messages]
 
 
@@ -252,7 +251,7 @@ def ask_many_request(body: BatchChatCompletionRequest, image: gateway_pb2.ImageR
 
 
 def _sampling(body: ChatSampling) -> common_pb2.SamplingParams:
-    out = sampling(max_new_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
+    out = sampling_params(max_new_tokens=body.max_completion_tokens or body.max_tokens, temperature=body.temperature,
                    top_p=body.top_p, top_k=body.top_k, seed=body.seed,
                    stop=[body.stop] if isinstance(body.stop, str) else body.stop or [],
                    presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,

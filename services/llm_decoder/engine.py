@@ -33,7 +33,8 @@ from shared.config import EngineConfig
 from shared.errors import CheckpointError, Unavailable
 from shared.fingerprint import compute_fingerprint, largest_image_tokens
 from shared.payload import EmbeddingPayload
-from shared.processor import Message, PromptBuilder
+from shared.processor import PromptBuilder
+from shared.schema import Message
 
 from .block_manager import BlockManager, root_hash
 from .grammar import GrammarCompiler, GrammarMask

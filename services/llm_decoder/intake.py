@@ -20,7 +20,8 @@ from shared.codec import validate_payload
 from shared.config import EngineConfig
 from shared.errors import CorruptPayload, InvalidRequest, ModelMismatch, TooLarge
 from shared.payload import EmbeddingPayload, VideoTiming
-from shared.processor import Message, PromptBuilder, media_count, validate_messages
+from shared.processor import PromptBuilder, validate_messages
+from shared.schema import Message, media_count
 
 from .block_manager import BlockManager, Hash, root_hash
 from .detokenizer import Detokenizer

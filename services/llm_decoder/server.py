@@ -19,7 +19,7 @@ from shared.codec import DTYPES
 from shared.config import DecoderConfig, EngineConfig
 from shared.hardware import Runtime, check_dtype, resolve_dtype, set_torch_threads
 from shared.logs import setup_logging
-from shared.processor import question_messages
+from shared.schema import question_messages
 from shared.quantize import check_quantize
 from shared.sampling import SamplingParams
 from shared.server import Service, run

@@ -27,7 +27,8 @@ from shared.config import DecoderConfig
 from shared.errors import InvalidRequest, Unavailable
 from shared.fingerprint import processor_config, processor_settings
 from shared.hardware import Runtime
-from shared.processor import Message, media_count, validate_messages
+from shared.processor import validate_messages
+from shared.schema import Message, media_count
 from shared.sampling import SamplingParams, sampling_from_pb
 from shared.transfer import Assembler
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, llm_decoder_pb2_grpc

@@ -45,12 +45,12 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     """family -> a tiny checkpoint directory (the code path of `vlsplit make-model DIR --family F --size tiny`)."""
     root = tmp_path_factory.mktemp("models")
     paths = {family: root / family for family in FAMILIES}
-    script = ("import sys\nfrom vlsplit.make_model import make_model\n"
+    script = ("import sys\nfrom services.model_builder import make_model\n"
               "for family, path in zip(sys.argv[1::2], sys.argv[2::2]):\n"
               "    make_model(path, family, 'tiny', seed=0)\n")
     args = [str(v) for family, path in paths.items() for v in (family, path)]
     try:
-        import vlsplit.make_model  # noqa: F401  (imports here only where grpc is installed too)
+        import services.model_builder  # noqa: F401  (imports here only where grpc is installed too)
 
         python = sys.executable
     except ImportError:

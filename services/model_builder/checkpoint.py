@@ -22,7 +22,7 @@ from transformers.initialization import no_init_weights
 from shared.families import get_family
 from shared.families.base import Family
 from shared.video import VIDEO_CONFIG
-from vlsplit.tokenizer_builder import SPECIAL_TOKENS, build_tokenizer, save_tokenizer
+from services.model_builder.tokenizer import SPECIAL_TOKENS, build_tokenizer, save_tokenizer
 
 log = logging.getLogger("vlsplit.make_model")
 

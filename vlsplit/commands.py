@@ -75,12 +75,6 @@ def sdk_client(address: str, args) -> Client:
                   tls_server_name=getattr(args, "tls_server_name", None), timeout=getattr(args, "timeout", 120.0))
 
 
-def sampling_kwargs(params) -> dict:
-    """shared.sampling.SamplingParams -> the SDK's keyword arguments."""
-    return {"max_new_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
-            "top_k": params.top_k, "seed": params.seed, "stop": list(params.stop)}
-
-
 def answer_json(answer: Answer) -> dict:
     return {
         "question": answer.question, "text": answer.text, "token_ids": answer.token_ids, "image_id": answer.image_id,
@@ -122,7 +116,7 @@ def _ask_one(client: Client, ref: Image, question: str, args, params) -> Answer 
     """The answer, or None when the gateway no longer knows an image_id (NOT_FOUND)."""
     try:
         if not args.stream:
-            return client.ask(ref, question, **sampling_kwargs(params))
+            return client.ask(ref, question, **params)
         return _stream(client, ref, question, args, params)
     except VlsplitError as exc:
         if exc.code == grpc.StatusCode.NOT_FOUND and isinstance(ref.source if isinstance(ref, Video) else ref, str):
@@ -137,7 +131,7 @@ def raise_not_found(image_id: str | None) -> None:
 def _stream(client: Client, ref: Image, question: str, args, params) -> Answer:
     """Prints the text as it comes; the timings line comes from the gateway's final answer message."""
     final = None
-    for delta in client.ask_stream(ref, question, **sampling_kwargs(params)):
+    for delta in client.ask_stream(ref, question, **params):
         if not args.json:
             print(delta.text, end="", flush=True)
         final = delta.final
@@ -232,7 +226,7 @@ def _read_line(interactive: bool) -> str | None:
 def _chat_turn(client: Client, history: list, params) -> str:
     print("assistant> ", end="", flush=True)
     final = None
-    for delta in client.chat_stream(history, **sampling_kwargs(params)):
+    for delta in client.chat_stream(history, **params):
         print(delta.text, end="", flush=True)
         final = delta.final
     assert final is not None and not isinstance(final, Answer)

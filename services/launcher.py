@@ -153,7 +153,7 @@ def default_model() -> Path:
 
     path = cache_dir() / "models" / f"tiny-{DEFAULT_FAMILY}"
     if not (path / "config.json").is_file():
-        from vlsplit.make_model import make_model
+        from services.model_builder import make_model
 
         print(f"building the embedded default model in {path} ...", file=sys.stderr)
         make_model(path, DEFAULT_FAMILY, "tiny", seed=0)
