@@ -113,3 +113,12 @@ def test_importing_the_sdk_loads_no_server_module():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('services',) + heavy))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["['services',", "'services.cli']"], out.stdout
+
+
+def test_servers_load_the_stubs_but_not_the_sdk():
+    """The stubs live under vlsplit/ (vlsplit.v1); importing them must not load the SDK or the client CLI."""
+    code = ("import sys, services.gateway.http, services.gateway.server, services.llm_decoder.servicer, "
+            "services.vision_encoder.servicer\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'vlsplit' and not m.startswith('vlsplit.v1')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['vlsplit']", out.stdout
