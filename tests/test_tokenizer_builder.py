@@ -5,13 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
+from pathlib import Path
 
 import pytest
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from services.model_builder import tokenizer as tb
+
+REPO = Path(__file__).resolve().parent.parent
 
 FAMILIES = list(tb.FAMILIES)
 
@@ -103,6 +109,39 @@ def test_chat_template_accessor():
         tb.chat_template("llava")
 
 
+def test_data_files_ship_in_the_wheel(tmp_path):
+    """families.json, the templates and the tiny corpus are package data: a wheel built from the tree
+    holds them, and the module installed from it reads them there (importlib.resources), not from the
+    source tree."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for package in ("vlsplit", "shared", "services"):
+        shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(wheels), str(src)], check=True, capture_output=True, timeout=300)
+    site = tmp_path / "site"
+    with zipfile.ZipFile(next(wheels.glob("vlsplit-*.whl"))) as wheel:
+        wheel.extractall(site)
+    code = textwrap.dedent(
+        """
+        import json
+        from services.model_builder import tokenizer as tb
+        print(json.dumps({"file": tb.__file__, "templates": tb.CHAT_TEMPLATES, "specials": tb.SPECIAL_TOKENS,
+                          "corpus": tb._tiny_corpus()}))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(site)),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["file"] == str(site / "services" / "model_builder" / "tokenizer.py")
+    assert got["templates"] == tb.CHAT_TEMPLATES and got["specials"] == tb.SPECIAL_TOKENS
+    assert got["corpus"] == tb._tiny_corpus()
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown model family"):
         tb.build_tokenizer("qwen2", "tiny")
@@ -148,7 +187,7 @@ def test_tiny_special_ids_follow_bpe_vocab(tiny, family):
     assert tok.convert_tokens_to_ids(specials) == list(range(tb.TINY_VOCAB_SIZE, tb.TINY_VOCAB_SIZE + len(specials)))
     # byte-level: all 256 byte symbols are in the BPE vocab
     vocab = tok.get_vocab()
-    assert all(tb._bytes_to_unicode_str(bytes([b])) in vocab for b in range(256))
+    assert set(bytes_to_unicode().values()) <= set(vocab)
     # official settings
     assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == tb.TINY_VOCAB_SIZE + 2
     assert tok.pad_token == "<|endoftext|>" and tok.pad_token_id == tb.TINY_VOCAB_SIZE
