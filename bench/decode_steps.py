@@ -35,16 +35,16 @@ from common import ensure_model, machine, photo, read_bandwidth_gbs  # noqa: E40
 
 
 def decode_ms(decoder, payload, img_id: str, rows: int, new_tokens: int, distinct: bool = False) -> tuple[float, int]:
-    from services.llm_decoder.engine import GenerationRequest
+    from services.llm_decoder.engine import GenerationInput
     from shared.sampling import SamplingParams
     from shared.schema import question_messages
 
     if distinct:  # ~1,400 tokens each, different from the first token on: nothing shared, nothing cached
         # prefilled over several steps: the first rows must still be decoding when the last one joins
-        requests = [GenerationRequest(question_messages(_text(rows * 1000 + i, payload.n_tokens), n_images=0), [],
+        requests = [GenerationInput(question_messages(_text(rows * 1000 + i, payload.n_tokens), n_images=0), [],
                                       SamplingParams(max_new_tokens=new_tokens + rows)) for i in range(rows)]
     else:
-        requests = [GenerationRequest(question_messages(f"Question number {i}: what is shown?"), [payload],
+        requests = [GenerationInput(question_messages(f"Question number {i}: what is shown?"), [payload],
                                       SamplingParams(max_new_tokens=new_tokens), (img_id,)) for i in range(rows)]
     start = len(decoder.stats.records)
     for _ in decoder.generate_batch(requests):

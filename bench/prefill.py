@@ -36,7 +36,7 @@ def main() -> None:
     import torch
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    from services.llm_decoder.engine import DecoderEngine, GenerationRequest
+    from services.llm_decoder.engine import DecoderEngine, GenerationInput
     from services.vision_encoder.engine import VisionEngine
     from shared.families import get_family
     from shared.hardware import resolve_dtype
@@ -58,7 +58,7 @@ def main() -> None:
                                 decode_attention="auto") for c in chunks}
 
     def engine_prefill(engine, question: str) -> tuple[float, int]:
-        request = GenerationRequest(question_messages(question), [payload], SamplingParams(max_new_tokens=1),
+        request = GenerationInput(question_messages(question), [payload], SamplingParams(max_new_tokens=1),
                                     (payload.image_id,))
         start = len(engine.stats.records)
         for _ in engine.generate(request):

@@ -39,14 +39,14 @@ def prompts(n: int) -> list[str]:
 
 def answer(decoder, payload, img_id: str, question: str, new_tokens: int):
     """(first-token logits [vocab], greedy token ids)."""
-    from services.llm_decoder.engine import GenerationRequest
+    from services.llm_decoder.engine import GenerationInput
     from shared.schema import question_messages
     from shared.sampling import SamplingParams
 
     seen = []
     hook = decoder.runner.lm_head.register_forward_hook(lambda m, a, out: seen.append(out[-1].float().clone()))
     try:
-        req = GenerationRequest(question_messages(question), [payload], SamplingParams(max_new_tokens=new_tokens),
+        req = GenerationInput(question_messages(question), [payload], SamplingParams(max_new_tokens=new_tokens),
                                 (img_id,))
         ids = [e.token_id for e in decoder.generate(req) if e.token_id is not None]
     finally:

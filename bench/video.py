@@ -91,7 +91,7 @@ def main() -> None:
     import torch
     from transformers import AutoConfig
 
-    from services.llm_decoder.engine import DecoderEngine, GenerationRequest
+    from services.llm_decoder.engine import DecoderEngine, GenerationInput
     from services.vision_encoder.engine import VisionEngine
     from shared.families import get_family
     from shared.hardware import resolve_dtype
@@ -120,7 +120,7 @@ def main() -> None:
     def ask(payload, question: str) -> tuple[float, int, int]:
         """Decoder TTFT (s), prompt tokens, and those computed (the rest came from the prefix cache)."""
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-        request = GenerationRequest(messages, [payload], SamplingParams(max_new_tokens=1))
+        request = GenerationInput(messages, [payload], SamplingParams(max_new_tokens=1))
         before = decoder.prefilled_tokens
         start = time.perf_counter()
         ttft, prompt = None, 0

@@ -45,11 +45,15 @@ def start_redis(port: int, *options: str) -> subprocess.Popen:
 
 
 def wait_serving(address: str, proc: subprocess.Popen, name: str, timeout: float = READY_TIMEOUT_S) -> None:
-    """Block until `address` reports SERVING on grpc.health.v1 (streamed, no polling)."""
+    """Block until `address` reports SERVING on grpc.health.v1 (streamed, no polling). A process that exits
+    first ends the wait at once (the watch is cancelled), not after `timeout`."""
     with grpc.insecure_channel(address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=timeout,
+                                                          wait_for_ready=True)
+        threading.Thread(target=lambda: (proc.wait(), watch.cancel()), daemon=True,
+                         name=f"{name}-exit-watch").start()
         try:
-            for reply in health_pb2_grpc.HealthStub(channel).Watch(
-                    health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=True):
+            for reply in watch:
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
         except grpc.RpcError as exc:

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from services.llm_decoder.engine import DecoderEngine, GenerationRequest
+from services.llm_decoder.engine import DecoderEngine, GenerationInput
 from shared.sampling import SamplingParams
 from services.vision_encoder.engine import VisionEngine
 from shared.image_ids import image_id
@@ -52,7 +52,7 @@ class LocalPipeline:
 
     def _answer(self, question, payload, sampling, img_id, encode_ms) -> Answer:
         start = time.perf_counter()
-        request = GenerationRequest(question_messages(question), [payload], sampling, (img_id,))
+        request = GenerationInput(question_messages(question), [payload], sampling, (img_id,))
         ids, text, ttft, finish = [], [], None, "length"
         for event in self.decoder.generate(request):
             ttft = ttft if ttft is not None else (time.perf_counter() - start) * 1000

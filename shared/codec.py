@@ -1,4 +1,4 @@
-"""Embedding payload codec: `EmbeddingPayload` <-> msgpack bytes (the Redis value, contract 4).
+"""Embedding payload codec: `EmbeddingPayload` <-> msgpack bytes, the Redis value (its envelope is below).
 
 Envelope (a msgpack map):
     v     int          FORMAT_VERSION
@@ -27,16 +27,14 @@ import msgpack
 import torch
 
 from .errors import CorruptPayload
+from .hardware import DTYPE_NAMES
+from .image_size import grid_tokens
 from .payload import EmbeddingPayload, VideoTiming
 from .version import PAYLOAD_FORMAT
 
 FORMAT_VERSION = PAYLOAD_FORMAT
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES if name != "auto"}
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _REQUIRED_KEYS = ("fp", "id", "grid", "dtype", "emb", "ds", "sum")
 _RECORD_KEYS = ("dtype", "shape", "data")
@@ -291,7 +289,7 @@ def validate_payload(
             f"grid_thw {list(payload.grid_thw)} is not a positive grid "
             f"divisible by merge size {merge_size}"
         )
-    expected = t * h * w // merge_size**2
+    expected = grid_tokens((t, h, w), merge_size)
     if payload.n_tokens != expected:
         raise CorruptPayload(
             f"payload has {payload.n_tokens} tokens, grid_thw {list(payload.grid_thw)} with "

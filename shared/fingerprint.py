@@ -1,4 +1,4 @@
-"""Model fingerprint: what a cached embedding depends on (contract 3).
+"""Model fingerprint: what a cached embedding depends on (the cache key carries it: shared/cache.py embedding_key).
 
 The fingerprint covers the visual weights and the image-processor settings, and nothing else:
 it changes when either changes and stays put when only language weights change. Both the

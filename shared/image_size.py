@@ -89,3 +89,9 @@ def image_tokens(size: tuple[int, int] | None, patch_size: int, merge_size: int,
         beta = math.sqrt(min_pixels / (height * width))
         h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
     return h_bar * w_bar // factor**2
+
+
+def grid_tokens(grid_thw: tuple[int, int, int], merge_size: int) -> int:
+    """Tokens the tower makes of a patch grid (t, h, w): each merge_size x merge_size block is one."""
+    t, h, w = grid_thw
+    return t * h * w // merge_size**2

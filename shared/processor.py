@@ -23,6 +23,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerBase
 
 from .errors import BadImage, InvalidRequest
+from .image_size import grid_tokens
 from .payload import VideoTiming
 from .schema import MEDIA_TYPES, Message, check_role
 
@@ -168,7 +169,7 @@ class PromptBuilder:
             return [self.video_token_id] * self.tokens_per_image(grid)
         if len(video.timestamps) != t:
             raise InvalidRequest(f"a clip of {t} temporal patches carries {len(video.timestamps)} timestamps")
-        frame = [self.vision_start_id] + [self.video_token_id] * (h * w // self.merge_size**2) + [self.vision_end_id]
+        frame = [self.vision_start_id] + [self.video_token_id] * grid_tokens((1, h, w), self.merge_size) + [self.vision_end_id]
         out: list[int] = []
         for stamp in video.timestamps:
             out += self.plain_ids(f"<{stamp:.1f} seconds>") + frame
@@ -182,8 +183,7 @@ class PromptBuilder:
         return [grid]
 
     def tokens_per_image(self, grid: tuple[int, int, int]) -> int:
-        t, h, w = grid
-        return t * h * w // self.merge_size**2
+        return grid_tokens(grid, self.merge_size)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -72,7 +72,13 @@ async def run(config: ServerConfig, service: Service) -> None:
     stopping = _stop_event()
 
     start = time.perf_counter()
-    await service.start()
+    try:
+        await service.start()
+    except BaseException:  # a start that fails (bad checkpoint, Redis refused) ends the process: stop listening
+        await server.stop(None)
+        if health_server is not None:
+            await health_server.stop(None)
+        raise
     for name in ["", *service.names]:
         await health_servicer.set(name, SERVING)
     log.info("serving", extra={"port": port, "startup_s": round(time.perf_counter() - start, 2)})

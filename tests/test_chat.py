@@ -69,6 +69,7 @@ def test_text_only_conversation_equals_monolithic_model(stack):
     reference = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name three colours."}]
     assert list(reply.choices[0].token_ids) == reference_tokens(stack.model, [], reference, 12)
     assert list(reply.image_ids) == []
+    assert reply.cache == gateway_pb2.CACHE_STATUS_UNSPECIFIED  # no image: neither a hit nor a miss
 
 
 @pytest.mark.parametrize("stack", ["qwen2_5_vl"], indirect=True)

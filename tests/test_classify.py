@@ -8,7 +8,7 @@ import torch
 from conftest import make_image
 from reference import reference_inputs, reference_model
 from engines import engines, image_payload
-from services.llm_decoder.engine import GenerationRequest
+from services.llm_decoder.engine import GenerationInput
 from shared.errors import InvalidRequest, TooLarge
 from shared.image_ids import image_id
 from shared.images import load_image
@@ -41,7 +41,7 @@ def test_probabilities_equal_monolithic_logits(tiny_model):
     data = make_image(224, 160, seed=41)
     image = load_image(data)
     payload = encoder.encode([image])[0]
-    request = GenerationRequest(question_messages(QUESTION), [payload], image_ids=(image_id(data),))
+    request = GenerationInput(question_messages(QUESTION), [payload], image_ids=(image_id(data),))
     scores = {s.label: s for s in decoder.classify(request, LABELS)}
     expected = reference_logprobs(tiny_model, image, QUESTION, LABELS)
     expected_probs = torch.softmax(torch.tensor(expected, dtype=torch.float64), 0).tolist()
@@ -60,7 +60,7 @@ def test_bad_labels_are_rejected(tiny_models, labels, error):
     encoder, decoder = engines(tiny_models["qwen2_vl"])
     payload = encoder.encode([load_image(make_image(64, 64))])[0]
     with pytest.raises(error):
-        decoder.classify(GenerationRequest(question_messages(QUESTION), [payload]), labels)
+        decoder.classify(GenerationInput(question_messages(QUESTION), [payload]), labels)
 
 
 def test_checks_of_one_request_equal_each_check_alone(tiny_models):
@@ -74,6 +74,6 @@ def test_checks_of_one_request_equal_each_check_alone(tiny_models):
                                      [labels for _, labels in checks], (img_id,))
     assert [index for index, _ in together] == [0, 1, 2]
     for (_, scores), (question, labels) in zip(together, checks):
-        alone = decoder.classify(GenerationRequest(question_messages(question), [payload]), labels)
+        alone = decoder.classify(GenerationInput(question_messages(question), [payload]), labels)
         assert [s.label for s in scores] == [s.label for s in alone]
         assert [s.logprob for s in scores] == pytest.approx([s.logprob for s in alone], abs=1e-4)

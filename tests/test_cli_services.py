@@ -78,3 +78,15 @@ def test_ask_reports_errors_without_traceback():
     health = subprocess.run([sys.executable, "-m", "vlsplit.cli", "health", f"127.0.0.1:{free_port()}",
                              "--timeout", "1"], capture_output=True, text=True)
     assert (health.returncode, health.stdout.strip()) == (1, "UNAVAILABLE")
+
+
+def test_up_fails_at_once_when_a_service_exits_before_serving(tmp_path):
+    """A checkpoint the encoder cannot load: `vlsplit up` says which service exited and stops, without
+    waiting out its ready timeout (600 s)."""
+    (tmp_path / "config.json").write_text("{}")  # not a Qwen-VL checkpoint
+    port = free_port()
+    up = subprocess.run([sys.executable, "-m", "vlsplit.cli", "up", "--model", str(tmp_path), "--redis", "memory",
+                         "--gateway-port", str(port), "--http-port", "-1"], capture_output=True, text=True,
+                        timeout=120)
+    assert up.returncode != 0
+    assert "exited with" in up.stderr and ("encoder" in up.stderr or "decoder" in up.stderr), up.stderr[-2000:]

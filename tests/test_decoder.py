@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from conftest import make_image
 from reference import reference_inputs, reference_model, reference_tokens
-from services.llm_decoder.engine import DecoderEngine, GenerationRequest
+from services.llm_decoder.engine import DecoderEngine, GenerationInput
 from services.llm_decoder.positions import mrope_positions
 from services.llm_decoder.sampling import Sampler, SamplingParams
 from services.vision_encoder.engine import VisionEngine
@@ -48,13 +48,13 @@ def payloads(path: str, *specs: tuple[int, int, int]) -> list:
     return engines(path)[0].encode([image(*spec) for spec in specs]) if specs else []
 
 
-def request(path, question=QUESTION, images=(DEFAULT_IMAGE,), **sampling) -> GenerationRequest:
+def request(path, question=QUESTION, images=(DEFAULT_IMAGE,), **sampling) -> GenerationInput:
     sampling.setdefault("max_new_tokens", STEPS)
-    return GenerationRequest(question_messages(question, len(images)), payloads(path, *images),
+    return GenerationInput(question_messages(question, len(images)), payloads(path, *images),
                              SamplingParams(**sampling))
 
 
-def run(path, req: GenerationRequest) -> list:
+def run(path, req: GenerationInput) -> list:
     return list(engines(path)[1].generate(req))
 
 
@@ -258,7 +258,7 @@ def test_max_new_tokens_at_the_limit_is_accepted():
 
 def generate_with(path, payload_list, n_images=None):
     n = len(payload_list) if n_images is None else n_images
-    req = GenerationRequest(question_messages(QUESTION, n), payload_list, SamplingParams(max_new_tokens=2))
+    req = GenerationInput(question_messages(QUESTION, n), payload_list, SamplingParams(max_new_tokens=2))
     return run(path, req)
 
 
@@ -335,7 +335,7 @@ def test_more_payloads_than_images_is_invalid(tiny_model):
 
 
 def test_text_only_prompt_generates(tiny_model):
-    events = run(tiny_model, GenerationRequest(question_messages(QUESTION, 0), [], SamplingParams(max_new_tokens=4)))
+    events = run(tiny_model, GenerationInput(question_messages(QUESTION, 0), [], SamplingParams(max_new_tokens=4)))
     assert len(token_ids(events)) == 4
 
 

@@ -14,7 +14,7 @@ from conftest import make_image
 from procs import Service
 from reference import reference_tokens
 from engines import engines
-from services.llm_decoder.engine import GenerationRequest
+from services.llm_decoder.engine import GenerationInput
 from shared.codec import encode_payload
 from shared.image_ids import image_id
 from shared.images import load_image
@@ -160,7 +160,7 @@ def test_classify_checks_equal_engine_scores(decoder, tiny_models):
     encoder, engine = engines(path)
     payload = encoder.encode([load_image(data)])[0]
     for i, (question, labels) in enumerate(checks):
-        expected = engine.classify(GenerationRequest(question_messages(question), [payload]), labels)
+        expected = engine.classify(GenerationInput(question_messages(question), [payload]), labels)
         assert [(s.label, round(s.logprob, 4)) for s in replies[i].scores] == \
                [(s.label, round(s.logprob, 4)) for s in expected]
 

@@ -26,7 +26,7 @@ from conftest import FAMILIES, make_image
 from procs import Service
 from reference import reference_inputs, reference_tokens
 from services.model_builder import make_model
-from services.llm_decoder.engine import DecoderEngine, GenerationRequest
+from services.llm_decoder.engine import DecoderEngine, GenerationInput
 from shared.sampling import SamplingParams
 from services.vision_encoder.engine import VisionEngine
 from shared.codec import FORMAT_VERSION, encode_payload
@@ -148,7 +148,7 @@ def wait_for(condition, what: str, timeout: float = 60) -> None:
 def local_tokens(path: str, question: str, max_new_tokens: int) -> list[int]:
     """Greedy ids of a text-only prompt from an in-process engine."""
     engine = DecoderEngine(path)
-    request = GenerationRequest(question_messages(question, 0), [], SamplingParams(max_new_tokens=max_new_tokens))
+    request = GenerationInput(question_messages(question, 0), [], SamplingParams(max_new_tokens=max_new_tokens))
     return [e.token_id for e in engine.generate(request) if e.token_id is not None]
 
 

@@ -9,7 +9,7 @@ import torch
 
 from reference import reference_tokens
 from conftest import make_image
-from services.llm_decoder.engine import DecoderEngine, GenerationRequest
+from services.llm_decoder.engine import DecoderEngine, GenerationInput
 from shared.sampling import SamplingParams
 from services.vision_encoder.engine import VisionEngine
 from shared.codec import decode_payload, encode_payload
@@ -29,7 +29,7 @@ def split_tokens(path, images, question=QUESTION, max_new_tokens=20, payload_dty
     payloads = encoder.encode(images)
     if payload_dtype is not None:  # through the wire format, as the services send it
         payloads = [decode_payload(encode_payload(p, dtype=payload_dtype)) for p in payloads]
-    request = GenerationRequest(question_messages(question, len(images)), payloads,
+    request = GenerationInput(question_messages(question, len(images)), payloads,
                                 SamplingParams(max_new_tokens=max_new_tokens))
     return [e.token_id for e in decoder.generate(request) if e.token_id is not None], payloads
 

@@ -34,7 +34,7 @@ def test_batched_questions_equal_monolithic_at_real_widths():
     """Four questions decoded as one batch (the decoder's small-batch matmul path, 151,936-row head)
     give each question's monolithic greedy answer."""
     from test_equivalence import engines
-    from services.llm_decoder.engine import GenerationRequest
+    from services.llm_decoder.engine import GenerationInput
     from shared.sampling import SamplingParams
     from shared.schema import question_messages
 
@@ -45,7 +45,7 @@ def test_batched_questions_equal_monolithic_at_real_widths():
     questions = [QUESTION, "What colours dominate?", "Is there any text in the image?", "Summarise the picture."]
     encoder, decoder = engines(str(path))
     payloads = encoder.encode(images)
-    requests = [GenerationRequest(question_messages(q, 1), payloads, SamplingParams(max_new_tokens=16))
+    requests = [GenerationInput(question_messages(q, 1), payloads, SamplingParams(max_new_tokens=16))
                 for q in questions]
     answers: dict[int, list[int]] = {}
     for row, event in decoder.generate_batch(requests):

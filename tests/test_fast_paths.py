@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_image
 from reference import reference_tokens
-from services.llm_decoder.engine import DecoderEngine, GenerationRequest
+from services.llm_decoder.engine import DecoderEngine, GenerationInput
 from shared.packed_linear import DENSE_FROM_ROWS, PackedLinear, can_pack, choose_one_row_kernel
 from shared.sampling import SamplingParams
 from services.vision_encoder.engine import VisionEngine
@@ -66,7 +66,7 @@ def test_one_bf16_row_takes_the_matrix_vector_kernel(bias):
 def generate(decoder: DecoderEngine, path: str, width: int, height: int) -> list[int]:
     encoder = VisionEngine(path)
     images = [load_image(make_image(width, height, seed=3))]
-    request = GenerationRequest(question_messages(QUESTION, 1), encoder.encode(images),
+    request = GenerationInput(question_messages(QUESTION, 1), encoder.encode(images),
                                 SamplingParams(max_new_tokens=20))
     return [e.token_id for e in decoder.generate(request) if e.token_id is not None]
 

@@ -9,7 +9,7 @@ import torch
 
 from engines import batch_tokens, engines, image_payload, request, tokens
 from reference import reference_tokens
-from services.llm_decoder.engine import DecoderEngine, GenerationRequest, NeedPayload
+from services.llm_decoder.engine import DecoderEngine, GenerationInput, NeedPayload
 from services.llm_decoder.request import END
 from shared.sampling import SamplingParams
 from shared.errors import TooLarge
@@ -84,7 +84,7 @@ def test_warm_start_needs_no_payload_and_matches(tiny_model):
         decoder.prepare([messages], None, image_ids=(img_id,))
     tokens(decoder.generate(request(payload, img_id, QUESTIONS[2])))
     before = decoder.prefilled_tokens
-    without = tokens(decoder.generate(GenerationRequest(messages, [], SamplingParams(max_new_tokens=12), (img_id,))))
+    without = tokens(decoder.generate(GenerationInput(messages, [], SamplingParams(max_new_tokens=12), (img_id,))))
     assert without == tokens(cold(tiny_model).generate(request(payload, img_id, QUESTIONS[3])))
     prompt = prompt_of(decoder, messages, [payload])
     reused = shared(prompt.ids, prompt_of(decoder, question_messages(QUESTIONS[2]), [payload]).ids)
@@ -110,7 +110,7 @@ def test_second_turn_reuses_the_first_turn_and_equals_monolithic(tiny_model):
     decoder = engines(tiny_model)[1]
     payload, img_id, image = image_payload(tiny_model, seed=39)
     turn1 = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
-    events = list(decoder.generate(GenerationRequest(turn1, [payload], SamplingParams(max_new_tokens=10), (img_id,))))
+    events = list(decoder.generate(GenerationInput(turn1, [payload], SamplingParams(max_new_tokens=10), (img_id,))))
     answer = tokens(events)
     # the KV of every answer token was computed, but of the last when the answer ran to its length
     computed = answer if events[-1].finish_reason == "stop" else answer[:-1]
@@ -123,7 +123,7 @@ def test_second_turn_reuses_the_first_turn_and_equals_monolithic(tiny_model):
     assert reused >= len(first) - len(computed)  # at least the whole first prompt
 
     before = decoder.prefilled_tokens
-    second = tokens(decoder.generate(GenerationRequest(turn2, [], SamplingParams(max_new_tokens=10), (img_id,))))
+    second = tokens(decoder.generate(GenerationInput(turn2, [], SamplingParams(max_new_tokens=10), (img_id,))))
     assert decoder.prefilled_tokens - before == len(ids) - reused  # only what the first turn did not compute
     assert second == reference_tokens(tiny_model, [image], turn2, 10)
 
@@ -135,9 +135,9 @@ def test_system_prompt_and_two_images_equal_monolithic(tiny_model):
                 {"role": "user", "content": [{"type": "text", "text": "First:"}, {"type": "image"},
                                              {"type": "text", "text": "and second:"}, {"type": "image"},
                                              {"type": "text", "text": "How do they differ?"}]}]
-    ours = tokens(decoder.generate(GenerationRequest(messages, [a, b], SamplingParams(max_new_tokens=12), (id_a, id_b))))
+    ours = tokens(decoder.generate(GenerationInput(messages, [a, b], SamplingParams(max_new_tokens=12), (id_a, id_b))))
     assert ours == reference_tokens(tiny_model, [image_a, image_b], messages, 12)
-    swapped = tokens(decoder.generate(GenerationRequest(messages, [b, a], SamplingParams(max_new_tokens=12), (id_b, id_a))))
+    swapped = tokens(decoder.generate(GenerationInput(messages, [b, a], SamplingParams(max_new_tokens=12), (id_b, id_a))))
     assert swapped == reference_tokens(tiny_model, [image_b, image_a], messages, 12)  # order matters, and is kept
 
 
@@ -146,9 +146,9 @@ def test_the_same_system_prompt_is_computed_once(tiny_models):
     decoder = engines(path)[1]
     system = {"role": "system", "content": [{"type": "text", "text": "You are a careful assistant. " * 12}]}
     ask = [[system, {"role": "user", "content": [{"type": "text", "text": q}]}] for q in ("Hi?", "Who are you?")]
-    tokens(decoder.generate(GenerationRequest(ask[0], [], SamplingParams(max_new_tokens=2))))
+    tokens(decoder.generate(GenerationInput(ask[0], [], SamplingParams(max_new_tokens=2))))
     before = decoder.prefilled_tokens
-    tokens(decoder.generate(GenerationRequest(ask[1], [], SamplingParams(max_new_tokens=2))))
+    tokens(decoder.generate(GenerationInput(ask[1], [], SamplingParams(max_new_tokens=2))))
     first, second = (prompt_of(decoder, m, []).ids for m in ask)
     assert shared(first, second) > 3 * decoder.config.block_size
     assert decoder.prefilled_tokens - before == len(second) - shared(first, second)
@@ -200,9 +200,9 @@ def test_request_larger_than_the_pool_is_invalid_naming_the_limit(tiny_models):
     path = tiny_models["qwen2_vl"]
     per_token = engines(path)[1].runner.pool.kv[:, :, :, 0].numel() * 4
     decoder = DecoderEngine(path, kv_cache_bytes=per_token * 16 * 8)  # 8 blocks: 128 tokens
-    prompt = GenerationRequest(question_messages("Hi?", 0), [], SamplingParams(max_new_tokens=8))
+    prompt = GenerationInput(question_messages("Hi?", 0), [], SamplingParams(max_new_tokens=8))
     assert tokens(decoder.generate(prompt))
-    long = GenerationRequest(question_messages("Hi?", 0), [], SamplingParams(max_new_tokens=200))
+    long = GenerationInput(question_messages("Hi?", 0), [], SamplingParams(max_new_tokens=200))
     with pytest.raises(TooLarge, match=r"the limit is 8 blocks \(the whole KV pool, VLSPLIT_KV_CACHE_BYTES\)"):
         list(decoder.generate(long))
 

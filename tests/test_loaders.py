@@ -16,7 +16,7 @@ import shared.checkpoint as checkpoint_module
 from conftest import make_image
 from reference import reference_tokens
 from services.model_builder import make_model
-from services.llm_decoder.engine import DecoderEngine, GenerationRequest
+from services.llm_decoder.engine import DecoderEngine, GenerationInput
 from shared.sampling import SamplingParams
 from services.vision_encoder.engine import VisionEngine
 from shared.errors import CheckpointError
@@ -43,7 +43,7 @@ def split_tokens(path, images=None, dtype=torch.float32):
     images = images or [load_image(make_image(320, 240, seed=1))]
     encoder, decoder = VisionEngine(path, dtype=dtype), DecoderEngine(path, dtype=dtype)
     payloads = encoder.encode(images)
-    request = GenerationRequest(question_messages(QUESTION, len(images)), payloads,
+    request = GenerationInput(question_messages(QUESTION, len(images)), payloads,
                                 SamplingParams(max_new_tokens=MAX_NEW_TOKENS))
     tokens = [e.token_id for e in decoder.generate(request) if e.token_id is not None]
     return tokens, payloads

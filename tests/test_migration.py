@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 
 from engines import engines, image_payload, request
-from services.llm_decoder.engine import GenerationRequest
+from services.llm_decoder.engine import GenerationInput
 from shared.schema import question_messages
 from shared.sampling import ResponseFormat, SamplingParams
 from procs import Redis, Service, running
@@ -151,7 +151,7 @@ def test_migrated_answers_keep_their_promises(tiny_models, tmp_path):
     expected = reference_tokens(model, [image], question, steps)
     fmt = ResponseFormat(json_schema=json.dumps(SCHEMA))
     [encoded] = engines(model)[0].encode([image])
-    schema_expected = [e.token_id for e in engine.generate(GenerationRequest(
+    schema_expected = [e.token_id for e in engine.generate(GenerationInput(
         question_messages(question), [encoded.named(image_id(data))],
         SamplingParams(max_new_tokens=300, response_format=fmt), (image_id(data),))) if e.token_id is not None]
     redis = Redis()

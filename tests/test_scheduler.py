@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engines import engines, image_payload, request, tokens
-from services.llm_decoder.engine import DecoderEngine, GenerationRequest
+from services.llm_decoder.engine import DecoderEngine, GenerationInput
 from services.llm_decoder.request import END
 from shared.sampling import SamplingParams
 from shared.errors import Overloaded, TooLarge
@@ -19,13 +19,13 @@ from shared.payload import EmbeddingPayload
 from shared.schema import question_messages
 
 # text only: the tiny seed-0 Qwen3-VL checkpoint answers it for thousands of tokens without an EOS
-LONG = GenerationRequest(question_messages("What is in this picture?", 0), [], SamplingParams(max_new_tokens=3000))
+LONG = GenerationInput(question_messages("What is in this picture?", 0), [], SamplingParams(max_new_tokens=3000))
 
 
 class Stream:
     """A request submitted to an engine, its outputs collected as they come."""
 
-    def __init__(self, engine: DecoderEngine, req: GenerationRequest, labels: list[str] | None = None):
+    def __init__(self, engine: DecoderEngine, req: GenerationInput, labels: list[str] | None = None):
         self.engine, self.outputs = engine, queue.SimpleQueue()
         self.request = engine.prepare([req.messages], req.payloads, req.sampling, req.image_ids,
                                       None if labels is None else [labels])
@@ -53,7 +53,7 @@ def test_concurrent_requests_join_the_running_batch_and_equal_solo_runs(tiny_mod
     decoder = DecoderEngine(tiny_model)
     jobs = [request(*image_payload(tiny_model, seed)[:2], q, max_new_tokens=10 + seed % 5)
             for seed, q in zip((61, 62, 63, 64), ("What?", "Why?", "Describe the colours.", "Count them."))]
-    jobs.append(GenerationRequest(question_messages("No image at all.", 0), [], SamplingParams(max_new_tokens=7)))
+    jobs.append(GenerationInput(question_messages("No image at all.", 0), [], SamplingParams(max_new_tokens=7)))
     jobs.append(request(*image_payload(tiny_model, 65)[:2], "Sampled.", max_new_tokens=9, temperature=1.2, seed=5))
     solo = [tokens(engines(tiny_model)[1].generate(job)) for job in jobs]
     results: dict[int, list[int]] = {}
@@ -76,7 +76,7 @@ def test_cancelled_waiting_request_is_never_prefilled(tiny_models):
     decoder = DecoderEngine(tiny_models["qwen3_vl"], max_batch=1)
     running = Stream(decoder, LONG)
     assert running.next()[1].token_id is not None  # it holds the one row
-    waiting = Stream(decoder, GenerationRequest(question_messages("Hello?", 0), [], SamplingParams(max_new_tokens=4)))
+    waiting = Stream(decoder, GenerationInput(question_messages("Hello?", 0), [], SamplingParams(max_new_tokens=4)))
     decoder.cancel(waiting.request)
     assert decoder.stats.wait(lambda _: decoder.scheduler.dropped["waiting"] == 1)
     decoder.cancel(running.request)
@@ -202,7 +202,7 @@ def test_each_bound_at_its_limit_and_one_past(bounded, bound):
 def test_kv_blocks_per_request_at_the_limit_and_one_past(tiny_models):
     path = tiny_models["qwen2_vl"]
     engine = engines(path)[1]
-    prompt = GenerationRequest(question_messages("Hi?", 0), [], SamplingParams(max_new_tokens=1))
+    prompt = GenerationInput(question_messages("Hi?", 0), [], SamplingParams(max_new_tokens=1))
     length = len(engine.prepare([prompt.messages], []).seqs[0].prompt)
     blocks = -(-(length + 1) // 16)
     decoder = DecoderEngine(path, max_request_blocks=blocks)
@@ -238,7 +238,7 @@ def test_tiny_temperature_is_greedy_and_the_engine_survives(tiny_models):
 def test_an_engine_bug_fails_the_requests_it_held_and_the_engine_goes_on(tiny_models, monkeypatch):
     path = tiny_models["qwen2_vl"]
     decoder = DecoderEngine(path)
-    prompt = GenerationRequest(question_messages("Hello?", 0), [], SamplingParams(max_new_tokens=3))
+    prompt = GenerationInput(question_messages("Hello?", 0), [], SamplingParams(max_new_tokens=3))
     original = decoder.scheduler.computed
     monkeypatch.setattr(decoder.scheduler, "computed", lambda chunk: (_ for _ in ()).throw(KeyError("bug")))
     with pytest.raises(KeyError, match="bug"):
@@ -270,10 +270,10 @@ def test_a_request_blocked_on_the_pool_is_not_overtaken(tiny_models):
     per_token = engines(path)[1].runner.pool.kv[:, :, :, 0].numel() * 4
     decoder = DecoderEngine(path, kv_cache_bytes=per_token * 16 * 40)  # 40 blocks
     hello = question_messages("Hello?", 0)
-    running = Stream(decoder, GenerationRequest(LONG.messages, [], SamplingParams(max_new_tokens=400)))  # 26 blocks
+    running = Stream(decoder, GenerationInput(LONG.messages, [], SamplingParams(max_new_tokens=400)))  # 26 blocks
     running.next()
-    big = Stream(decoder, GenerationRequest(hello, [], SamplingParams(max_new_tokens=300)))  # 20: must wait
-    small = Stream(decoder, GenerationRequest(hello, [], SamplingParams(max_new_tokens=10)))  # 2: would fit
+    big = Stream(decoder, GenerationInput(hello, [], SamplingParams(max_new_tokens=300)))  # 20: must wait
+    small = Stream(decoder, GenerationInput(hello, [], SamplingParams(max_new_tokens=10)))  # 2: would fit
     big_first = big.next()
     assert big_first is not END
 

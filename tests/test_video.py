@@ -14,7 +14,7 @@ from clips import make_clip
 from conftest import make_image
 from procs import Service
 from reference import reference_tokens
-from services.llm_decoder.engine import DecoderEngine, GenerationRequest
+from services.llm_decoder.engine import DecoderEngine, GenerationInput
 from services.vision_encoder.engine import VisionEngine
 from shared.images import load_image
 from shared.payload import VideoTiming
@@ -45,7 +45,7 @@ def split_tokens(path: str, messages: list[dict], items: list, max_new_tokens: i
     # named by content, as the services name them: unnamed payloads are never reused
     payloads = [p.named(hashlib.sha256(i.pixel_values.numpy().tobytes()).hexdigest())
                 for p, i in zip(encoder.encode_inputs(inputs), inputs)]
-    request = GenerationRequest(messages, payloads, SamplingParams(max_new_tokens=max_new_tokens))
+    request = GenerationInput(messages, payloads, SamplingParams(max_new_tokens=max_new_tokens))
     return [e.token_id for e in decoder.generate(request) if e.token_id is not None]
 
 
@@ -101,7 +101,7 @@ def test_a_clip_whose_embeddings_are_an_image_is_refused(tiny_model):
     encoder, decoder = engines(tiny_model)
     image = encoder.encode([load_image(make_image(100, 100))])[0]
     with pytest.raises(Exception, match="is a clip, but its embeddings are an image"):
-        list(decoder.generate(GenerationRequest([user("video")], [image], SamplingParams(max_new_tokens=2))))
+        list(decoder.generate(GenerationInput([user("video")], [image], SamplingParams(max_new_tokens=2))))
 
 
 # --- services: one clip, ten questions, two decoder replicas --------------------------------------

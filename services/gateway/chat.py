@@ -15,7 +15,6 @@ from vlsplit.v1 import common_pb2, gateway_pb2, llm_decoder_pb2
 
 from .pipeline import ImageSource
 
-CACHE_STATUS = {True: gateway_pb2.CACHE_STATUS_HIT, False: gateway_pb2.CACHE_STATUS_MISS}
 
 
 async def conversation(turns, config: GatewayConfig, source: Callable[[gateway_pb2.ImageRef], Awaitable[ImageSource]],
@@ -106,7 +105,8 @@ class ChatAnswers:
     def add(self, reply: llm_decoder_pb2.GenerateResponse) -> None:
         self.answers[reply.index].add(reply)
 
-    def response(self, cache_hit: bool, encode_ms: float) -> gateway_pb2.ChatResponse:
+    def response(self, cache: int, encode_ms: float) -> gateway_pb2.ChatResponse:
+        """`cache`: the request's gateway_pb2.CacheStatus (ImageFetch.cache_status)."""
         total_ms = (time.perf_counter() - self.start) * 1000
         choices = [gateway_pb2.ChatChoice(index=j, text="".join(a.text), token_ids=a.token_ids, finish_reason=a.finish,
                                           logprobs=a.logprobs, usage=a.usage) for j, a in enumerate(self.answers)]
@@ -116,6 +116,6 @@ class ChatAnswers:
         ttft_ms = min((a.ttft_ms for a in self.answers if a.ttft_ms is not None), default=total_ms)  # of any answer
         decoder_ttft_ms = next((a.decoder_ttft_ms for a in self.answers if a.decoder_ttft_ms), 0.0)
         return gateway_pb2.ChatResponse(
-            choices=choices, image_ids=self.image_ids, cache=CACHE_STATUS[cache_hit], usage=usage,
+            choices=choices, image_ids=self.image_ids, cache=cache, usage=usage,
             timings=gateway_pb2.Timings(encode_ms=encode_ms, ttft_ms=ttft_ms, total_ms=total_ms,
                                         decoder_ttft_ms=decoder_ttft_ms))

@@ -58,7 +58,7 @@ from vlsplit.v1 import gateway_pb2
 
 from .auth import ANONYMOUS, CLIENT, AuthInterceptor
 from .chat import check_bounds
-from .openai_api import (BatchChatCompletionRequest, ChatCompletionRequest, ClassifyRequest, Completion,
+from .openai_api import (CACHE, BatchChatCompletionRequest, ChatCompletionRequest, ClassifyRequest, Completion,
                          ask_many_request, chat_request, media_parts, media_url, stats, turns, usage)
 from .remote import ImageUrls
 from .servicer import GatewayServicer
@@ -303,7 +303,7 @@ class HttpApi:
             moderate.checks.add(question=check.question, labels=check.labels)
         reply = await self.servicer.Moderate(moderate, _Context(self.config))
         return {"results": [{"question": r.question, "image_id": r.image_id,
-                             "cache": "hit" if r.cache == gateway_pb2.CACHE_STATUS_HIT else "miss",
+                             "cache": CACHE[r.cache],
                              "labels": [{"label": s.label, "prob": s.prob, "logprob": s.logprob} for s in r.labels],
                              "total_ms": round(r.timings.total_ms, 2)} for r in reply.results]}
 

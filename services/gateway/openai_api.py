@@ -31,6 +31,9 @@ from shared.schema import OPENAI_ROLES, sampling_params
 from vlsplit.v1 import common_pb2, gateway_pb2, llm_decoder_pb2
 
 FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+# gateway_pb2.CacheStatus as the responses' "vlsplit" object says it ("none": the request had no image)
+CACHE = {gateway_pb2.CACHE_STATUS_HIT: "hit", gateway_pb2.CACHE_STATUS_MISS: "miss",
+         gateway_pb2.CACHE_STATUS_UNSPECIFIED: "none"}
 
 
 class Strict(BaseModel):
@@ -306,7 +309,7 @@ class Completion:
                             "finish_reason": FINISH.get(one.finish_reason)})
             token_ids.append(list(one.token_ids))
             image_ids.append(images)
-            cache.append("hit" if final.cache == gateway_pb2.CACHE_STATUS_HIT else "miss")
+            cache.append(CACHE[final.cache])
             prompt_tokens += final.usage.prompt_tokens
             completion_tokens += final.usage.completion_tokens
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
@@ -335,7 +338,7 @@ def usage(pb: common_pb2.Usage) -> dict:
 
 def stats(final: gateway_pb2.ChatResponse) -> dict:
     t = final.timings
-    return {"image_ids": list(final.image_ids), "cache": "hit" if final.cache == gateway_pb2.CACHE_STATUS_HIT else "miss",
+    return {"image_ids": list(final.image_ids), "cache": CACHE[final.cache],
             "encode_ms": round(t.encode_ms, 2), "ttft_ms": round(t.ttft_ms, 2), "total_ms": round(t.total_ms, 2),
             "token_ids": [list(c.token_ids) for c in final.choices]}
 

@@ -15,7 +15,7 @@ from shared import metrics
 from shared.cache import SafeStore, embedding_key
 from shared.errors import InvalidRequest, TooLarge, Unavailable, Upstream
 from shared.image_ids import VideoParams, check_image_id, image_id as sha256_id, scoped_image_id, video_media_id
-from vlsplit.v1 import common_pb2, llm_decoder_pb2, vision_encoder_pb2
+from vlsplit.v1 import common_pb2, gateway_pb2, llm_decoder_pb2, vision_encoder_pb2
 
 from .admission import PayloadAdmission
 from .pools import DecoderPool, EncoderPool
@@ -232,9 +232,7 @@ class Pipeline:
                     yield reply
                 return
             except (Unavailable, Upstream) as exc:
-                reason = failover_reason(exc)
-                if reason is None or i == len(order) - 1:
-                    raise
+                reason = failover_reason(exc, order, i)
                 if started:
                     if not (reason == "unavailable" and rpc == "Generate" and migrations < self.migration_limit):
                         raise
@@ -246,14 +244,8 @@ class Pipeline:
                     MIGRATIONS.inc()
                     log.warning("decoder %s died mid-answer after %d tokens; resuming %d answer(s) on %s", replica,
                                 sum(resumed.values()), len(resumed), order[i + 1])
-                self._fail_over(replica, order[i + 1], reason, exc)
-
-    def _fail_over(self, replica: str, to: str, reason: str, exc: Exception) -> None:
-        """A gone replica is tried last for a while; a full one stays first (it answers at once)."""
-        FAILOVERS.labels(reason).inc()
-        if reason == "unavailable":
-            self.router.mark_down(replica)
-        log.warning("decoder %s %s (%s); trying %s", replica, reason, exc, to)
+                FAILOVERS.labels(reason).inc()
+                self.router.moved(replica, order[i + 1], reason, exc)
 
     async def close(self) -> None:
         for watch in self._watches:
@@ -332,9 +324,13 @@ class ImageFetch:
         return [emb.payload for emb in self.embeddings]
 
     @property
-    def cache_hit(self) -> bool:
-        """No payload was needed (the decoder held the images), or all came from the cache."""
-        return all(emb.cache_hit for emb in self.embeddings)
+    def cache_status(self) -> int:
+        """gateway_pb2.CacheStatus: UNSPECIFIED for a request without images; HIT when the tower ran for none of
+        them (the decoder held them, or every payload came from the cache); else MISS."""
+        if not self.sources:
+            return gateway_pb2.CACHE_STATUS_UNSPECIFIED
+        hit = all(emb.cache_hit for emb in self.embeddings)
+        return gateway_pb2.CACHE_STATUS_HIT if hit else gateway_pb2.CACHE_STATUS_MISS
 
     @property
     def encode_ms(self) -> float:

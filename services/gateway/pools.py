@@ -9,7 +9,6 @@ encoders by load: the serving replica with the fewest requests in flight."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Awaitable, Callable, Generic, TypeVar
 
 import grpc
@@ -29,7 +28,6 @@ ENCODER_REQUESTS = BoundedLabel(Counter("vlsplit_gateway_encoder_requests", "Enc
                                         ["replica"]))  # as DECODER_REQUESTS: bounded, departed replicas retired
 ENCODER_FAILOVERS = Counter("vlsplit_gateway_encoder_failovers", "Encoder calls moved to another encoder replica")
 ENCODERS_SERVING = Gauge("vlsplit_gateway_encoders_serving", "Encoder replicas whose health says SERVING")
-log = logging.getLogger("vlsplit.gateway")
 
 C = TypeVar("C", bound=ReplicaClient)
 
@@ -147,13 +145,9 @@ class EncoderPool(_Pool[EncoderClient]):
             try:
                 result = await call(replica, self.get(replica))
             except (Unavailable, Upstream) as exc:
-                reason = failover_reason(exc)
-                if reason is None or i == len(order) - 1:
-                    raise
-                if reason == "unavailable":
-                    self.router.mark_down(replica)
+                reason = failover_reason(exc, order, i)
                 ENCODER_FAILOVERS.inc()
-                log.warning("encoder %s %s (%s); trying %s", replica, reason, exc, order[i + 1])
+                self.router.moved(replica, order[i + 1], reason, exc)
                 continue
             self.router.mark_up(replica)
             return result

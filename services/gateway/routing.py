@@ -93,13 +93,15 @@ async def resolve_addresses(host: str, port: int) -> list[str]:
     return by_family[socket.AF_INET] or by_family[socket.AF_INET6]
 
 
-def failover_reason(exc: Exception) -> str | None:
-    """Why another replica may serve this request instead, or None when it may not."""
-    if isinstance(exc, Unavailable):
+def failover_reason(exc: Exception, order: list[str], i: int) -> str:
+    """Why the call that failed with `exc` on replica order[i] may move on to order[i + 1]: "unavailable"
+    (gone) or "overloaded" (its queue is full). Re-raises `exc` when it may not: not a replica's failure
+    (a client's error), or no replica is left."""
+    if isinstance(exc, Unavailable) and i < len(order) - 1:
         return "unavailable"
-    if isinstance(exc, Upstream) and exc.grpc_code == "RESOURCE_EXHAUSTED":
+    if isinstance(exc, Upstream) and exc.grpc_code == "RESOURCE_EXHAUSTED" and i < len(order) - 1:
         return "overloaded"
-    return None
+    raise exc
 
 
 class Router:
@@ -115,6 +117,13 @@ class Router:
         self._by_target = {target: [target.text] for target in self.targets}
         self.replicas = self._collect()
         self._down_until: dict[str, float] = {}
+
+    def moved(self, replica: str, to: str, reason: str, exc: Exception) -> None:
+        """A call leaves `replica` for `to` (failover_reason's `reason`): a gone replica is tried last
+        for a while (down_s); a full one stays first (it answers at once)."""
+        if reason == "unavailable":
+            self.mark_down(replica)
+        log.warning("%s %s %s (%s); trying %s", self.what, replica, reason, exc, to)
 
     @property
     def dynamic(self) -> bool:

@@ -13,7 +13,7 @@ from shared.sampling import sampling_from_pb
 from vlsplit.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, llm_decoder_pb2
 
 from .auth import CLIENT, ImageQuota
-from .chat import CACHE_STATUS, AnswerParts, ChatAnswers, conversation, route_key
+from .chat import AnswerParts, ChatAnswers, conversation, route_key
 from .pipeline import ImageFetch, ImageSource, Pipeline, question_message
 
 
@@ -102,7 +102,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         async for reply in self.pipeline.call("Generate", header, fetch, timeout):
             answers.add(reply)
             yield reply, None
-        yield None, answers.response(fetch.cache_hit, fetch.encode_ms)
+        yield None, answers.response(fetch.cache_status, fetch.encode_ms)
 
     def check_chat(self, request: gateway_pb2.ChatRequest) -> tuple[int, common_pb2.SamplingParams]:
         """n and the sampling parameters, validated (the HTTP API calls this before fetching any image)."""
@@ -126,7 +126,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                   async for reply in self.pipeline.call("Classify", header, fetch, self._timeout(context))}
         elapsed = (time.perf_counter() - start) * 1000
         return [gateway_pb2.ClassifyResponse(
-            question=question, labels=scores[i], image_id=source.image_id, cache=CACHE_STATUS[fetch.cache_hit],
+            question=question, labels=scores[i], image_id=source.image_id, cache=fetch.cache_status,
             timings=gateway_pb2.Timings(encode_ms=fetch.encode_ms, ttft_ms=elapsed, total_ms=elapsed))
             for i, (question, _) in enumerate(checks)]
 
@@ -205,7 +205,7 @@ class _AnswerBuilder(AnswerParts):
         total_ms = (time.perf_counter() - self.start) * 1000
         return gateway_pb2.Answer(
             question=self.question, text="".join(self.text), token_ids=self.token_ids, image_id=self.image_id,
-            cache=CACHE_STATUS[fetch.cache_hit],
+            cache=fetch.cache_status,
             timings=gateway_pb2.Timings(encode_ms=fetch.encode_ms,
                                         ttft_ms=self.ttft_ms if self.ttft_ms is not None else total_ms,
                                         total_ms=total_ms, decoder_ttft_ms=self.decoder_ttft_ms),

@@ -1,6 +1,6 @@
 """Decoder engine: ONLY the language weights, one scheduler, one step loop for every request.
 
-    prepare(conversations, payloads | None, ...) -> Request     intake.py: validate, tokenize, bound
+    prepare(conversations, payloads | None, ...) -> SequenceGroup     intake.py: validate, tokenize, bound
     submit(request, sink)                                         queue it for admission
     engine thread: step() = schedule -> ModelRunner.run -> sample / score -> outputs to sinks
 
@@ -13,7 +13,6 @@ tests use them). Nothing request-specific lives on the model: the KV is in the b
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import logging
 import queue
 import threading
@@ -29,7 +28,7 @@ from transformers import GenerationConfig
 
 from shared.checkpoint import Checkpoint
 from shared.codec import payload_size
-from shared.config import EngineConfig
+from shared.config import EngineConfig, replace
 from shared.errors import CheckpointError, Unavailable
 from shared.fingerprint import compute_fingerprint, largest_image_tokens
 from shared.payload import EmbeddingPayload
@@ -41,18 +40,18 @@ from .grammar import GrammarCompiler, GrammarMask
 from .intake import Intake
 from .metrics import STEP_FAILURES, STEP_ROWS, STEP_SECONDS
 from .model_runner import Chunk, ModelRunner
-from .request import END, ClassifyRequest, GenerateRequest, LabelScore, NeedPayload, Request, TokenEvent, Usage
+from .request import END, ClassificationGroup, GenerationGroup, LabelScore, NeedPayload, SequenceGroup, TokenEvent, Usage
 from .sampling import SamplingParams, sample, token_logprobs
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence
 
 log = logging.getLogger("vlsplit.decoder")
 
-__all__ = ["DecoderEngine", "EngineConfig", "GenerationRequest", "LabelScore", "NeedPayload", "TokenEvent", "Usage"]
+__all__ = ["DecoderEngine", "EngineConfig", "GenerationInput", "LabelScore", "NeedPayload", "TokenEvent", "Usage"]
 
 
 @dataclass(frozen=True)
-class GenerationRequest:
+class GenerationInput:
     """One conversation (system prompt, images anywhere, several turns) to answer."""
 
     messages: list[Message]
@@ -88,7 +87,7 @@ class DecoderEngine:
     def __init__(self, checkpoint: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
                  config: EngineConfig | None = None, **overrides):
         start = time.perf_counter()
-        self.config = dataclasses.replace(config or EngineConfig(), **overrides)
+        self.config = replace(config or EngineConfig(), **overrides)
         self.checkpoint = Checkpoint(checkpoint)
         self.family = self.checkpoint.family
         self.dtype, self.device = dtype, torch.device(device)
@@ -157,7 +156,7 @@ class DecoderEngine:
     def prepare(self, conversations: list[list[Message]], payloads: list[EmbeddingPayload] | None,
                 sampling: SamplingParams | list[SamplingParams] = SamplingParams(),
                 image_ids: tuple[str, ...] = (), labels: list[list[str]] | None = None,
-                resume: tuple[int, ...] = (), cache_salt: str = "") -> Request:
+                resume: tuple[int, ...] = (), cache_salt: str = "") -> SequenceGroup:
         """A validated request (see intake.py). Without payloads (None, or none with image ids) the
         images' KV must be cached, else NeedPayload. `resume`: the answer's first tokens (migration).
         `cache_salt`: the prefix cache's partition (a tenant); requests of other salts share no KV."""
@@ -171,17 +170,17 @@ class DecoderEngine:
     def check_payload(self, payload: EmbeddingPayload) -> None:
         self.intake.check_payload(payload)
 
-    def submit(self, request: Request, sink) -> Request:
+    def submit(self, request: SequenceGroup, sink) -> SequenceGroup:
         """Queue a prepared request; outputs go to `sink` from the engine's thread (see request.py)."""
         request.sink = sink
         self.scheduler.add(request)
         return request
 
-    def cancel(self, request: Request) -> None:
+    def cancel(self, request: SequenceGroup) -> None:
         request.cancel()
         self.scheduler.wake()
 
-    def stream(self, request: Request) -> Iterator[object]:
+    def stream(self, request: SequenceGroup) -> Iterator[object]:
         """Submit and yield the request's outputs (blocking); leaving early cancels it."""
         outputs: queue.SimpleQueue = queue.SimpleQueue()
         self.submit(request, outputs.put)
@@ -193,20 +192,20 @@ class DecoderEngine:
         finally:
             self.cancel(request)
 
-    def generate(self, request: GenerationRequest) -> Iterator[TokenEvent]:
+    def generate(self, request: GenerationInput) -> Iterator[TokenEvent]:
         """Stream tokens for one conversation. Greedy unless a temperature is given."""
         prepared = self.prepare([request.messages], request.payloads, request.sampling, request.image_ids)
         for _, event in self.stream(prepared):
             yield event
 
-    def generate_batch(self, requests: list[GenerationRequest]) -> Iterator[tuple[int, TokenEvent]]:
+    def generate_batch(self, requests: list[GenerationInput]) -> Iterator[tuple[int, TokenEvent]]:
         """Stream (index, event) for conversations about the same images, as one request."""
         first = requests[0]
         prepared = self.prepare([r.messages for r in requests], first.payloads, [r.sampling for r in requests],
                                 first.image_ids)
         yield from self.stream(prepared)
 
-    def classify(self, request: GenerationRequest, labels: list[str]) -> list[LabelScore]:
+    def classify(self, request: GenerationInput, labels: list[str]) -> list[LabelScore]:
         """Scores for `labels` as answers to the conversation, most likely first."""
         [(_, scores)] = self.classify_many([request.messages], request.payloads, [labels], request.image_ids)
         return scores
@@ -293,13 +292,13 @@ class DecoderEngine:
     def _prefetch_masks(self, chunks: list[Chunk]) -> None:
         """Constrained rows to be sampled this step: their grammar masks are filled during the forward."""
         rows = [c.seq.request.samplers[c.seq.index].matcher for c in chunks
-                if c.wants_logits and isinstance(c.seq.request, GenerateRequest)]
+                if c.wants_logits and isinstance(c.seq.request, GenerationGroup)]
         if any(m is not None for m in rows):
             self.grammar_mask.prefetch(rows, self.runner.lm_head.out_features)
 
     def _outputs(self, chunks: list[Chunk], logits: list[torch.Tensor | None]) -> None:
         ready = [(c.seq, x) for c, x in zip(chunks, logits) if x is not None]
-        generating = [(seq, x) for seq, x in ready if isinstance(seq.request, GenerateRequest)]
+        generating = [(seq, x) for seq, x in ready if isinstance(seq.request, GenerationGroup)]
         if generating:
             logits = torch.stack([x for _, x in generating])  # [rows, vocab]
             samplers = [seq.request.samplers[seq.index] for seq, _ in generating]
@@ -308,11 +307,11 @@ class DecoderEngine:
             for (seq, _), token, lp in zip(generating, tokens, logprobs):
                 self._safely(seq, lambda s=seq, t=token, lp=lp: s.request.on_token(s, t, lp) and self.scheduler.finish(s))
         for seq, x in ready:
-            if isinstance(seq.request, ClassifyRequest):
+            if isinstance(seq.request, ClassificationGroup):
                 self._safely(seq, lambda s=seq, x=x: self._scored(s, x))
 
     def _scored(self, seq: Sequence, logits: torch.Tensor) -> None:
-        request: ClassifyRequest = seq.request
+        request: ClassificationGroup = seq.request
         if seq.label < 0:
             for label, tokens in request.on_prompt(seq, logits):
                 self.scheduler.fork(seq, tokens, label)

@@ -27,12 +27,27 @@ from .block_manager import BlockManager, Hash, root_hash
 from .detokenizer import Detokenizer
 from .grammar import GrammarCompiler, consume
 from .positions import mrope_positions
-from .request import ClassifyRequest, GenerateRequest, NeedPayload, Request
+from .request import ClassificationGroup, GenerationGroup, NeedPayload, SequenceGroup
 from .sampling import Sampler, SamplingParams
 from .sequence import ImageSpan, Prompt, Sequence
 
 MAX_SALT_CHARS = 256  # a cache_salt (the gateway sends a 32-character hash of the tenant)
 MAX_REMEMBERED_IMAGES = 100_000  # image_id -> grid entries kept for warm starts (a few MB)
+
+
+
+def media_in(conversations: list[list[Message]], max_images: int) -> int:
+    """The images and clips each conversation of a request holds (the same for all: they share them),
+    within the VLSPLIT_MAX_IMAGES bound. Validates the messages first."""
+    for conversation in conversations:
+        validate_messages(conversation)
+    counts = {media_count(c) for c in conversations}
+    if len(counts) != 1:
+        raise InvalidRequest("every conversation of a request must hold the same images and clips")
+    images = counts.pop()
+    if images > max_images:
+        raise TooLarge(f"the messages hold {images} images and clips; the limit is {max_images} (VLSPLIT_MAX_IMAGES)")
+    return images
 
 
 class Intake:
@@ -58,7 +73,7 @@ class Intake:
     def prepare(self, conversations: list[list[Message]], payloads: list[EmbeddingPayload] | None,
                 sampling: SamplingParams | list[SamplingParams] = SamplingParams(),
                 image_ids: tuple[str, ...] = (), labels: list[list[str]] | None = None,
-                resume: tuple[int, ...] = (), cache_salt: str = "") -> Request:
+                resume: tuple[int, ...] = (), cache_salt: str = "") -> SequenceGroup:
         """A validated request. Without payloads (None, or none with image ids) the images' KV must
         be cached, else NeedPayload. `resume`: one conversation's first answer tokens, produced by
         another replica: prefilled after the prompt, counted in max_new_tokens, primed into the
@@ -76,7 +91,7 @@ class Intake:
         if len(conversations) > limit:
             raise TooLarge(f"{len(conversations)} {kind}s in one request; the limit is {limit} "
                            f"({'VLSPLIT_MAX_CHECKS' if labels is not None else 'VLSPLIT_MAX_ROWS'})")
-        images = self._image_count(conversations)
+        images = media_in(conversations, self.config.max_images)
         # what needs no image is checked before any payload is asked for
         if labels is not None:
             if len(labels) != len(conversations):
@@ -98,18 +113,6 @@ class Intake:
         if payloads is None:
             self._check_cached(request)
         return request
-
-    def _image_count(self, conversations: list[list[Message]]) -> int:
-        for conversation in conversations:
-            validate_messages(conversation)
-        counts = {media_count(c) for c in conversations}
-        if len(counts) != 1:
-            raise InvalidRequest("every conversation of a request must hold the same images and clips")
-        images = counts.pop()
-        if images > self.config.max_images:
-            raise TooLarge(f"the messages hold {images} images and clips; the limit is {self.config.max_images} "
-                           "(VLSPLIT_MAX_IMAGES)")
-        return images
 
     def _images(self, images: int, payloads: list[EmbeddingPayload] | None, image_ids: tuple[str, ...]):
         """(grids, clip timings, keys, embeddings, deepstack) of the request's images and clips, from
@@ -190,7 +193,7 @@ class Intake:
         return Sequence(prompt, root, self.config.block_size, max_new_tokens, index=index, worst=worst)
 
     def _generate_request(self, prompts: list[Prompt], params: list[SamplingParams], root: Hash,
-                          resumes: list[tuple[int, ...]]) -> GenerateRequest:
+                          resumes: list[tuple[int, ...]]) -> GenerationGroup:
         seqs = []
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             self._check_length(len(prompt), p.max_new_tokens, "max_new_tokens")
@@ -204,7 +207,7 @@ class Intake:
                 detokenizer.add(token_id)
                 if sampler.matcher is not None:  # the grammar continues where the answer stands
                     consume(sampler.matcher, token_id)
-        return GenerateRequest(seqs, samplers, detokenizers, self.eos_ids, self.max_len)
+        return GenerationGroup(seqs, samplers, detokenizers, self.eos_ids, self.max_len)
 
     def check_sampling(self, params: SamplingParams) -> None:
         self._matcher(self._validate_sampling(params))
@@ -228,13 +231,13 @@ class Intake:
         return dataclasses.replace(p, max_new_tokens=p.max_new_tokens - len(resume))
 
     def _classify_request(self, prompts: list[Prompt], labels: list[list[str]],
-                          label_ids: list[list[list[int]]], root: Hash) -> ClassifyRequest:
+                          label_ids: list[list[list[int]]], root: Hash) -> ClassificationGroup:
         bs, seqs = self.config.block_size, []
         for i, (prompt, ids) in enumerate(zip(prompts, label_ids)):
             self._check_length(len(prompt), max(len(x) for x in ids), "the longest label")
             rows = sum(-(-(len(prompt) + len(x) - 1) // bs) - len(prompt) // bs for x in ids if len(x) > 1)
             seqs.append(self._sequence(prompt, root, i, 0, -(-len(prompt) // bs) + rows))
-        return ClassifyRequest(seqs, [(list(check), ids) for check, ids in zip(labels, label_ids)])
+        return ClassificationGroup(seqs, [(list(check), ids) for check, ids in zip(labels, label_ids)])
 
     def _tokenize_labels(self, labels: list[str]) -> list[list[int]]:
         if not labels:
@@ -269,7 +272,7 @@ class Intake:
             raise TooLarge(f"the prompt is {prompt_tokens} tokens and {what} adds up to {new_tokens}: over the "
                            f"context limit of {self.max_len} tokens (max_model_len)")
 
-    def _check_blocks(self, request: Request) -> None:
+    def _check_blocks(self, request: SequenceGroup) -> None:
         """A request that could never fit in the pool is refused now (it would wait forever)."""
         bs = self.config.block_size
         shared = _common_prefix([s.prompt.ids for s in request.seqs]) // bs
@@ -279,7 +282,7 @@ class Intake:
             raise TooLarge(f"the request needs up to {need} KV blocks ({need * bs} tokens); the limit is {limit} "
                            f"blocks ({'the whole KV pool, VLSPLIT_KV_CACHE_BYTES' if limit == self.blocks.num_blocks else 'VLSPLIT_MAX_REQUEST_BLOCKS'})")
 
-    def _check_cached(self, request: Request) -> None:
+    def _check_cached(self, request: SequenceGroup) -> None:
         """Without payloads, every image token must lie in cached blocks (a warm start)."""
         for seq in request.seqs:
             prompt = seq.prompt

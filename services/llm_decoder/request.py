@@ -53,7 +53,7 @@ class LabelScore:
     prob: float  # softmax of the logprobs over the check's labels
 
 
-class Request:
+class SequenceGroup:
     def __init__(self, seqs: list[Sequence]):
         self.seqs = seqs
         for seq in seqs:
@@ -87,7 +87,7 @@ class Request:
             self.emit(END)
 
 
-class GenerateRequest(Request):
+class GenerationGroup(SequenceGroup):
     """Conversations to answer (one, or a batch about the same images), each streamed token by token."""
 
     def __init__(self, seqs: list[Sequence], samplers: list[Sampler], detoks: list[Detokenizer], eos: frozenset[int],
@@ -129,7 +129,7 @@ class _Check:
     waiting: int = 0  # label rows still to score
 
 
-class ClassifyRequest(Request):
+class ClassificationGroup(SequenceGroup):
     """Checks (a prompt and its candidate labels) scored by log-likelihood.
 
     A check's prompt is one sequence (prefill only); the first token of every label is scored from

@@ -27,7 +27,7 @@ from shared.errors import Overloaded
 from .block_manager import BlockManager, Hash
 from .metrics import DROPPED, HIT_TOKENS, MISS_TOKENS, PREFILL_TOKENS, QUEUE_DEPTH, RUNNING
 from .model_runner import Chunk
-from .request import NeedPayload, Request
+from .request import NeedPayload, SequenceGroup
 from .sequence import Sequence, Status
 
 
@@ -42,7 +42,7 @@ class Scheduler:
     def __init__(self, blocks: BlockManager, config: SchedulerConfig):
         self.blocks, self.config = blocks, config
         self.block_size = blocks.block_size
-        self.inbox: list[Request] = []
+        self.inbox: list[SequenceGroup] = []
         self.queued = 0  # requests with a sequence not admitted yet
         self.waiting: deque[Sequence] = deque()
         self.forked: deque[Sequence] = deque()  # label rows: blocks already held, waiting for a row
@@ -56,7 +56,7 @@ class Scheduler:
 
     # ---- from any thread ----------------------------------------------------------------------
 
-    def add(self, request: Request) -> None:
+    def add(self, request: SequenceGroup) -> None:
         with self.changed:
             if self.queued >= self.config.max_queue:
                 raise Overloaded(f"decoder queue full: {self.queued} requests wait for KV blocks or rows "
@@ -169,7 +169,7 @@ class Scheduler:
         self._free(seq)
         seq.request.sequence_done()
 
-    def abort(self, request: Request, exc: BaseException) -> None:
+    def abort(self, request: SequenceGroup, exc: BaseException) -> None:
         """End a request with an error: its client gets `exc`, every sequence of it is dropped."""
         request.fail(exc)
         request.cancel()
@@ -240,7 +240,7 @@ class Scheduler:
         self._left_queue(request)
         return True
 
-    def _left_queue(self, request: Request) -> None:
+    def _left_queue(self, request: SequenceGroup) -> None:
         request.unadmitted -= 1
         if request.unadmitted == 0:
             self.queued -= 1

@@ -34,9 +34,10 @@ from shared.transfer import Assembler
 from vlsplit.v1 import common_pb2, llm_decoder_pb2, llm_decoder_pb2_grpc
 
 from .engine import DecoderEngine, TokenEvent
+from .intake import media_in
 from .metrics import CANCELLED, PAYLOAD_BYTES
 from .payload_stream import PayloadBudget, RequestStream
-from .request import END, NeedPayload, Request
+from .request import END, NeedPayload, SequenceGroup
 
 log = logging.getLogger("vlsplit.decoder.rpc")
 FINISH_REASONS = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
@@ -175,7 +176,7 @@ class LLMDecoderServicer(llm_decoder_pb2_grpc.LLMDecoderServicer):
         return self.engine
 
 
-def _warm(engine: DecoderEngine, job: Job) -> Request | None:
+def _warm(engine: DecoderEngine, job: Job) -> SequenceGroup | None:
     """The request without payloads, if the images' KV is cached. Worker thread."""
     try:
         return engine.prepare(job.conversations, None, job.sampling, job.image_ids, job.labels, job.resume,
@@ -184,7 +185,7 @@ def _warm(engine: DecoderEngine, job: Job) -> Request | None:
         return None
 
 
-def _prepare(engine: DecoderEngine, job: Job, payloads: list[bytes]) -> Request:
+def _prepare(engine: DecoderEngine, job: Job, payloads: list[bytes]) -> SequenceGroup:
     """Decode the payloads and build the request. Worker thread (tensors from bytes, tokenizing)."""
     decoded = [decode_payload(p) for p in payloads]
     if job.image_ids:
@@ -195,7 +196,7 @@ def _prepare(engine: DecoderEngine, job: Job, payloads: list[bytes]) -> Request:
                           job.cache_salt)
 
 
-async def _outputs(engine: DecoderEngine, request: Request, stream: RequestStream, context) -> AsyncIterator:
+async def _outputs(engine: DecoderEngine, request: SequenceGroup, stream: RequestStream, context) -> AsyncIterator:
     """Submit `request` and yield its outputs. Ends (cancelling it in the engine) with the RPC."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -244,12 +245,7 @@ def _finished(request_id: str, event: TokenEvent, start: float, first: float, en
 def job_from_header(header: llm_decoder_pb2.GenerateHeader, config: DecoderConfig, classify: bool) -> Job:
     conversations = ([messages_from_pb(c.messages) for c in header.batch] if header.batch
                      else [messages_from_pb(header.messages)])
-    counts = {media_count(c) for c in conversations}
-    if len(counts) != 1:
-        raise InvalidRequest("every conversation of a batch must hold the same images")
-    images = counts.pop()
-    if images > config.max_images:
-        raise InvalidRequest(f"the messages hold {images} images; the limit is {config.max_images} (VLSPLIT_MAX_IMAGES)")
+    images = media_in(conversations, config.max_images)
     sizes, image_ids = list(header.payload_bytes), tuple(header.image_ids)
     if image_ids and len(image_ids) != images:
         raise InvalidRequest(f"the messages hold {images} images but image_ids lists {len(image_ids)}")

@@ -18,6 +18,7 @@ from transformers.initialization import no_init_weights
 from shared.checkpoint import Checkpoint, load_strict
 from shared.fingerprint import compute_fingerprint
 from shared.payload import EmbeddingPayload
+from shared.image_size import grid_tokens
 from shared.processor import ImageInputs, ImagePreprocessor
 from shared.video import VideoInputs, VideoPreprocessor
 from shared.quantize import check_quantize, quantize_linears, resident_bytes
@@ -150,5 +151,4 @@ class VisionEngine:
         return out.pooler_output, list(getattr(out, "deepstack_features", None) or [])
 
     def tokens_per_image(self, grid_thw: tuple[int, int, int]) -> int:
-        t, h, w = grid_thw
-        return t * h * w // self.preprocessor.merge_size**2
+        return grid_tokens(grid_thw, self.preprocessor.merge_size)

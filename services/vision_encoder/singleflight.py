@@ -7,9 +7,8 @@ away, its deadline passed) stops waiting, but the work runs on for the others, a
 waiter has gone it still finishes (so its result reaches the cache). Once the work is done the key
 is forgotten: the next call starts afresh (callers look in the cache first).
 
-Scope is one process (one event loop). Across replicas nothing is coordinated: N replicas that
-miss on the same new image at once may each encode it, at most N times in all. The results are
-identical (same weights, same bytes), so the cache simply keeps the last write.
+Scope is one process (one event loop). Across encoder replicas, `replica_flight.py` adds a Redis lock
+per cache key on top of this: one replica encodes a new image, the others wait for its cache entry.
 """
 
 from __future__ import annotations
