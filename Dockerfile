@@ -7,7 +7,8 @@
 #   docker build --target llm-decoder --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 \
 #                -t vlsplit-decoder:cuda .
 # The model is never baked in: mount a checkpoint directory read-only at /models (VLSPLIT_MODEL).
-# Python dependencies are pinned in docker/requirements/*.txt (regenerate with docker/lock.sh).
+# The gateway image holds vlsplit[gateway] (no torch), the encoder and decoder images vlsplit[model] (no HTTP
+# side); Python dependencies are pinned in docker/requirements/*.txt (regenerate with docker/lock.sh).
 
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
