@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: all setup test test-slow test-video-reference demo bench-load bench-ask bench-many bench-decode bench-prefill bench-tower bench-openvino bench-quantize bench-grammar bench-video bench-video-peer bench-peer peer-setup protos clean
+.PHONY: all setup test test-slow test-video-reference demo bench-load bench-ask bench-many bench-decode bench-prefill bench-tower bench-openvino bench-quantize bench-grammar bench-video bench-video-peer bench-peer peer-setup protos settings-docs clean
 
 all: test
 
@@ -52,6 +52,10 @@ demo: setup $(DEMO_MODEL)
 # Regenerate the gRPC stubs in vlsplit/v1 from protos/ (tests/test_protos.py fails when stale).
 protos: setup
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. protos/vlsplit/v1/*.proto
+
+# Rewrite the README's settings tables from shared/config.py (tests/test_config.py fails when stale).
+settings-docs: setup
+	$(BIN)/python scripts/settings_tables.py
 
 bench-load: setup
 	$(BIN)/python bench/load.py

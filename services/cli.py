@@ -1,4 +1,4 @@
-"""The server side of the `vlsplit` command line: `serve`, `up`, `local-ask`, `make-model`.
+"""The server side of the `vlsplit` command line: `serve`, `config`, `up`, `local-ask`, `make-model`.
 
 The client command line (vlsplit/cli.py) knows none of this: it finds these commands through the
 `vlsplit.commands` entry point (pyproject.toml) and hands them its sub-parsers. Nothing here imports
@@ -80,6 +80,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-json", type=lambda v: v.lower() in ("1", "true", "yes"), help="true|false")
     p.set_defaults(func=_command(_serve, "SERVICE"))
 
+    p = sub.add_parser("config", help="print a service's effective settings: VLSPLIT_* environment over the defaults, "
+                                      "checked as `serve` checks them (secrets masked)")
+    p.add_argument("service", nargs="?", choices=sorted(SERVICES), help="encoder, decoder or gateway (default: all)")
+    p.add_argument("--json", action="store_true", help="one JSON object of VLSPLIT_NAME: value")
+    p.set_defaults(func=_command(_config, "server"))
+
     p = sub.add_parser("up", help="run encoder, decoder, gateway (and a private Redis) on this machine")
     p.add_argument("--model", type=Path, help="checkpoint directory (default: a tiny random-weight model)")
     p.add_argument("--redis", help="redis://host:port/db, or 'memory' (default: private redis-server if on PATH)")
@@ -131,14 +137,13 @@ SERVICES = {
 
 
 def _serve(args) -> int:
-    import dataclasses
     import importlib
 
     from shared import config
 
     module_name, config_name = SERVICES[args.service]
     config_cls = getattr(config, config_name)
-    known = {f.name for f in dataclasses.fields(config_cls)}
+    known = set(config_cls.model_fields)
     overrides = {k: v for k, v in vars(args).items() if k in known}
     unsupported = [k for k, v in vars(args).items() if v is not None and k not in known
                    and k not in ("service", "func")]
@@ -150,6 +155,24 @@ def _serve(args) -> int:
 
         allocator.reexec(settings.allocator, openvino=getattr(settings, "encoder_backend", "torch") == "openvino")
     importlib.import_module(module_name).main(settings)
+    return 0
+
+
+def _config(args) -> int:
+    from shared import config
+
+    services = [args.service] if args.service else list(SERVICES)
+    loaded = {name: config.settings(config.load(getattr(config, SERVICES[name][1]))) for name in services}
+    if args.json:
+        values = {name: {env: value for env, value, _ in rows} for name, rows in loaded.items()}
+        print(json.dumps(values[args.service] if args.service else values, indent=2))
+        return 0
+    for name, rows in loaded.items():
+        if not args.service:
+            print(f"# {name}")
+        for env, value, description in rows:
+            shown = str(value).lower() if isinstance(value, bool) else value
+            print(f"{env}={shown}  # {description}")
     return 0
 
 

@@ -192,14 +192,15 @@ def open_store(url: str, timeout_s: float, memory_bytes: int, part_bytes: int = 
 def safe_store_for(config) -> "SafeStore":
     """The store a service's config describes (its redis_* and cache fields), failures absorbed and
     values (and parts manifests) signed when it has a cache_hmac_key."""
-    signer = Signer(config.cache_hmac_key) if config.cache_hmac_key else None
+    key = config.cache_hmac_key.get_secret_value()
+    signer = Signer(key) if key else None
     return SafeStore(store_for(config, signer), signer)
 
 
 def store_for(config, signer: "Signer | None" = None) -> Store:
     """The store a service's config describes (its redis_* and cache fields)."""
     return open_store(config.redis_url, config.redis_timeout_s, config.memory_cache_bytes, config.cache_part_bytes,
-                      config.cache_max_entry_bytes, signer, password=config.redis_password,
+                      config.cache_max_entry_bytes, signer, password=config.redis_password.get_secret_value(),
                       username=config.redis_username, tls_ca=config.redis_tls_ca, tls_cert=config.redis_tls_cert,
                       tls_key=config.redis_tls_key)
 

@@ -9,7 +9,6 @@ and agrees with the same sources.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -36,11 +35,11 @@ TIERS = {
     "llm-decoder": (config.DecoderConfig, 50053, "vlsplit-decoder", "llm-decoder", "decoder"),
     "gateway": (config.GatewayConfig, 50051, "vlsplit-gateway", "gateway", "gateway"),
 }
-ALL_NAMES = {config.PREFIX + f.name.upper() for cls, *_ in TIERS.values() for f in dataclasses.fields(cls)}
+ALL_NAMES = {config.PREFIX + name.upper() for cls, *_ in TIERS.values() for name in cls.model_fields}
 
 
 def _names(cls) -> set[str]:
-    return {config.PREFIX + f.name.upper() for f in dataclasses.fields(cls)}
+    return {config.PREFIX + name.upper() for name in cls.model_fields}  # deprecated names not allowed
 
 
 def _tool(name: str) -> str:
@@ -235,7 +234,7 @@ def test_deployments_agree_with_config_dockerfile_and_services(overlays, overlay
         assert volumes[mounts["/models"]["name"]]["persistentVolumeClaim"] == {"claimName": "vlsplit-models",
                                                                                "readOnly": True}
     # the Redis password comes from the Secret, never from the ConfigMap
-    if "redis_password" in {f.name for f in dataclasses.fields(cls)}:
+    if "redis_password" in cls.model_fields:
         assert env["VLSPLIT_REDIS_PASSWORD"] == {"secretKeyRef": {"name": "vlsplit-redis", "key": "password"}}
         assert env["VLSPLIT_CACHE_HMAC_KEY"] == {"secretKeyRef": {"name": "vlsplit-cache", "key": "hmac-key"}}
     assert not {"VLSPLIT_REDIS_PASSWORD", "VLSPLIT_CACHE_HMAC_KEY"} & set(configmap(docs))
@@ -480,7 +479,7 @@ def test_compose_services_agree_with_config_and_dockerfile(compose, name):
     else:
         (volume,) = service["volumes"]
         assert volume.endswith(":/models:ro") and env["VLSPLIT_MODEL"] == "/models"
-    if "redis_url" in {f.name for f in dataclasses.fields(cls)}:
+    if "redis_url" in cls.model_fields:
         url = urlsplit(env["VLSPLIT_REDIS_URL"])
         assert url.hostname == "redis" and url.password is None
         assert service["env_file"] == ".env"  # VLSPLIT_REDIS_PASSWORD

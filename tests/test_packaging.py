@@ -35,7 +35,7 @@ from vlsplit.v1 import gateway_pb2, gateway_pb2_grpc
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "docs" / "sample.png"
 MODEL_STACK = ("torch", "transformers", "PIL", "numpy", "safetensors", "tokenizers", "msgpack")
-SERVER_STACK = ("redis", "prometheus_client", "cachetools", "grpc_reflection")
+SERVER_STACK = ("redis", "prometheus_client", "cachetools", "grpc_reflection", "pydantic_settings")
 HTTP_STACK = ("fastapi", "uvicorn", "httpx", "starlette", "pydantic")
 
 
@@ -262,8 +262,7 @@ def test_dockerfile_targets_agree_with_the_services(target, kind, port):
     lines = stages[target]
     env = _env(stages, target)
     assert env["VLSPLIT_PORT"] == str(port) and env["VLSPLIT_HOST"] == "0.0.0.0"
-    known = {config.PREFIX + f.upper() for cls in (config.EncoderConfig, config.DecoderConfig, config.GatewayConfig)
-             for f in cls.__dataclass_fields__}
+    known = {config.PREFIX + name.upper() for cls in config.SERVICES.values() for name in cls.model_fields}
     assert {k for k in env if k.startswith(config.PREFIX)} <= known
     assert f"ENTRYPOINT [\"vlsplit\", \"serve\", \"{kind}\"]" in lines
     health = next(line for line in lines if line.startswith("HEALTHCHECK"))

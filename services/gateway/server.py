@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from shared.cache import Signer, safe_store_for
+from shared.cache import safe_store_for
 from shared.config import GatewayConfig
 from shared.logs import setup_logging
 from shared.server import Service, run
@@ -32,19 +32,13 @@ def build(config: GatewayConfig) -> Service:
     for metric in (REQUESTS, REJECTED, DECODER_REQUESTS, ENCODER_REQUESTS):
         metric.limit = config.metrics_label_limit
     # a malformed --decoder fails here, at once
-    router = Router(config.decoder, config.decoder_down_s, metric=DECODER_REQUESTS)
-    encoders = Router(config.encoder, config.decoder_down_s, what="encoder", metric=ENCODER_REQUESTS)
+    router = Router(config.decoder, config.replica_down_s, metric=DECODER_REQUESTS)
+    encoders = Router(config.encoder, config.replica_down_s, what="encoder", metric=ENCODER_REQUESTS)
     tls = client_tls(config.upstream_tls_ca, config.upstream_tls_cert, config.upstream_tls_key,
                      config.upstream_tls_server_name)
-    if config.cache_hmac_key:
-        Signer(config.cache_hmac_key)  # a short key fails here, at once
-    if config.cache_scope not in ("tenant", "global"):
-        raise ValueError(f"VLSPLIT_CACHE_SCOPE={config.cache_scope!r}: expected tenant or global")
     tokens = (TokenFile(config.auth_tokens, config.auth_requests_per_s, config.auth_images_per_day)
               if config.auth_tokens else None)  # an unreadable token file fails here, at once
     limiter = limiter_for(config.auth_rate_scope, config.redis_timeout_s)
-    if isinstance(limiter, ClusterRateLimiter) and config.redis_url == "memory":
-        raise ValueError("VLSPLIT_AUTH_RATE_SCOPE=cluster shares rates through Redis: set VLSPLIT_REDIS_URL")
     if tokens is not None:
         warn_unbounded_images(tokens)
     auth = AuthInterceptor(tokens, limiter) if tokens else None  # one rate limiter for gRPC and HTTP

@@ -11,27 +11,24 @@ only moves bytes, and short CPU work (payload decoding, tokenizing) runs in a sm
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 
 from shared.codec import DTYPES
 from shared.config import DecoderConfig, EngineConfig
-from shared.hardware import Runtime, check_dtype, resolve_dtype, set_torch_threads
+from shared.hardware import Runtime, resolve_dtype, set_torch_threads
 from shared.logs import setup_logging
 from shared.schema import question_messages
-from shared.quantize import check_quantize
 from shared.sampling import SamplingParams
 from shared.server import Service, run
 from vlsplit.v1 import llm_decoder_pb2, llm_decoder_pb2_grpc
 
-from .engine import DecoderEngine, GenerationRequest
-from .paged_kernel import check_decode_attention
+from .engine import DecoderEngine, GenerationInput
 from .servicer import LLMDecoderServicer
 
 log = logging.getLogger("vlsplit.decoder")
 SERVICE_NAME = llm_decoder_pb2.DESCRIPTOR.services_by_name["LLMDecoder"].full_name
-WARMUP = GenerationRequest(question_messages("Warm up.", n_images=0), [], SamplingParams(max_new_tokens=2))
+WARMUP = GenerationInput(question_messages("Warm up.", n_images=0), [], SamplingParams(max_new_tokens=2))
 
 
 def main(config: DecoderConfig) -> None:
@@ -77,19 +74,11 @@ def load_engine(config: DecoderConfig) -> tuple[DecoderEngine, Runtime]:
 
 def engine_config(config: DecoderConfig) -> EngineConfig:
     """The engine's settings: the DecoderConfig fields of the same names."""
-    return EngineConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(EngineConfig)})
+    return EngineConfig(**{name: getattr(config, name) for name in EngineConfig.model_fields})
 
 
 def _check(config: DecoderConfig) -> None:
-    """Refuse a bad configuration before anything is loaded, with one clear line."""
+    """Refuse to start without a checkpoint, before anything is loaded (the values themselves were checked
+    when the config was built: shared/config.py)."""
     if not config.model:
         raise ValueError("the decoder needs a checkpoint: --model DIR or VLSPLIT_MODEL")
-    check_dtype(config.dtype)
-    check_quantize(config.quantize)
-    check_decode_attention(config.decode_attention)
-    if config.max_step_tokens < config.max_batch:
-        raise ValueError(f"max_step_tokens {config.max_step_tokens} must be >= max_batch {config.max_batch} "
-                         "(every running sequence decodes one token a step)")
-    if not 1 <= config.default_max_new_tokens <= config.max_new_tokens_limit:
-        raise ValueError(f"default_max_new_tokens {config.default_max_new_tokens} must be in "
-                         f"1..max_new_tokens_limit ({config.max_new_tokens_limit})")

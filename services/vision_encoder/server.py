@@ -20,21 +20,20 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from urllib.parse import urlsplit
 
-from shared.cache import Signer, safe_store_for
+from shared.cache import safe_store_for
 from shared.codec import DTYPES
 from shared.config import MiB, EncoderConfig
-from shared.hardware import Runtime, check_dtype, resolve_dtype, set_torch_threads
+from shared.hardware import Runtime, resolve_dtype, set_torch_threads
 from shared.images import ImageLimits
 from shared.video import VideoLimits
 from shared.logs import setup_logging
-from shared.quantize import check_quantize
 from shared.server import Service, run
 from shared.tls import server_tls
 from vlsplit.v1 import vision_encoder_pb2_grpc
 
 from .batcher import BatchLimits
 from .cached_encoder import CachedEncoder
-from .engine import VisionEngine, check_backend
+from .engine import VisionEngine
 from .openvino_backend import import_openvino
 from .replica_flight import ReplicaFlight
 from .servicer import SERVICE_NAME, VisionEncoderServicer
@@ -114,21 +113,12 @@ async def _open(config: EncoderConfig, executor: ThreadPoolExecutor) -> CachedEn
 
 
 def _check(config: EncoderConfig) -> None:
-    """Configuration mistakes fail at start, before the port opens."""
+    """What the machine must provide fails at start, before the port opens (the values themselves were
+    checked when the config was built: shared/config.py)."""
     if not config.model:
         raise ValueError("the encoder needs a checkpoint: --model DIR or VLSPLIT_MODEL")
-    check_dtype(config.dtype)
-    if config.payload_dtype not in ("", *DTYPES):
-        raise ValueError(f"payload_dtype {config.payload_dtype!r} is not one of {', '.join(DTYPES)}")
-    check_quantize(config.quantize)
-    check_backend(config.encoder_backend)
     if config.encoder_backend == "openvino":
         import_openvino()  # a missing package fails here, naming the setting and the install command
-    if min(config.cache_ttl_s, config.image_ttl_s) < 1:
-        raise ValueError("cache_ttl_s and image_ttl_s must be at least 1 second")
-    _batch_limits(config)
-    if config.cache_hmac_key:
-        Signer(config.cache_hmac_key)
     server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
 
 
