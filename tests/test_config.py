@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,9 @@ def test_stale_tables_are_caught(tmp_path, monkeypatch):
     assert settings_tables.main() == 1
     monkeypatch.setattr(sys, "argv", ["settings_tables.py"])
     assert settings_tables.main() == 0 and settings_tables.README.read_text() == (REPO / "README.md").read_text()
+
+
+def test_every_setting_the_readme_names_exists():
+    known = {name for cls in config.SERVICES.values() for name in config.env_names(cls)} | config.OTHER_NAMES
+    named = set(re.findall(r"VLSPLIT_[A-Z0-9_]*[A-Z0-9]", (REPO / "README.md").read_text()))
+    assert named - known == {"VLSPLIT_MAX_IMGES"}  # the typo the Configuration section shows being warned about
