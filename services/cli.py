@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.allocator import CHOICES as ALLOCATORS  # torch-free, standard library only
@@ -78,7 +79,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--payload-dtype", choices=DTYPE_NAMES[1:], help="dtype of cached embeddings (encoder)")
     p.add_argument("--http-port", type=int, help="OpenAI-compatible HTTP API and web page port (gateway; -1 = off)")
     p.add_argument("--log-json", type=lambda v: v.lower() in ("1", "true", "yes"), help="true|false")
-    p.set_defaults(func=_command(_serve, "SERVICE"))
+    p.set_defaults(func=_command(_serve, lambda args: "gateway" if args.service == "gateway" else "model"))
 
     p = sub.add_parser("config", help="print a service's effective settings: VLSPLIT_* environment over the defaults, "
                                       "checked as `serve` checks them (secrets masked)")
@@ -101,9 +102,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_command(_up, "model"))
 
 
-def _command(func, extra: str):
+def _command(func, extra: str | Callable[[argparse.Namespace], str]):
     """A command as the client CLI runs it: logging from VLSPLIT_LOG_LEVEL, the server's typed errors as one
-    line, and a missing package named with the extra that brings it (`SERVICE`: the gateway's or the model's)."""
+    line, and a missing package named with the extra that brings it (`extra`, or a function of the arguments)."""
 
     @functools.wraps(func)
     def run(args) -> int:
@@ -120,8 +121,7 @@ def _command(func, extra: str):
         except ModuleNotFoundError as exc:
             if exc.name is None or exc.name.split(".")[0] in ("shared", "services", "vlsplit"):
                 raise
-            wanted = extra if extra != "SERVICE" else ("gateway" if getattr(args, "service", "") == "gateway"
-                                                       else "model")
+            wanted = extra(args) if callable(extra) else extra
             print(f"vlsplit: error: this command needs the {wanted} packages (missing: {exc.name}): "
                   f"pip install 'vlsplit[{wanted}]'", file=sys.stderr)
             return 3
