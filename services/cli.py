@@ -194,6 +194,10 @@ def _make_model(args) -> int:
 
 
 def _local_ask(args) -> int:
+    from shared.images import load_image
+
+    image = args.image.read_bytes()
+    load_image(image)  # a file that is not an image is refused before the models load (seconds)
     import torch
 
     from services.local import LocalPipeline
@@ -205,7 +209,6 @@ def _local_ask(args) -> int:
 
     dtype = resolve_dtype(args.dtype or env_get("DTYPE", "auto"), "cpu").name
     pipeline = LocalPipeline(args.model, dtype=getattr(torch, dtype))
-    image = args.image.read_bytes()
     for answer in pipeline.ask(image, args.questions, _sampling(args).validate(pipeline.decoder.max_new_tokens_limit)):
         if args.json:
             print(json.dumps(answer.to_json()), flush=True)

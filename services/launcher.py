@@ -1,12 +1,13 @@
 """`vlsplit up`: every service on this machine, as child processes, until Ctrl-C.
 
 Order: Redis (a private redis-server on a free port, unless told otherwise), then encoder and
-decoder (each waited on until its health service says SERVING), then the gateway. Stopping sends
+decoder side by side (each waited on until its health service says SERVING), then the gateway. Stopping sends
 SIGTERM to all, so in-flight requests finish, and the private Redis goes with them.
 """
 
 from __future__ import annotations
 
+import random
 import shutil
 import signal
 import socket
@@ -24,10 +25,36 @@ DEFAULT_FAMILY = "qwen2_vl"
 READY_TIMEOUT_S = 600
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port on 127.0.0.1 that nothing listens on, for a server this process starts next. Taken below the
+    kernel's ephemeral range (net.ipv4.ip_local_port_range), where no outgoing connection's source port can
+    take it before the server binds it, and never handed out twice by one process."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(10000, low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # a crowded range: any port the kernel has free
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default
+    return low if low > 11000 else 32768
 
 
 def start_redis(port: int, *options: str) -> subprocess.Popen:
@@ -91,15 +118,18 @@ class Stack:
                      *_flag("--quantize", self.quantize[1]), *_flag("--torch-threads", self.threads[1])),
                     ("gateway", gateway, "--encoder", encoder, "--decoder", decoder, "--redis", redis_url,
                      "--http-port", str(self.http_port), "--log-json", "false")]
-        # a bar on a terminal (loading a real checkpoint takes a while), plain lines otherwise
+        # a bar on a terminal (loading a real checkpoint takes a while), plain lines otherwise; the two models
+        # load side by side, the gateway starts once both serve
         with tqdm(total=len(services), desc="starting vlsplit", unit="service", file=sys.stderr,
                   disable=None) as bar:
-            for name, address, *args in services:
-                bar.set_postfix_str(f"loading {name}")
-                self._serve(name, address, *args)
-                bar.update(1)
+            for group in (services[:2], services[2:]):
+                bar.set_postfix_str("loading " + " and ".join(name for name, *_ in group))
+                started = [self._spawn(*service) for service in group]
+                for (name, address, *_), (proc, start) in zip(group, started):
+                    wait_serving(address, proc, name)
+                    tqdm.write(f"{name}: serving on {address} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
+                    bar.update(1)
         return gateway
-
     def _redis(self) -> str:
         if self.redis:
             return self.redis
@@ -111,17 +141,13 @@ class Stack:
         print(f"redis: private redis-server on 127.0.0.1:{port}", file=sys.stderr)
         return f"redis://127.0.0.1:{port}/0"
 
-    def _serve(self, name: str, address: str, *args: str) -> None:
+    def _spawn(self, name: str, address: str, *args: str) -> tuple[subprocess.Popen, float]:
         host, port = address.rsplit(":", 1)
         self.metrics_ports[name] = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "vlsplit.cli", "serve", name, "--host", host,
                                  "--port", port, "--metrics-port", str(self.metrics_ports[name]), *args])
         self.procs.append((name, proc))
-        start = time.perf_counter()
-        wait_serving(address, proc, name)
-        from tqdm import tqdm
-
-        tqdm.write(f"{name}: serving on {address} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
+        return proc, time.perf_counter()
 
     def wait(self) -> None:
         """Until Ctrl-C / SIGTERM, or until a child dies."""

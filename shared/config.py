@@ -80,7 +80,9 @@ class ServerConfig(Settings):
     drain_s: float = Field(0.0, ge=0, description=(
         "SIGTERM: seconds to keep serving while health says NOT_SERVING, so balancers and Kubernetes endpoints "
         "notice before the port closes (a second SIGTERM or Ctrl-C ends the drain early)"))
-    grace_s: float = Field(10.0, ge=0, description="SIGTERM, after the drain: seconds in-flight calls get to finish")
+    grace_s: float = Field(10.0, ge=0, description=(
+        "SIGTERM, after the drain: at most this many seconds for in-flight calls to finish (the process exits when "
+        "the last one has)"))
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR (any case)")
     log_json: bool = Field(True, description="one JSON object per log line on stderr; false = plain text")
     port_file: str = Field("", description='if set, write {"port": .., "metrics_port": ..} here once serving')

@@ -6,6 +6,7 @@ bug of ours: logged with its traceback and answered INTERNAL, and the server kee
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import logging
@@ -21,12 +22,46 @@ log = logging.getLogger("vlsplit.rpc")
 CLIENT_NAME: contextvars.ContextVar[str] = contextvars.ContextVar("vlsplit_client_name", default="")
 
 
+# Streams a client keeps open for as long as it likes (the health watches of gateways and balancers,
+# reflection sessions): a server that stops does not wait for them to end.
+OPEN_ENDED = frozenset({
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+})
+
+
+class Calls:
+    """The calls in progress that a stopping server waits for (every RPC but the OPEN_ENDED ones)."""
+
+    def __init__(self):
+        self.count = 0
+        self._none = asyncio.Event()
+        self._none.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._none.clear()
+
+    def exit(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._none.set()
+
+    async def finished(self) -> None:
+        await self._none.wait()
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, calls: Calls | None = None):
+        self.calls = calls
+
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         method = details.method.rsplit("/", 1)[-1]
-        return wrap_handler(handler, lambda behavior: _unary(behavior, method),
-                            lambda behavior: _streaming(behavior, method))
+        calls = None if details.method in OPEN_ENDED else self.calls
+        return wrap_handler(handler, lambda behavior: _unary(behavior, method, calls),
+                            lambda behavior: _streaming(behavior, method, calls))
 
 
 def wrap_handler(handler, unary, streaming):
@@ -46,9 +81,9 @@ def wrap_handler(handler, unary, streaming):
     return handler
 
 
-def _unary(behavior, method: str):
+def _unary(behavior, method: str, calls: Calls | None = None):
     async def wrapped(request, context):
-        with _Track(method) as track:
+        with _Track(method, calls) as track:
             try:
                 return await behavior(request, context)
             except BaseException as exc:  # noqa: BLE001 - classified and re-raised by _fail
@@ -56,12 +91,12 @@ def _unary(behavior, method: str):
     return wrapped
 
 
-def _streaming(behavior, method: str):
+def _streaming(behavior, method: str, calls: Calls | None = None):
     if inspect.iscoroutinefunction(behavior):  # writes with context.write(), e.g. health's Watch
-        return _unary(behavior, method)
+        return _unary(behavior, method, calls)
 
     async def wrapped(request, context):
-        with _Track(method) as track:
+        with _Track(method, calls) as track:
             try:
                 async for item in behavior(request, context):
                     yield item
@@ -71,18 +106,22 @@ def _streaming(behavior, method: str):
 
 
 class _Track:
-    """Counts one RPC: in-flight gauge, latency, and its final status code."""
+    """Counts one RPC: in-flight gauge (and `calls`), latency, and its final status code."""
 
-    def __init__(self, method: str):
-        self.method = method
+    def __init__(self, method: str, calls: Calls | None = None):
+        self.method, self.calls = method, calls
         self.code = "OK"
 
     def __enter__(self):
         self.start = time.perf_counter()
         metrics.IN_FLIGHT.labels(self.method).inc()
+        if self.calls:
+            self.calls.enter()
         return self
 
     def __exit__(self, *exc):
+        if self.calls:
+            self.calls.exit()
         metrics.IN_FLIGHT.labels(self.method).dec()
         metrics.LATENCY.labels(self.method).observe(time.perf_counter() - self.start)
         metrics.REQUESTS.labels(self.method, self.code).inc()
@@ -107,6 +146,4 @@ class _Track:
 
 
 def _cancelled(exc: BaseException) -> bool:
-    import asyncio
-
     return isinstance(exc, asyncio.CancelledError)

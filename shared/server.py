@@ -25,7 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .config import ServerConfig
-from .interceptor import ErrorInterceptor
+from .interceptor import Calls, ErrorInterceptor
 from .metrics import serve_metrics
 from .tls import is_loopback, server_tls
 
@@ -53,7 +53,8 @@ class Service:
 async def run(config: ServerConfig, service: Service) -> None:
     options = [("grpc.max_receive_message_length", service.max_message_bytes),
                ("grpc.max_send_message_length", service.max_message_bytes)]
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(), *service.interceptors], options=options,
+    calls = Calls()
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(calls), *service.interceptors], options=options,
                              maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -96,13 +97,29 @@ async def run(config: ServerConfig, service: Service) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(config.drain_s):
                 await stopping.wait()
-    log.info("stopping: no new calls, %.1fs grace for in-flight calls", config.grace_s)
-    await server.stop(config.grace_s)
+    log.info("stopping: no new calls, %.1fs grace for %d in-flight calls", config.grace_s, calls.count)
+    await _stop(server, calls, config.grace_s)
     if health_server is not None:
         await health_server.stop(None)
     if service.stop:
         await service.stop()
     log.info("stopped")
+
+
+async def _stop(server: grpc.aio.Server, calls: Calls, grace_s: float) -> None:
+    """Stop accepting calls, give the ones in progress `grace_s` to finish, then end what is left. Health
+    watches never end by themselves (every gateway keeps one open to each replica), so the stop does not
+    wait out the grace for them: it ends as soon as the last call of the service's own has finished."""
+    stopping = asyncio.ensure_future(server.stop(grace_s))
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(grace_s):
+            while True:
+                await calls.finished()
+                await asyncio.sleep(0.05)  # a call the server took just before the stop may not be counted yet
+                if calls.count == 0:
+                    break
+    await server.stop(0)  # cancels the open-ended streams (and, past the grace, whatever still runs)
+    await stopping
 
 
 async def _watch(service: Service, health_servicer) -> None:

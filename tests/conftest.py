@@ -37,15 +37,28 @@ def tiny_model(request, tiny_models) -> str:
     return tiny_models[request.param]
 
 
-@pytest.fixture(scope="session", params=FAMILIES)
-def stack(request, tiny_models, tmp_path_factory):
-    """A whole stack per family (Redis, encoder, decoder, gateway with its HTTP API), shared by the
-    end-to-end, chat and OpenAI-API modules; tests that break parts of a stack start their own."""
+@pytest.fixture(scope="session")
+def shared_stacks(tiny_models, tmp_path_factory):
+    """family -> its whole stack (Redis, encoder, decoder, gateway with its HTTP API), started on first use
+    and shared by every module of the session; tests that break parts of a stack start their own."""
     from stack import Stack
 
-    s = Stack(tiny_models[request.param], tmp_path_factory.mktemp("logs")).start()
-    yield s
-    s.stop()
+    started: dict = {}
+
+    def get(family: str):
+        if family not in started:
+            started[family] = Stack(tiny_models[family], tmp_path_factory.mktemp("logs")).start()
+        return started[family]
+
+    yield get
+    for s in started.values():
+        s.stop()
+
+
+@pytest.fixture(scope="session", params=FAMILIES)
+def stack(request, shared_stacks):
+    """The shared stack of each family (narrowed with @pytest.mark.parametrize("stack", [...], indirect=True))."""
+    return shared_stacks(request.param)
 
 
 def make_image(width: int, height: int, seed: int = 0, fmt: str = "PNG") -> bytes:
@@ -62,12 +75,20 @@ def make_image(width: int, height: int, seed: int = 0, fmt: str = "PNG") -> byte
     return buf.getvalue()
 
 
-# Variants whose twin runs by default (same path, another family); opt-in with `make test-slow`, so the
-# default suite stays within its time budget on 2 cores.
+# The default suite (`make test`) runs each behaviour once and stays within its time budget on 2 cores; a test
+# whose behaviour a twin already covers there runs with `make test-slow` (pytest -m slow). Each entry names
+# its twin.
 SLOW_VARIANTS = {
-    "test_e2e.py::test_largest_image_the_processor_allows_crosses_the_whole_stack[qwen2_5_vl]",
-    "test_e2e.py::test_largest_image_the_processor_allows_crosses_the_whole_stack[qwen3_vl]",
+    # the whole-stack equivalence of every family runs by default (test_whole_stack_equals_monolithic_model),
+    # and Qwen2.5-VL's chat template is Qwen2-VL's
+    "test_chat.py::test_three_turns_with_system_prompt_and_two_images_equal_monolithic_model[qwen2_5_vl]",
 }
+
+
+def family_params(default: str) -> list:
+    """FAMILIES as parameters, where only `default` runs in `make test` and the others are opt-in (slow):
+    for tests of a family-independent path whose per-family parts other tests cover."""
+    return [family if family == default else pytest.param(family, marks=pytest.mark.slow) for family in FAMILIES]
 
 
 def pytest_collection_modifyitems(items):

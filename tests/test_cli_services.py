@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -90,3 +91,14 @@ def test_up_fails_at_once_when_a_service_exits_before_serving(tmp_path):
                         timeout=120)
     assert up.returncode != 0
     assert "exited with" in up.stderr and ("encoder" in up.stderr or "decoder" in up.stderr), up.stderr[-2000:]
+
+
+def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range():
+    """`vlsplit up` (and the tests) pick ports for servers they start next: none handed out twice, none
+    where an outgoing connection's source port could take it first."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
+    assert all(1024 <= p < low for p in ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))

@@ -387,34 +387,25 @@ def test_serving_after_start(encoder, qwen3_encoder):
     assert encoder.health() == SERVING and qwen3_encoder.health() == SERVING
 
 
-def test_sigterm_finishes_in_flight_encode_then_exits_0(tiny_models, tmp_path):
-    service = Service("encoder", "--model", tiny_models["qwen2_5_vl"], "--redis", "memory",
-                      log_dir=tmp_path, env={"VLSPLIT_GRACE_S": "60"}).start()
-    try:
-        call = stub(service).Encode(pb.EncodeRequest(image=gradient_png(1024, shift=2)), timeout=300)
-        wait_for(lambda: service.metric("vlsplit_in_flight_requests", method="Encode") >= 1)  # it arrived
-        service.proc.send_signal(signal.SIGTERM)
-        reply = collect(call)  # the call in flight when SIGTERM came is finished, not dropped
-        assert reply.info.n_tokens > 0 and len(reply.blob) == reply.info.payload_bytes
-        assert service.proc.wait(timeout=60) == 0
-    finally:
-        service.kill()
-
-
-def test_sigterm_drains_then_stops(tiny_models, tmp_path):
-    """Drain: NOT_SERVING at once, new calls still answered for drain_s (balancers notice), then stop;
-    a second SIGTERM ends the drain early (the drain here is far longer than the test runs)."""
-    service = Service("encoder", "--model", tiny_models["qwen2_vl"], "--redis", "memory", log_dir=tmp_path,
+def test_sigterm_drains_finishes_the_in_flight_encode_then_stops(tiny_models, tmp_path):
+    """SIGTERM: NOT_SERVING at once, new calls still answered for drain_s (balancers notice), the call in
+    flight when the signal came finished (not dropped), then exit 0; a second SIGTERM ends the drain early
+    (the drain here is far longer than the test runs)."""
+    service = Service("encoder", "--model", tiny_models["qwen2_5_vl"], "--redis", "memory", log_dir=tmp_path,
                       env={"VLSPLIT_DRAIN_S": "600", "VLSPLIT_GRACE_S": "60"}).start()
     try:
         with grpc.insecure_channel(service.address) as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=120)
             assert next(watch).status == SERVING
+            in_flight = stub(service).Encode(pb.EncodeRequest(image=gradient_png(1024, shift=2)), timeout=300)
+            wait_for(lambda: service.metric("vlsplit_in_flight_requests", method="Encode") >= 1)  # it arrived
             service.proc.send_signal(signal.SIGTERM)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING  # at once
             watch.cancel()
         reply = encode(service, image=gradient_png(96, shift=5))  # a new call during the drain is served
         assert reply.info.n_tokens > 0 and service.proc.poll() is None
+        reply = collect(in_flight)
+        assert reply.info.n_tokens > 0 and len(reply.blob) == reply.info.payload_bytes
         service.proc.send_signal(signal.SIGTERM)  # skip the rest of the drain
         assert service.proc.wait(timeout=60) == 0
         assert "draining: health NOT_SERVING" in service.log_path.read_text()

@@ -15,9 +15,10 @@ from stack import Stack
 from test_encoder_service import wait_for
 
 
-@pytest.fixture
-def stack(tiny_models, tmp_path):
-    stack = Stack(tiny_models["qwen2_vl"], tmp_path).start()
+@pytest.fixture(scope="module")
+def stack(tiny_models, tmp_path_factory):
+    """One stack for the module: each test leaves Redis serving again (that is what it asserts)."""
+    stack = Stack(tiny_models["qwen2_vl"], tmp_path_factory.mktemp("faults")).start()
     yield stack
     stack.stop()
 

@@ -1,4 +1,4 @@
-"""Overload: four times the sustainable rate for 30 s against a real stack. What cannot be admitted is
+"""Overload: four times the sustainable rate for 10 s against a real stack. What cannot be admitted is
 refused with RESOURCE_EXHAUSTED at once (p99 of the refusals printed and bounded), what was admitted
 finishes with the right answer, and every process's peak RSS stays bounded (printed)."""
 
@@ -17,11 +17,12 @@ from vlsplit.v1 import gateway_pb2_grpc
 from pathlib import Path
 
 SAMPLE = (Path(__file__).resolve().parent.parent / "docs" / "sample.png").read_bytes()
-DURATION_S = 30
+DURATION_S = 10  # hundreds of requests at 4x the rate: enough to fill the queue and refuse the rest
+PROBE_S = 3  # the closed-loop measurement of the sustainable rate
 TOKENS = 16
 
 
-def test_four_times_the_sustainable_rate_for_30_s(tiny_models, tmp_path):
+def test_four_times_the_sustainable_rate_for_10_s(tiny_models, tmp_path):
     # a decoder that runs 2 answers at once and lets 2 more wait: the rest must be refused, not queued
     stack = Stack(tiny_models["qwen2_vl"], tmp_path,
                   decoder_env={"VLSPLIT_MAX_BATCH": "2", "VLSPLIT_MAX_QUEUE": "2"}).start()
@@ -34,7 +35,7 @@ def test_four_times_the_sustainable_rate_for_30_s(tiny_models, tmp_path):
 
         def closed_loop():
             nonlocal done
-            while time.monotonic() - start < 5:
+            while time.monotonic() - start < PROBE_S:
                 stub.Ask(ask_request(SAMPLE, "What is this?", max_new_tokens=TOKENS), timeout=60)
                 done += 1
 

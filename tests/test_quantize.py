@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import FAMILIES
+from conftest import FAMILIES, family_params
 from engines import image_payload, request, tokens
 from services.llm_decoder.engine import DecoderEngine
 from services.vision_encoder.engine import VisionEngine
@@ -142,7 +142,8 @@ def model_info(address: str) -> dict:
     return dict(line.split(": ", 1) for line in out.splitlines()[1:])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# int8 engines of every family: the two tests above; the CLI path is one (Qwen3-VL: deepstack mergers too)
+@pytest.mark.parametrize("family", family_params("qwen3_vl"))
 def test_vlsplit_up_with_int8_answers_from_smaller_weights(tiny_models, family, tmp_path):
     """`vlsplit up --dtype auto --quantize int8`, as a user runs it: both model services report int8 and
     fewer resident weight bytes than the same engines unquantized, and questions get answers."""

@@ -87,21 +87,19 @@ def test_forged_entries_are_never_served(signed_stack):
     assert now - rejected >= 5
 
 
-def test_stored_image_bytes_are_rehashed_on_read(tiny_models, tmp_path):
+@pytest.mark.parametrize("stack", ["qwen2_vl"], indirect=True)  # the shared stack: no key
+def test_stored_image_bytes_are_rehashed_on_read(stack):
     """Without a key, stored bytes that are not the image they are stored as are still refused."""
-    stack = Stack(tiny_models["qwen2_vl"], tmp_path).start()
-    try:
-        raw = redis_py.Redis.from_url(stack.url)
-        image, other = make_image(64, 64, seed=41), make_image(64, 64, seed=42)
-        upload = stack.stub.UploadImage(gateway_pb2.UploadImageRequest(data=image), timeout=60)
-        raw.set(image_key(upload.image_id), other)  # swapped bytes under the first image's id
-        with pytest.raises(Exception) as info:
-            stack.ask(upload.image_id, QUESTION)
-        assert info.value.code().name == "NOT_FOUND"
-        assert stack.encoder.metric("vlsplit_cache_rejected_total", reason="rehash") == 1
-        assert raw.get(image_key(upload.image_id)) is None  # dropped
-    finally:
-        stack.stop()
+    raw = redis_py.Redis.from_url(stack.url)
+    image, other = make_image(64, 64, seed=41), make_image(64, 64, seed=42)
+    rejected = stack.encoder.metric("vlsplit_cache_rejected_total", reason="rehash")
+    upload = stack.stub.UploadImage(gateway_pb2.UploadImageRequest(data=image), timeout=60)
+    raw.set(image_key(upload.image_id), other)  # swapped bytes under the first image's id
+    with pytest.raises(Exception) as info:
+        stack.ask(upload.image_id, QUESTION)
+    assert info.value.code().name == "NOT_FOUND"
+    assert stack.encoder.metric("vlsplit_cache_rejected_total", reason="rehash") == rejected + 1
+    assert raw.get(image_key(upload.image_id)) is None  # dropped
 
 
 # Multi-part entries: parts of 4 KiB, entries of at most 1 MiB, so a manifest may name at most 256 parts.

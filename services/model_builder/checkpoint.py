@@ -22,6 +22,7 @@ from transformers.initialization import no_init_weights
 from shared.families import get_family
 from shared.families.base import Family
 from shared.video import VIDEO_CONFIG
+from services.model_builder import RANDOM_MARKER
 from services.model_builder.tokenizer import SPECIAL_TOKENS, build_tokenizer, save_tokenizer
 
 log = logging.getLogger("vlsplit.make_model")
@@ -31,7 +32,6 @@ BENCH_VOCAB_SIZE = 151936  # the padded embedding size of every real Qwen2/2.5/3
 SAVE_DTYPE = {"tiny": torch.float32, "bench": torch.bfloat16}
 LAYOUTS = ("hub", "nested")
 ATTENTION_SHARPNESS = 3.0
-RANDOM_MARKER = "vlsplit_random_weights.json"  # tells the CLI to warn that answers are meaningless
 
 
 def make_model(
