@@ -15,11 +15,12 @@ from test_encoder_service import wait_for
 from vlsplit.v1 import gateway_pb2_grpc
 
 WORKERS = 3
+PAUSE_S = 0.1  # each worker's pause between questions: a steady load that leaves the CPU room for replicas to start
 QUESTIONS = ("What is in this picture?", "Is there any text?", "What colours are there?")
 
 
 class Stream:
-    """WORKERS threads asking the gateway without pause: every third question is about a new image, the
+    """WORKERS threads asking the gateway, PAUSE_S apart each: every third question is about a new image, the
     rest about images asked before (cache hits). The first answer per (image, question) is kept, and a
     later answer to the same question must be identical, whichever replicas served it."""
 
@@ -50,7 +51,7 @@ class Stream:
             return index, self.images[index], QUESTIONS[n % len(QUESTIONS)]
 
     def _run(self) -> None:
-        while not self.stop.is_set():
+        while not self.stop.wait(PAUSE_S):
             index, data, question = self._next()
             with self.lock:
                 self.counts["sent"] += 1

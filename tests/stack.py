@@ -54,7 +54,9 @@ class Stack:
         for name, start in (("encoder", self.start_encoder), ("decoder", self.start_decoder)):
             old = getattr(self, name)
             old.kill()
-            setattr(self, name, start(model, old.port))
+            setattr(self, name, start(model, old.port, wait=False))  # the two load side by side
+        self.encoder.wait_serving()
+        self.decoder.wait_serving()
 
     def stop(self) -> None:
         self.channel.close()

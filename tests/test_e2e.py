@@ -80,6 +80,9 @@ def test_eight_concurrent_first_questions_encode_once(stack):
     assert s.encodes() - before == 1
 
 
+# Opt-in: by default test_decoder_service.py::test_payload_of_another_model_is_failed_precondition (the same
+# refusal, at the decoder the gateway forwards it from).
+@pytest.mark.slow
 def test_decoder_of_another_checkpoint_refuses_payload(fresh_stack, tmp_path):
     from services.model_builder import make_model
 
@@ -94,6 +97,9 @@ def test_decoder_of_another_checkpoint_refuses_payload(fresh_stack, tmp_path):
 NO_PREFIX_CACHE = {"VLSPLIT_PREFIX_CACHING": "false"}  # so every question needs the embedding cache
 
 
+# Opt-in: by default tests/test_faults.py::test_redis_killed_and_restarted_under_load (answers without the
+# cache, then the cache used again, under a stream).
+@pytest.mark.slow
 def test_redis_down_still_answers_and_caching_resumes(fresh_stack):
     s = fresh_stack(decoder_env=NO_PREFIX_CACHE)
     s.redis.stop()
@@ -227,6 +233,9 @@ def test_sigterm_health_not_serving_and_in_flight_asks_finish(fresh_stack):
     assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses
 
 
+# Opt-in: by default `vlsplit up --redis memory` answers a miss then a hit (tests/test_quantize.py) and the
+# HTTP limits run on an in-process cache (tests/test_http_strict.py).
+@pytest.mark.slow
 def test_in_process_cache_mode_hits_without_redis(fresh_stack):
     s = fresh_stack(memory_cache=True, decoder_env=NO_PREFIX_CACHE)
     data = make_image(200, 150, seed=22)

@@ -82,20 +82,28 @@ def test_scale_out_drain_and_kill_under_a_steady_stream(tiny_models, tmp_path, p
     def encoder(ip: str, wait: bool = True, **env: str) -> Service:
         service = Service("encoder", "--model", model, "--redis", redis.url, host=ip, port=encoder_port,
                           env={**common, "VLSPLIT_ENCODE_LOCK_S": "3", **env}, log_dir=tmp_path)
-        procs.append(service)
-        service.start(wait)
-        hosts.add(ENCODER_NAME, ip)
-        return service
+        return join(ENCODER_NAME, service, wait)
 
     def decoder(ip: str, wait: bool = True) -> Service:
         service = Service("decoder", "--model", model, host=ip, port=decoder_port, env=common, log_dir=tmp_path)
+        return join(DECODER_NAME, service, wait)
+
+    def join(name: str, service: Service, wait: bool) -> Service:
+        """Start `service`; once it serves, its address joins the name (as a ready pod joins endpoints).
+        wait=False: started only, so that several load side by side; `ready` joins them."""
         procs.append(service)
         service.start(wait)
-        hosts.add(DECODER_NAME, ip)
+        if wait:
+            hosts.add(name, service.host)
         return service
 
+    def ready(*pairs: tuple[str, Service]) -> None:
+        for name, service in pairs:
+            service.wait_serving()
+            hosts.add(name, service.host)
+
     e1, d1 = encoder("127.0.0.2", wait=False), decoder("127.0.0.2", wait=False)  # loading side by side
-    e1.wait_serving(), d1.wait_serving()
+    ready((ENCODER_NAME, e1), (DECODER_NAME, d1))
     gateway = Service("gateway", "--encoder", f"{ENCODER_NAME}:{encoder_port}",
                       "--decoder", f"{DECODER_NAME}:{decoder_port}", "--redis", redis.url,
                       env={"VLSPLIT_DECODER_RESOLVE_S": "0.5"}, command=private_hosts_command(hosts.path),
@@ -118,7 +126,8 @@ def test_scale_out_drain_and_kill_under_a_steady_stream(tiny_models, tmp_path, p
         assert requests_to("decoder", f"{DECODER_NAME}:{decoder_port}") > 0
 
         # scale out: a second encoder and decoder come up; the gateway finds them by name
-        e2, d2 = encoder("127.0.0.3"), decoder("127.0.0.3")
+        e2, d2 = encoder("127.0.0.3", wait=False), decoder("127.0.0.3", wait=False)  # loading side by side
+        ready((ENCODER_NAME, e2), (DECODER_NAME, d2))
         wait_for(lambda: requests_to("encoder", e2) > 0 and requests_to("decoder", d2) > 0, 120)
         stream.wait_more(3)
 
