@@ -130,6 +130,7 @@ class Stack:
                     tqdm.write(f"{name}: serving on {address} ({time.perf_counter() - start:.1f}s)", file=sys.stderr)
                     bar.update(1)
         return gateway
+
     def _redis(self) -> str:
         if self.redis:
             return self.redis
