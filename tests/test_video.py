@@ -120,7 +120,7 @@ def two_replicas(shared_stacks, tmp_path_factory):
     Redis between them."""
     logs = tmp_path_factory.mktemp("video-logs")
     stack = shared_stacks("qwen2_vl")
-    decoder_b = Service("decoder", "--model", stack.model, log_dir=logs).start()
+    decoder_b = stack.start_decoder(stack.model)
     gateway_b = Service("gateway", "--encoder", stack.encoder.address, "--decoder", decoder_b.address,
                         "--redis", stack.url, log_dir=logs).start()
     channel = grpc.insecure_channel(gateway_b.address, options=[("grpc.max_send_message_length", 64 << 20)])
